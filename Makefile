@@ -1,0 +1,62 @@
+# captcha key vault kit — every target installs what it needs first.
+#   make demo       the whole story on local parts (Vault, emulator, worker containers)
+#   make test       lint + unit + integration + molecule, as CI runs it
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export ANSIBLE_CONFIG := $(abspath ansible.cfg)
+export CONTAINERS_CONF := $(abspath tools/containers.conf)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: help venv host-deps image lint test test-unit test-integration test-molecule demo demo-down clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(VENV)/.stamp: requirements.txt solver/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -e solver
+	touch $@
+
+venv: $(VENV)/.stamp  ## controller virtualenv with pinned Python deps
+
+host-deps:  ## Debian packages for the container testbed (podman, runc, mmdebstrap)
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq podman runc mmdebstrap uidmap; }
+
+image: venv host-deps  ## build the Debian systemd host image (only when its recipe changed)
+	$(BIN)/python -m tools.host_image build
+
+lint: venv  ## yamllint, ansible-lint (production), ruff, mypy
+	$(BIN)/yamllint --strict .
+	$(BIN)/ansible-lint --profile production
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cd solver && ../$(BIN)/mypy
+
+test-unit: venv  ## solver unit tests and emulator tests (no containers)
+	$(BIN)/pytest solver/tests tests -m "not containers"
+
+test-integration: venv image  ## playbook suites that need worker containers
+	$(BIN)/pytest tests -m containers
+
+test-molecule: venv image  ## every molecule scenario
+	$(BIN)/molecule test --all
+
+test: lint test-unit test-integration test-molecule  ## everything CI runs
+
+demo: venv image  ## local Vault + emulator + two workers, provision, deploy, rotate
+	$(BIN)/python -m tools.demo up
+
+demo-down: venv  ## stop everything the demo started
+	$(BIN)/python -m tools.demo down
+
+clean: demo-down  ## remove local state (keeps the venv and the image)
+	rm -rf .state
