@@ -1,0 +1,240 @@
+# Copyright: captcha key vault kit contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Shared connection handling and normalisation for the captcha_kit.vault modules.
+
+The whole API (keep it small; other modules build on it):
+
+Connection
+    ``vault_argument_spec(**extra)``
+        Argument spec with the common connection options merged with ``extra``:
+        ``url`` (default ``$VAULT_ADDR``), ``ca_cert`` (default ``$VAULT_CACERT``; a path, or
+        omitted to use the system CAs), ``token`` (default ``$VAULT_TOKEN``, ``no_log``),
+        ``timeout`` (seconds, default 30). Pass the result to ``AnsibleModule(argument_spec=...)``.
+
+    ``get_client(module, check_token=True) -> hvac.Client``
+        Builds the client from those options and fails the module with a clear message when hvac
+        is missing, the URL is not set, the CA file does not exist, the token is missing, the
+        server is unreachable, TLS verification fails, the server is sealed, or (with
+        ``check_token``) the token is not valid (``auth/token/lookup-self``).
+
+    ``vault_call(module, what, func, *args, **kwargs)``
+        Calls ``func(*args, **kwargs)`` and turns hvac/requests errors into ``module.fail_json``
+        with a message that names ``what`` (e.g. ``"read policy captcha-worker-dev"``):
+        403 -> "permission denied ... the token lacks the rights ...", 404 -> ``NotFound`` is
+        re-raised so callers can treat it as "absent", connection/TLS errors -> as above.
+        Messages never contain the token.
+
+    ``VaultNotFound``
+        Alias of ``hvac.exceptions.InvalidPath`` (404) for ``except`` clauses; a placeholder
+        exception class when hvac is missing.
+
+Normalisation (pure functions, no hvac needed)
+    ``ttl_to_seconds(value) -> int``: ``"1h30m"``, ``"90s"``, ``"45"``, ``45``, ``None``/``""``
+    -> seconds (``None``/``""`` -> 0). Raises ``ValueError`` on garbage.
+    ``normalize_cidr(value) -> str``: ``"127.0.0.1"`` -> ``"127.0.0.1/32"``, ``"::1"`` ->
+    ``"::1/128"``, ``"10.0.0.0/8"`` unchanged; raises ``ValueError`` on a malformed value or on
+    host bits set (``10.0.0.1/8``).
+    ``normalize_cidr_list(values) -> list[str]``: list or comma separated string -> sorted,
+    deduplicated normalised CIDRs.
+    ``normalize_str_list(values) -> list[str]``: list or comma separated string -> sorted,
+    deduplicated, stripped strings without empties.
+
+Comparing
+    ``dict_difference(current, desired) -> dict``: the keys of ``desired`` whose value differs
+    from ``current`` (missing keys in ``current`` count as different), with the desired values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import traceback
+
+from ansible.module_utils.basic import env_fallback, missing_required_lib
+
+HVAC_IMPORT_ERROR = None
+try:
+    import hvac
+    import hvac.exceptions
+    import requests
+
+    VaultNotFound = hvac.exceptions.InvalidPath
+except ImportError:  # pragma: no cover - reported through fail_json
+    HVAC_IMPORT_ERROR = traceback.format_exc()
+    hvac = None
+    requests = None
+
+    class VaultNotFound(Exception):  # type: ignore[no-redef]
+        """Placeholder so ``except VaultNotFound`` works without hvac."""
+
+
+ADMIN_POLICY_HINT = "see policies/kit-admin.hcl for the rights provisioning needs"
+
+
+def vault_argument_spec(**extra):
+    """Common connection options merged with module-specific ``extra`` options."""
+    spec = {
+        "url": {"type": "str", "fallback": (env_fallback, ["VAULT_ADDR"])},
+        "ca_cert": {"type": "path", "fallback": (env_fallback, ["VAULT_CACERT"])},
+        "token": {"type": "str", "no_log": True, "fallback": (env_fallback, ["VAULT_TOKEN"])},
+        "timeout": {"type": "int", "default": 30},
+    }
+    spec.update(extra)
+    return spec
+
+
+def _connection_hint(module, exc):
+    url = module.params.get("url")
+    ca_cert = module.params.get("ca_cert")
+    if requests is not None and isinstance(exc, requests.exceptions.SSLError):
+        return (
+            f"TLS verification of {url} failed with CA file {ca_cert or '(system CAs)'}: "
+            "check that VAULT_CACERT / ca_cert is the CA that signed the server certificate "
+            f"({_short(exc)})"
+        )
+    if requests is not None and isinstance(
+        exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    ):
+        return (
+            f"Cannot reach Vault at {url}: is the server running and VAULT_ADDR / url right? "
+            f"({_short(exc)})"
+        )
+    return None
+
+
+def _short(exc):
+    text = str(exc)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def get_client(module, check_token=True):
+    """Return an authenticated ``hvac.Client`` or fail the module with a clear message."""
+    if HVAC_IMPORT_ERROR is not None:
+        module.fail_json(msg=missing_required_lib("hvac"), exception=HVAC_IMPORT_ERROR)
+    params = module.params
+    url = params.get("url")
+    if not url:
+        module.fail_json(
+            msg="No Vault address: set VAULT_ADDR in the environment or the url option"
+        )
+    ca_cert = params.get("ca_cert")
+    verify = True
+    if ca_cert:
+        if not os.path.isfile(ca_cert):
+            module.fail_json(
+                msg=f"CA file {ca_cert} does not exist: set VAULT_CACERT / ca_cert to the CA "
+                "certificate (PEM) that signed the Vault server certificate"
+            )
+        verify = ca_cert
+    token = params.get("token")
+    if not token:
+        module.fail_json(
+            msg="No Vault token: export VAULT_TOKEN (an admin token, "
+            f"{ADMIN_POLICY_HINT}) or pass the token option"
+        )
+    client = hvac.Client(url=url, token=token, verify=verify, timeout=params.get("timeout", 30))
+    if check_token:
+        try:
+            client.auth.token.lookup_self()
+        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+            module.fail_json(
+                msg=f"The Vault token in VAULT_TOKEN / token is not valid at {url} (expired, "
+                "revoked or from another server): log in again and export a fresh token"
+            )
+        except hvac.exceptions.VaultDown as exc:
+            module.fail_json(msg=f"Vault at {url} is sealed or down: unseal it first ({exc})")
+        except hvac.exceptions.VaultError as exc:
+            module.fail_json(msg=f"Vault at {url} refused the token lookup: {_short(exc)}")
+        except Exception as exc:  # requests errors: connection, TLS, timeout
+            hint = _connection_hint(module, exc)
+            if hint is None:
+                raise
+            module.fail_json(msg=hint)
+    return client
+
+
+def vault_call(module, what, func, *args, **kwargs):
+    """Call ``func`` and map errors to ``fail_json``; ``VaultNotFound`` (404) is re-raised."""
+    try:
+        return func(*args, **kwargs)
+    except VaultNotFound:
+        raise
+    except hvac.exceptions.Forbidden as exc:
+        module.fail_json(
+            msg=f"Permission denied to {what}: the token lacks the rights ({ADMIN_POLICY_HINT}); "
+            f"Vault said: {_short(exc)}"
+        )
+    except hvac.exceptions.VaultDown as exc:
+        module.fail_json(msg=f"Cannot {what}: Vault is sealed or down ({_short(exc)})")
+    except hvac.exceptions.VaultError as exc:
+        module.fail_json(msg=f"Cannot {what}: Vault said: {_short(exc)}")
+    except Exception as exc:
+        hint = _connection_hint(module, exc)
+        if hint is None:
+            raise
+        module.fail_json(msg=f"Cannot {what}: {hint}")
+    return None  # not reached: fail_json exits
+
+
+_TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_TTL_PART = re.compile(r"(\d+)([smhd]?)")
+
+
+def ttl_to_seconds(value):
+    """Normalise a Vault duration (``45``, ``"90s"``, ``"1h30m"``, ``"7d"``) to int seconds."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"negative duration: {value}")
+        return value
+    text = str(value).strip().lower()
+    if not text:
+        return 0
+    pos = 0
+    total = 0
+    while pos < len(text):
+        match = _TTL_PART.match(text, pos)
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 300, '300s', '5m', '1h30m')")
+        total += int(match.group(1)) * _TTL_UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def normalize_cidr(value):
+    """``"127.0.0.1"`` -> ``"127.0.0.1/32"``; raises ``ValueError`` on malformed input."""
+    text = str(value).strip()
+    if not text:
+        raise ValueError("empty CIDR")
+    try:
+        return str(ipaddress.ip_network(text, strict=True))
+    except ValueError as exc:
+        raise ValueError(f"malformed CIDR {text!r}: {exc}") from None
+
+
+def _as_list(values):
+    if values is None:
+        return []
+    if isinstance(values, str):
+        return [item for item in values.split(",")]
+    return list(values)
+
+
+def normalize_cidr_list(values):
+    """List (or comma separated string) of addresses/CIDRs -> sorted unique normalised CIDRs."""
+    return sorted({normalize_cidr(v) for v in _as_list(values) if str(v).strip()})
+
+
+def normalize_str_list(values):
+    """List (or comma separated string) -> sorted unique stripped strings, no empties."""
+    return sorted({str(v).strip() for v in _as_list(values) if str(v).strip()})
+
+
+def dict_difference(current, desired):
+    """Keys of ``desired`` whose value differs from ``current``, with the desired values."""
+    current = current or {}
+    return {k: v for k, v in desired.items() if k not in current or current[k] != v}
