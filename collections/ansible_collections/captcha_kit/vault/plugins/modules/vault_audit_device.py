@@ -1,0 +1,185 @@
+#!/usr/bin/python
+# Copyright: captcha key vault kit contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Ansible module: make sure an audit device is enabled on Vault/OpenBao."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: vault_audit_device
+short_description: Make sure an audit device is on (enable it through the API where allowed)
+version_added: 0.1.0
+description:
+  - With O(managed_externally=false) (the default) makes sure an audit device of O(type) is
+    enabled at O(path). If none is there it is enabled through the API, which HashiCorp Vault
+    allows. OpenBao refuses API-created audit devices by default
+    (C(use declarative, config-based audit device management)); then the module fails with the
+    C(audit) stanza to add to the server configuration.
+  - A device at O(path) with other options is left as it is with a warning, because audit
+    devices cannot be changed in place (disable and enable would leave a gap in the audit trail).
+  - With O(managed_externally=true) only checks that at least one audit device is enabled and
+    fails otherwise; never changes anything.
+options:
+  path:
+    description: Audit device path, without slashes.
+    type: str
+    default: file
+  type:
+    description: Audit device type.
+    type: str
+    default: file
+  description:
+    description: Description used when the device is enabled.
+    type: str
+    default: ""
+  options:
+    description: Device options, for a C(file) device at least C(file_path).
+    type: dict
+    default: {}
+  managed_externally:
+    description: Audit devices are managed outside the kit (server config); only check.
+    type: bool
+    default: false
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+extends_documentation_fragment:
+  - captcha_kit.vault.connection
+author:
+  - captcha key vault kit contributors
+"""
+
+EXAMPLES = r"""
+- name: Make sure the file audit device is on
+  captcha_kit.vault.vault_audit_device:
+    path: file
+    type: file
+    options:
+      file_path: /var/log/vault/audit.log
+
+- name: Only check that some audit device is on
+  captcha_kit.vault.vault_audit_device:
+    managed_externally: true
+"""
+
+RETURN = r"""
+devices:
+  description: Paths and types of the enabled audit devices (after the run).
+  returned: always
+  type: dict
+  sample: {"file/": "file"}
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
+    get_client,
+    vault_argument_spec,
+    vault_call,
+)
+
+METADATA_KEYS = ("request_id", "lease_id", "renewable", "lease_duration", "wrap_info", "warnings")
+
+
+def list_devices(module, client):
+    listing = vault_call(module, "list audit devices", client.sys.list_enabled_audit_devices)
+    devices = listing.get("data", listing) or {}
+    return {k: v for k, v in devices.items() if k not in METADATA_KEYS and isinstance(v, dict)}
+
+
+def declarative_hint(p):
+    options = "".join(f'    {k} = "{v}"\n' for k, v in sorted(p["options"].items()))
+    return (
+        f'audit "{p["type"]}" "{p["path"]}" {{\n'
+        f'  description = "{p["description"]}"\n'
+        f"  options {{\n{options}  }}\n}}"
+    )
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=vault_argument_spec(
+            path={"type": "str", "default": "file"},
+            type={"type": "str", "default": "file"},
+            description={"type": "str", "default": ""},
+            options={"type": "dict", "default": {}},
+            managed_externally={"type": "bool", "default": False},
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    p["options"] = {k: str(v) for k, v in (p["options"] or {}).items()}
+    path = p["path"].strip("/")
+    client = get_client(module)
+    devices = list_devices(module, client)
+    summary = {k: v.get("type") for k, v in devices.items()}
+    result = {"changed": False, "devices": summary}
+
+    if p["managed_externally"]:
+        if not devices:
+            module.fail_json(
+                msg="No audit device is enabled, and audit is marked as managed outside the kit: "
+                "enable one in the server configuration (OpenBao: an audit stanza, then SIGHUP) "
+                "or through the API (HashiCorp Vault) before provisioning.",
+                devices=summary,
+            )
+        module.exit_json(**result)
+
+    if p["type"] == "file" and not p["options"].get("file_path"):
+        module.fail_json(msg="options.file_path is required for a file audit device")
+    current = devices.get(path + "/")
+    if current is not None:
+        if current.get("type") != p["type"]:
+            module.fail_json(
+                msg=f"An audit device of type '{current.get('type')}' is enabled at {path}/, "
+                f"not '{p['type']}'. Nothing was changed.",
+                devices=summary,
+            )
+        current_options = {k: str(v) for k, v in (current.get("options") or {}).items()}
+        differing = sorted(k for k, v in p["options"].items() if current_options.get(k) != v)
+        if differing:
+            module.warn(
+                f"Audit device {path}/ is enabled with other values of {', '.join(differing)}; "
+                "left as it is (audit devices cannot be changed in place)."
+            )
+        module.exit_json(**result)
+
+    before = {"devices": summary}
+    after = {"devices": dict(summary, **{path + "/": p["type"]})}
+    if module._diff:
+        result["diff"] = {"before": before, "after": after}
+    result["changed"] = True
+    if module.check_mode:
+        result["devices"] = after["devices"]
+        module.exit_json(**result)
+    try:
+        client.sys.enable_audit_device(
+            p["type"], description=p["description"], options=p["options"], path=path
+        )
+    except Exception as exc:
+        if "declarative" in str(exc) or "config-based" in str(exc):
+            module.fail_json(
+                msg=f"The server refuses to enable audit devices through the API (OpenBao "
+                f"default). Declare the device in the server configuration instead and send the "
+                f"server a SIGHUP (or restart it):\n{declarative_hint(p)}\nIf audit is managed "
+                "outside the kit, set vault_provision_audit_managed_externally: true "
+                "(module option managed_externally) so the kit only checks that one is on.",
+                devices=summary,
+            )
+        vault_call(
+            module,
+            f"enable the {p['type']} audit device at {path}/",
+            client.sys.enable_audit_device,
+            p["type"],
+            description=p["description"],
+            options=p["options"],
+            path=path,
+        )
+    result["devices"] = {k: v.get("type") for k, v in list_devices(module, client).items()}
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

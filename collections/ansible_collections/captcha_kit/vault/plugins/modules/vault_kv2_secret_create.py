@@ -1,0 +1,132 @@
+#!/usr/bin/python
+# Copyright: captcha key vault kit contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Ansible module: create-only KV v2 secret (check-and-set 0) on Vault/OpenBao."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: vault_kv2_secret_create
+short_description: Write a KV v2 secret only if the path holds none yet (check-and-set 0)
+version_added: 0.1.0
+description:
+  - Writes O(data) to O(path) with check-and-set C(0), so the write succeeds only when the path
+    has no version yet. An existing secret is never read, compared or overwritten; the module
+    reports C(ok) and its current version.
+  - The data is never logged and never returned. Diff mode shows only the field names.
+options:
+  mount_point:
+    description: KV v2 mount path.
+    type: str
+    default: secret
+  path:
+    description: Secret path inside the mount.
+    type: str
+    required: true
+  data:
+    description: Fields of the secret. Never logged or returned.
+    type: dict
+    required: true
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+extends_documentation_fragment:
+  - captcha_kit.vault.connection
+author:
+  - captcha key vault kit contributors
+"""
+
+EXAMPLES = r"""
+- name: Store the first API key of dev unless one exists
+  captcha_kit.vault.vault_kv2_secret_create:
+    mount_point: secret
+    path: captchaai/dev
+    data:
+      api_key: "{{ first_key }}"
+  no_log: true
+"""
+
+RETURN = r"""
+created:
+  description: Whether the secret was (or, in check mode, would be) created.
+  returned: always
+  type: bool
+version:
+  description: The secret's current version (C(0) in check mode before creation).
+  returned: always
+  type: int
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
+    VaultNotFound,
+    get_client,
+    vault_argument_spec,
+    vault_call,
+)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=vault_argument_spec(
+            mount_point={"type": "str", "default": "secret"},
+            path={"type": "str", "required": True},
+            data={"type": "dict", "required": True, "no_log": True},
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    mount = p["mount_point"].strip("/")
+    path = p["path"].strip("/")
+    if not p["data"]:
+        module.fail_json(msg=f"data for {mount}/{path} is empty")
+    client = get_client(module)
+    try:
+        metadata = vault_call(
+            module,
+            f"read the metadata of {mount}/{path}",
+            client.secrets.kv.v2.read_secret_metadata,
+            path,
+            mount_point=mount,
+        )["data"]
+        version = int(metadata.get("current_version") or 0)
+    except VaultNotFound:
+        version = 0
+    fields = sorted(p["data"])
+    result = {"changed": False, "created": False, "version": version}
+    if version == 0:
+        result.update(changed=True, created=True)
+        if module._diff:
+            result["diff"] = {
+                "before": {"exists": False},
+                "after": {"exists": True, "fields": fields},
+            }
+        if not module.check_mode:
+            try:
+                written = client.secrets.kv.v2.create_or_update_secret(
+                    path, secret=p["data"], cas=0, mount_point=mount
+                )
+            except Exception as exc:
+                if "check-and-set" in str(exc):
+                    module.fail_json(
+                        msg=f"{mount}/{path} was created by someone else during this run; "
+                        "nothing was overwritten"
+                    )
+                written = vault_call(
+                    module,
+                    f"create {mount}/{path}",
+                    client.secrets.kv.v2.create_or_update_secret,
+                    path,
+                    secret=p["data"],
+                    cas=0,
+                    mount_point=mount,
+                )
+            result["version"] = int(written["data"]["version"])
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
