@@ -1,0 +1,180 @@
+"""``captcha-solver {serve,status,solve,check-config} --config PATH``.
+
+Exit status: 0 ok; 1 failure (unhealthy, solve failed); 2 usage; 78 (EX_CONFIG) for a bad
+configuration and for a used or expired wrapping token (possible tampering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .log import configure_logging
+from .secret import REGISTRY
+
+EX_OK = 0
+EX_FAIL = 1
+EX_CONFIG = 78
+
+log = logging.getLogger("captcha_solver")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captcha-solver", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    default = os.environ.get(CONFIG_PATH_ENV, str(DEFAULT_CONFIG_PATH))
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=Path(default), help=f"(default {default})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the worker service")
+    sub.add_parser("status", parents=[common], help="print the running worker's /healthz")
+    sub.add_parser("check-config", parents=[common], help="validate the configuration")
+    solve = sub.add_parser("solve", parents=[common], help="one solve through the running worker")
+    solve.add_argument("--method", required=True, help="e.g. userrecaptcha, hcaptcha, turnstile")
+    solve.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a provider parameter (repeatable), e.g. --param googlekey=... --param pageurl=...",
+    )
+    solve.add_argument(
+        "--timeout", type=float, default=None, help="seconds (default: task_timeout + 10)"
+    )
+    return parser
+
+
+def _base_url(cfg: Config) -> str:
+    host = cfg.server.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{cfg.server.port}"
+
+
+def _http(url: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(  # noqa: S310 (loopback http from our own config)
+        url,
+        data=data,
+        method="POST" if body is not None else "GET",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        try:
+            return exc.code, json.loads(payload or b"null")
+        except ValueError:
+            return exc.code, {"error": payload.decode(errors="replace")[:200]}
+
+
+def cmd_check_config(cfg: Config) -> int:
+    problems: list[str] = []
+    v = cfg.vault
+    if not v.role_id_file.is_file():
+        problems.append(f"vault.role_id_file: {v.role_id_file} does not exist")
+    has_wrapped = v.wrapped_secret_id_file is not None and v.wrapped_secret_id_file.is_file()
+    if not has_wrapped and not v.secret_id_file.is_file():
+        problems.append(
+            f"vault.secret_id_file: neither {v.secret_id_file} nor a wrapped secret-id file exists"
+        )
+    if v.ca_file is not None and not v.ca_file.is_file():
+        problems.append(f"vault.ca_file: {v.ca_file} does not exist")
+    if not v.secret_id_file.parent.is_dir():
+        problems.append(f"vault.secret_id_file: directory {v.secret_id_file.parent} does not exist")
+    summary = {
+        "config": str(cfg.source),
+        "env": cfg.env,
+        "vault_addrs": list(v.addrs),
+        "key": f"{v.kv_mount}/{v.key_path}",
+        "refresh_interval": v.refresh_interval,
+        "max_staleness": v.max_staleness,
+        "provider": cfg.provider.url,
+        "listen": _base_url(cfg),
+        "problems": problems,
+    }
+    print(json.dumps(summary, indent=2))
+    return EX_CONFIG if problems else EX_OK
+
+
+def cmd_status(cfg: Config) -> int:
+    try:
+        status, body = _http(f"{_base_url(cfg)}/healthz", None, timeout=5)
+    except OSError as exc:
+        print(f"captcha-solver: cannot reach {_base_url(cfg)}: {exc}", file=sys.stderr)
+        return EX_FAIL
+    print(json.dumps(body, indent=2))
+    return EX_OK if status == 200 else EX_FAIL
+
+
+def cmd_solve(cfg: Config, method: str, raw_params: Sequence[str], timeout: float | None) -> int:
+    params: dict[str, str] = {}
+    for item in raw_params:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"captcha-solver: --param {item!r} must be NAME=VALUE", file=sys.stderr)
+            return 2
+        params[name] = value
+    wait = timeout if timeout is not None else cfg.provider.task_timeout + 10
+    try:
+        status, body = _http(f"{_base_url(cfg)}/solve", {"method": method, "params": params}, wait)
+    except OSError as exc:
+        print(f"captcha-solver: cannot reach {_base_url(cfg)}: {exc}", file=sys.stderr)
+        return EX_FAIL
+    print(REGISTRY.mask(json.dumps(body, indent=2)))
+    return EX_OK if status == 200 else EX_FAIL
+
+
+def cmd_serve(cfg: Config) -> int:
+    from .service import Service  # imported here: the light commands need no aiohttp/hvac
+    from .vault import VaultAuthError, WrappingTokenError
+
+    async def run() -> None:
+        await Service(cfg).serve_forever()
+
+    try:
+        asyncio.run(run())
+    except WrappingTokenError as exc:
+        log.critical("refusing to start: %s", exc)
+        print(f"captcha-solver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except VaultAuthError as exc:
+        log.critical("refusing to start: %s", exc)
+        return EX_CONFIG
+    except OSError as exc:  # e.g. the port is taken
+        log.critical("cannot start: %s", exc)
+        return EX_FAIL
+    return EX_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"captcha-solver: invalid configuration: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "check-config":
+        return cmd_check_config(cfg)
+    if args.command == "status":
+        return cmd_status(cfg)
+    if args.command == "solve":
+        return cmd_solve(cfg, args.method, args.param, args.timeout)
+    configure_logging(cfg.logging.format, cfg.logging.level)
+    return cmd_serve(cfg)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Worker configuration: a TOML file without secrets, plus ``CAPTCHA_SOLVER_*`` overrides.
+
+The schema is the one in ``docs/interfaces.md`` ("Worker (solver) contract"); the optional
+tuning fields below it have defaults and are documented in ``solver/README.md``. Every
+validation error names the field, e.g. ``vault.addrs[0]: must start with https://``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_CONFIG_PATH = Path("/etc/captcha-solver/config.toml")
+ENV_PREFIX = "CAPTCHA_SOLVER_"
+CONFIG_PATH_ENV = "CAPTCHA_SOLVER_CONFIG"
+
+DEFAULT_FIRST_POLL_DELAY: dict[str, float] = {
+    "userrecaptcha": 15.0,
+    "hcaptcha": 15.0,
+    "turnstile": 10.0,
+    "base64": 5.0,
+    "post": 5.0,
+    "default": 10.0,
+}
+
+_ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``field`` names the offending setting."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    addrs: tuple[str, ...]
+    role_id_file: Path
+    secret_id_file: Path
+    ca_file: Path | None = None
+    wrapped_secret_id_file: Path | None = None
+    approle_mount: str = "approle"
+    kv_mount: str = "secret"
+    key_path: str = ""
+    refresh_interval: float = 300.0
+    refresh_jitter: float = 0.1
+    max_staleness: float = 3600.0
+    timeout: float = 5.0
+    retries: int = 3
+    retry_delay: float = 0.5
+
+    @property
+    def secret_id_accessor_file(self) -> Path:
+        return self.secret_id_file.with_name(self.secret_id_file.name + ".accessor")
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    url: str
+    request_timeout: float = 30.0
+    task_timeout: float = 180.0
+    poll_interval: float = 5.0
+    first_poll_delay: Mapping[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_FIRST_POLL_DELAY)
+    )
+    max_in_flight: int = 1000
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    circuit_cooldown: float = 300.0
+    zero_balance_cooldown: float = 600.0
+    max_connections: int = 32
+
+    def first_poll_delay_for(self, method: str) -> float:
+        delays = self.first_poll_delay
+        return delays.get(method, delays.get("default", DEFAULT_FIRST_POLL_DELAY["default"]))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 18401
+    unix_socket: Path | None = None
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "json"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    env: str
+    vault: VaultConfig
+    provider: ProviderConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: Path | None = None
+
+
+# --------------------------------------------------------------------------- field parsers
+
+T = TypeVar("T")
+Parser = Callable[[str, Any], Any]
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(name, f"must be a non-empty string, got {type(value).__name__}")
+    return value.strip()
+
+
+def _path(name: str, value: Any) -> Path:
+    text = _str(name, value)
+    path = Path(text)
+    if not path.is_absolute():
+        raise ConfigError(name, f"must be an absolute path, got {text!r}")
+    return path
+
+
+def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Parser:
+    def parse(name: str, value: Any) -> float:
+        if isinstance(value, bool):
+            raise ConfigError(name, "must be a number, got bool")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(name, f"must be a number, got {value!r}") from None
+        if not isinstance(value, int | float):
+            raise ConfigError(name, f"must be a number, got {type(value).__name__}")
+        number = float(value)
+        if number != number or number < lo or (lo_open and number == lo):
+            bound = f"> {lo}" if lo_open else f">= {lo}"
+            raise ConfigError(name, f"must be {bound}, got {number}")
+        if hi is not None and number > hi:
+            raise ConfigError(name, f"must be <= {hi}, got {number}")
+        return number
+
+    return parse
+
+
+def _int_in(lo: int, hi: int) -> Parser:
+    def parse(name: str, value: Any) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value, 10)
+            except ValueError:
+                raise ConfigError(name, f"must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"must be an integer, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise ConfigError(name, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str, upper: bool = False) -> Parser:
+    def parse(name: str, value: Any) -> str:
+        text = _str(name, value)
+        text = text.upper() if upper else text.lower()
+        if text not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _url(*schemes: str) -> Parser:
+    def parse(name: str, value: Any) -> str:
+        text = _str(name, value).rstrip("/")
+        if not any(text.startswith(f"{s}://") for s in schemes):
+            need = " or ".join(f"{s}://" for s in schemes)
+            raise ConfigError(name, f"must start with {need}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _addrs(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(name, "must be a non-empty list of https:// addresses")
+    https = _url("https")  # TLS verification is always on: plain http is refused
+    return tuple(https(f"{name}[{i}]", item) for i, item in enumerate(value))
+
+
+def _delays(name: str, value: Any) -> dict[str, float]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(name, 'must be a table, e.g. {"userrecaptcha": 15}') from None
+    if not isinstance(value, dict):
+        raise ConfigError(name, f"must be a table of method = seconds, got {type(value).__name__}")
+    merged = dict(DEFAULT_FIRST_POLL_DELAY)
+    check = _float_in(0.0)
+    for method, seconds in value.items():
+        merged[str(method)] = check(f"{name}.{method}", seconds)
+    return merged
+
+
+def _host(name: str, value: Any) -> str:
+    text = _str(name, value)
+    if text == "localhost":
+        return text
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(name, f"must be a loopback IP address, got {text!r}") from None
+    if not address.is_loopback:
+        raise ConfigError(name, f"must be a loopback address (the API is local only), got {text}")
+    return text
+
+
+_SCHEMA: dict[str, dict[str, Parser]] = {
+    "vault": {
+        "addrs": _addrs,
+        "role_id_file": _path,
+        "secret_id_file": _path,
+        "ca_file": _path,
+        "wrapped_secret_id_file": _path,
+        "approle_mount": _str,
+        "kv_mount": _str,
+        "key_path": _str,
+        "refresh_interval": _float_in(0.0, lo_open=True),
+        "refresh_jitter": _float_in(0.0, 0.9),
+        "max_staleness": _float_in(0.0),
+        "timeout": _float_in(0.0, lo_open=True),
+        "retries": _int_in(1, 100),
+        "retry_delay": _float_in(0.0),
+    },
+    "provider": {
+        "url": _url("https", "http"),
+        "request_timeout": _float_in(0.0, lo_open=True),
+        "task_timeout": _float_in(0.0, lo_open=True),
+        "poll_interval": _float_in(0.0, lo_open=True),
+        "first_poll_delay": _delays,
+        "max_in_flight": _int_in(1, 100_000),
+        "backoff_base": _float_in(0.0, lo_open=True),
+        "backoff_max": _float_in(0.0, lo_open=True),
+        "circuit_cooldown": _float_in(0.0),
+        "zero_balance_cooldown": _float_in(0.0),
+        "max_connections": _int_in(1, 10_000),
+    },
+    "server": {
+        "host": _host,
+        "port": _int_in(1, 65535),
+        "unix_socket": _path,
+        "shutdown_grace": _float_in(0.0),
+    },
+    "logging": {
+        "format": _choice("json", "text"),
+        "level": _choice(*_LEVELS, upper=True),
+    },
+}
+_REQUIRED = {
+    "vault": ("addrs", "role_id_file", "secret_id_file"),
+    "provider": ("url",),
+}
+
+
+def _env_name(name: str, value: Any) -> str:
+    text = _str(name, value)
+    if not _ENV_RE.match(text):
+        raise ConfigError(name, f"must match {_ENV_RE.pattern}, got {text!r}")
+    return text
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Overlay ``CAPTCHA_SOLVER_<SECTION>_<KEY>`` (and ``CAPTCHA_SOLVER_ENV``) onto *raw*."""
+    for var, value in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_PATH_ENV:
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        if rest == "env":
+            raw["env"] = value
+            continue
+        for section in _SCHEMA:
+            if rest.startswith(section + "_") and rest[len(section) + 1 :] in _SCHEMA[section]:
+                table = raw.setdefault(section, {})
+                if not isinstance(table, dict):
+                    raise ConfigError(section, "must be a table")
+                table[rest[len(section) + 1 :]] = value
+                break
+        else:
+            raise ConfigError(var, "unknown setting in the environment")
+
+
+def _section(raw: dict[str, Any], section: str) -> dict[str, Any]:
+    table = raw.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(section, f"must be a table, got {type(table).__name__}")
+    schema = _SCHEMA[section]
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{section}.{key}"
+        if key not in schema:
+            raise ConfigError(name, f"unknown setting (known: {', '.join(sorted(schema))})")
+        out[key] = schema[key](name, value)
+    for key in _REQUIRED.get(section, ()):
+        if key not in out:
+            raise ConfigError(f"{section}.{key}", "is required")
+    return out
+
+
+def parse_config(
+    raw: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    source: Path | None = None,
+) -> Config:
+    """Validate a parsed TOML document (plus environment overrides) into a :class:`Config`."""
+    data: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    _apply_env(data, os.environ if environ is None else environ)
+    for key in data:
+        if key != "env" and key not in _SCHEMA:
+            known = ", ".join(["env", *_SCHEMA])
+            raise ConfigError(key, f"unknown setting (known: {known})")
+    if "env" not in data:
+        raise ConfigError("env", "is required")
+    env = _env_name("env", data["env"])
+    vault = _section(data, "vault")
+    vault.setdefault("key_path", f"captchaai/{env}")
+    vault_cfg = VaultConfig(**vault)
+    if vault_cfg.wrapped_secret_id_file == vault_cfg.secret_id_file:
+        raise ConfigError("vault.wrapped_secret_id_file", "must differ from vault.secret_id_file")
+    provider_cfg = ProviderConfig(**_section(data, "provider"))
+    if provider_cfg.backoff_max < provider_cfg.backoff_base:
+        raise ConfigError("provider.backoff_max", "must be >= provider.backoff_base")
+    return Config(
+        env=env,
+        vault=vault_cfg,
+        provider=provider_cfg,
+        server=ServerConfig(**_section(data, "server")),
+        logging=LoggingConfig(**_section(data, "logging")),
+        source=source,
+    )
+
+
+def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the TOML file at *path*."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw, environ, source=path)

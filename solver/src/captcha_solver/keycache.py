@@ -1,0 +1,394 @@
+"""The CaptchaAI key, held in memory only, refreshed from Vault.
+
+* Refresh every ``refresh_interval`` ± ``refresh_jitter`` (a fraction), at once on
+  :meth:`KeyCache.request_refresh` (SIGHUP), and at once when the provider rejects the key.
+* Rejected key and Vault still holds it → the circuit opens: no provider calls for
+  ``circuit_cooldown`` seconds (repeated bad-key calls get the host banned); a new key from
+  Vault closes it at once.
+* Vault unreachable → keep serving the cached key until it is ``max_staleness`` seconds past
+  its last confirmation, then fail closed.
+* ``backup_keys`` in the secret: on ERROR_ZERO_BALANCE and similar the next key is used; the
+  exhausted one is tried again after ``zero_balance_cooldown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .config import ProviderConfig, VaultConfig
+from .metrics import Metrics
+from .secret import Secret
+from .vault import KvSecret, SecretNotFound, VaultAuthError, VaultError, VaultUnavailable
+
+log = logging.getLogger(__name__)
+
+ROTATION_FIELDS = (
+    "rotation_id",
+    "rotation_state",
+    "previous_version",
+    "new_version",
+    "started_at",
+    "converged_at",
+    "confirmed_at",
+    "actor",
+)
+
+
+class VaultReader(Protocol):
+    def read_kv(self, mount: str, path: str) -> KvSecret: ...
+
+
+class KeyUnavailable(Exception):
+    """No key can be used right now; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class KeySet:
+    keys: tuple[Secret, ...]  # api_key first, then backup_keys
+    version: int
+    custom_metadata: Mapping[str, str]
+    created_time: str
+
+
+def _keyset_from(secret: KvSecret) -> KeySet:
+    primary = secret.data.get("api_key")
+    if not isinstance(primary, str) or not primary.strip():
+        raise VaultError("the secret has no non-empty 'api_key' field")
+    keys = [Secret(primary.strip())]
+    backups: Any = secret.data.get("backup_keys") or []
+    if isinstance(backups, str):  # tolerate a comma-separated string
+        backups = backups.split(",")
+    if not isinstance(backups, list):
+        raise VaultError("'backup_keys' in the secret must be a list of strings")
+    for item in backups:
+        if isinstance(item, str) and item.strip():
+            candidate = Secret(item.strip())
+            if candidate not in keys:
+                keys.append(candidate)
+    return KeySet(tuple(keys), secret.version, secret.custom_metadata, secret.created_time)
+
+
+def _parse_time(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        # Vault: 2026-11-22T02:44:54.123456789Z (nanoseconds: trim to micro)
+        base, _, frac = text.rstrip("Z").partition(".")
+        stamp = dt.datetime.fromisoformat(base).replace(tzinfo=dt.UTC)
+        return stamp.timestamp() + (float("0." + frac[:6]) if frac else 0.0)
+    except ValueError:
+        return None
+
+
+class KeyCache:
+    """Memory-only key cache with refresh loop, staleness bound and circuit breaker."""
+
+    def __init__(
+        self,
+        vault_cfg: VaultConfig,
+        provider_cfg: ProviderConfig,
+        vault: VaultReader,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._cfg = vault_cfg
+        self._pcfg = provider_cfg
+        self._vault = vault
+        self._metrics = metrics
+        self._clock = clock
+        self._wall = wall
+        self._keyset: KeySet | None = None
+        self._loaded_at_wall = 0.0  # when the current version was first loaded
+        self._last_success = 0.0  # monotonic time of the last good Vault read
+        self._last_success_wall: float | None = None
+        self._vault_reachable = False
+        self._last_error: str | None = None
+        self._failures = 0
+        self._rejected: set[Secret] = set()
+        self._exhausted: dict[Secret, float] = {}
+        self._circuit_until: float | None = None
+        self._banned_until: float | None = None
+        self._wake = asyncio.Event()
+        self._wake_reason = "interval"
+        self._inflight_refresh: asyncio.Task[bool] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ refresh
+    async def refresh(self, reason: str) -> bool:
+        """Read the key from Vault now; concurrent callers share one read."""
+        task = self._inflight_refresh
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._do_refresh(reason))
+            self._inflight_refresh = task
+        return await asyncio.shield(task)
+
+    async def _do_refresh(self, reason: str) -> bool:
+        try:
+            secret = await asyncio.to_thread(
+                self._vault.read_kv, self._cfg.kv_mount, self._cfg.key_path
+            )
+            keyset = _keyset_from(secret)
+        except VaultError as exc:
+            kind = (
+                "unavailable"
+                if isinstance(exc, VaultUnavailable)
+                else "auth"
+                if isinstance(exc, VaultAuthError)
+                else "not_found"
+                if isinstance(exc, SecretNotFound)
+                else "error"
+            )
+            self._failures += 1
+            self._vault_reachable = not isinstance(exc, VaultUnavailable)
+            self._last_error = f"vault {kind}: {exc}"
+            self._metrics.inc("vault_errors_total", kind=kind)
+            self._metrics.inc("key_refreshes_total", reason=reason, result="error")
+            log.warning(
+                "key refresh failed",
+                extra={"reason": reason, "error": str(exc), "stale_seconds": self.stale_seconds()},
+            )
+            return False
+        self._install(keyset, reason)
+        return True
+
+    def _install(self, keyset: KeySet, reason: str) -> None:
+        old = self._keyset
+        now = self._clock()
+        self._failures = 0
+        self._vault_reachable = True
+        self._last_success = now
+        self._last_success_wall = self._wall()
+        self._last_error = None
+        self._keyset = keyset
+        self._metrics.inc("key_refreshes_total", reason=reason, result="ok")
+        if old is None or old.keys != keyset.keys or old.version != keyset.version:
+            self._loaded_at_wall = self._wall()
+            log.info(
+                "key loaded",
+                extra={
+                    "reason": reason,
+                    "key_version": keyset.version,
+                    "key_fingerprint": keyset.keys[0].fingerprint,
+                    "backup_keys": len(keyset.keys) - 1,
+                },
+            )
+        # Forget marks on keys that are no longer in the secret.
+        current = set(keyset.keys)
+        self._rejected &= current
+        self._exhausted = {k: v for k, v in self._exhausted.items() if k in current}
+        if self._circuit_until is not None and self._usable_key(now) is not None:
+            log.info("circuit closed: Vault returned a key the provider has not rejected")
+            self._circuit_until = None
+
+    def request_refresh(self, reason: str = "sighup") -> None:
+        """Ask the refresh loop to read the key now (signal-handler safe)."""
+        self._wake_reason = reason
+        self._wake.set()
+
+    def _next_delay(self) -> float:
+        interval = self._cfg.refresh_interval
+        if self._failures:
+            interval = min(interval, self._cfg.retry_delay * 2 ** min(self._failures, 6) + 0.05)
+        jitter = self._cfg.refresh_jitter
+        return interval * random.uniform(1 - jitter, 1 + jitter)  # noqa: S311 (not crypto)
+
+    async def run(self) -> None:
+        """The refresh loop (runs until cancelled). Reads at once when started."""
+        reason = "startup"
+        while True:
+            await self.refresh(reason)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._next_delay())
+            if self._wake.is_set():
+                self._wake.clear()
+                reason = self._wake_reason
+                self._wake_reason = "interval"
+            else:
+                reason = "interval"
+
+    def start(self) -> asyncio.Task[None]:
+        self._loop_task = asyncio.create_task(self.run(), name="key-refresh")
+        return self._loop_task
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+
+    # ------------------------------------------------------------------ key selection
+    def _usable_key(self, now: float) -> Secret | None:
+        if self._keyset is None:
+            return None
+        for key in self._keyset.keys:
+            if key in self._rejected:
+                continue
+            until = self._exhausted.get(key)
+            if until is not None and now < until:
+                continue
+            return key
+        return None
+
+    def stale_seconds(self) -> float:
+        if self._keyset is None or self._vault_reachable:
+            return 0.0
+        return max(0.0, self._clock() - self._last_success)
+
+    def current_key(self) -> Secret:
+        """The key to use now, or :class:`KeyUnavailable` (fail closed)."""
+        now = self._clock()
+        if self._banned_until is not None:
+            if now < self._banned_until:
+                raise KeyUnavailable("ip_banned", "the provider banned this host; waiting")
+            self._banned_until = None
+        if self._circuit_until is not None:
+            if now < self._circuit_until:
+                raise KeyUnavailable(
+                    "circuit_open",
+                    "the provider rejected the key and Vault still holds it; circuit open",
+                )
+            log.info("circuit half-open: cool-down over, trying the key again")
+            self._circuit_until = None
+            self._rejected.clear()
+        if self._keyset is None:
+            raise KeyUnavailable("no_key", self._last_error or "no key loaded from Vault yet")
+        if self.stale_seconds() > self._cfg.max_staleness:
+            raise KeyUnavailable(
+                "stale",
+                f"Vault unreachable and the cached key is older than max_staleness"
+                f" ({self._cfg.max_staleness:g}s)",
+            )
+        key = self._usable_key(now)
+        if key is None:
+            raise KeyUnavailable("keys_exhausted", "every key in the secret is out of balance")
+        return key
+
+    # ------------------------------------------------------------------ provider feedback
+    async def report_rejected(self, key: Secret, code: str) -> Secret | None:
+        """The provider says *key* is invalid: refresh now; a usable key or None (circuit open)."""
+        if key not in self._rejected:
+            self._rejected.add(key)
+            log.warning(
+                "provider rejected the key, refreshing from Vault",
+                extra={"code": code, "key_fingerprint": key.fingerprint},
+            )
+        await self.refresh("key_rejected")
+        now = self._clock()
+        usable = self._usable_key(now)
+        if (
+            usable is None
+            and self._keyset is not None
+            and any(k in self._rejected for k in self._keyset.keys)
+        ):
+            if self._circuit_until is None or now >= self._circuit_until:
+                self._circuit_until = now + self._pcfg.circuit_cooldown
+                self._last_error = f"provider rejected the key ({code}); Vault still holds it"
+                log.error(
+                    "circuit open: Vault still holds the rejected key",
+                    extra={"code": code, "cooldown": self._pcfg.circuit_cooldown},
+                )
+            return None
+        if usable is None:
+            return None
+        try:
+            return self.current_key()
+        except KeyUnavailable:
+            return None
+
+    def report_exhausted(self, key: Secret, code: str) -> Secret | None:
+        """Zero balance (or similar) on *key*: switch to the next key, if any."""
+        now = self._clock()
+        if key not in self._exhausted or self._exhausted[key] <= now:
+            self._exhausted[key] = now + self._pcfg.zero_balance_cooldown
+            log.warning(
+                "key out of balance, switching to the next key",
+                extra={"code": code, "key_fingerprint": key.fingerprint},
+            )
+            self.request_refresh("key_exhausted")
+        try:
+            return self.current_key()
+        except KeyUnavailable:
+            return None
+
+    def report_banned(self, code: str) -> None:
+        """The provider banned this host: stop calling it for the circuit cool-down."""
+        self._banned_until = self._clock() + self._pcfg.circuit_cooldown
+        self._last_error = f"provider refused this host ({code})"
+        log.error("provider banned this host; pausing", extra={"code": code})
+
+    # ------------------------------------------------------------------ health
+    @property
+    def circuit_open(self) -> bool:
+        now = self._clock()
+        return (self._circuit_until is not None and now < self._circuit_until) or (
+            self._banned_until is not None and now < self._banned_until
+        )
+
+    @property
+    def key_version(self) -> int | None:
+        return self._keyset.version if self._keyset else None
+
+    @property
+    def vault_reachable(self) -> bool:
+        return self._vault_reachable
+
+    def key_age_seconds(self) -> float | None:
+        """Seconds since the current key version was written to Vault (or first loaded)."""
+        if self._keyset is None:
+            return None
+        created = _parse_time(self._keyset.created_time) or self._loaded_at_wall
+        return max(0.0, self._wall() - created)
+
+    def health(self) -> dict[str, Any]:
+        """The key-related part of ``/healthz`` (see docs/interfaces.md)."""
+        error: str | None = None
+        try:
+            key: Secret | None = self.current_key()
+        except KeyUnavailable as exc:
+            key, error = None, str(exc)
+        if key is None:
+            status = "unhealthy"
+        elif not self._vault_reachable or (
+            self._keyset is not None and key != self._keyset.keys[0]
+        ):
+            status = "degraded"
+            error = self._last_error or ("using a backup key" if self._vault_reachable else None)
+        else:
+            status = "ok"
+        keyset = self._keyset
+        shown = key or (keyset.keys[0] if keyset else None)
+        age = self.key_age_seconds()
+        return {
+            "status": status,
+            "key_version": keyset.version if keyset else None,
+            "key_fingerprint": shown.fingerprint if shown else None,
+            "key_age_seconds": round(age, 3) if age is not None else None,
+            "last_refresh": (
+                dt.datetime.fromtimestamp(self._last_success_wall, dt.UTC).isoformat()
+                if self._last_success_wall is not None
+                else None
+            ),
+            "vault_reachable": self._vault_reachable,
+            "vault_stale_seconds": round(self.stale_seconds(), 3),
+            "circuit": "open" if self.circuit_open else "closed",
+            "rotation": {
+                k: v
+                for k, v in (keyset.custom_metadata if keyset else {}).items()
+                if k in ROTATION_FIELDS
+            },
+            "error": error,
+        }

@@ -1,0 +1,303 @@
+"""The local HTTP API: ``POST /solve``, ``GET /healthz``, ``GET /metrics`` (loopback only).
+
+SIGHUP reads the key from Vault now. SIGTERM (or SIGINT) stops accepting solves (503), lets
+the tasks in flight finish for up to ``server.shutdown_grace`` seconds, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from .config import Config
+from .dispatcher import Dispatcher, SolveError
+from .keycache import KeyCache
+from .metrics import Labels, Metrics, new_metrics
+from .provider import ProviderClient
+from .secret import REGISTRY
+from .vault import KvSecret, VaultClient, VaultError, WrappingTokenError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 4 * 1024 * 1024
+_METHOD_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+# Form fields the worker sets itself; a caller must not send them.
+_RESERVED = frozenset({"key", "json", "action", "id", "ids", "method"})
+_STATUS_FOR_KIND = {
+    "fatal": 422,
+    "busy": 429,
+    "unavailable": 503,
+    "key_problem": 503,
+    "timeout": 504,
+}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    text = REGISTRY.mask(json.dumps(data, ensure_ascii=False))
+    return web.Response(text=text, status=status, content_type="application/json")
+
+
+def _error(code: str, kind: str, message: str, status: int) -> web.Response:
+    return _json(
+        {"status": "error", "error": {"code": code, "kind": kind, "message": message}}, status
+    )
+
+
+class VaultSession(Protocol):
+    """What the service needs from :class:`~captcha_solver.vault.VaultClient`."""
+
+    @property
+    def has_token(self) -> bool: ...
+    def unwrap_secret_id(self) -> bool: ...
+    def ensure_token(self) -> None: ...
+    def seconds_until_renewal(self) -> float: ...
+    def read_kv(self, mount: str, path: str) -> KvSecret: ...
+    def close(self) -> None: ...
+
+
+class Service:
+    """Wires config, Vault, key cache, provider client and dispatcher into the HTTP API."""
+
+    def __init__(self, cfg: Config, *, vault: VaultSession | None = None) -> None:
+        self.cfg = cfg
+        self.metrics: Metrics = new_metrics()
+        self.vault: VaultSession = vault or VaultClient(cfg.vault)
+        self.keys = KeyCache(cfg.vault, cfg.provider, self.vault, self.metrics)
+        self.provider = ProviderClient(cfg.provider, self.metrics)
+        self.dispatcher = Dispatcher(cfg.provider, self.provider, self.keys, self.metrics)
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._token_task: asyncio.Task[None] | None = None
+        self._register_gauges()
+
+    # ------------------------------------------------------------------ metrics
+    def _register_gauges(self) -> None:
+        def one(value: float | None) -> Iterable[tuple[Labels, float]]:
+            return [] if value is None else [((), float(value))]
+
+        m = self.metrics
+        m.gauge(
+            "key_version", "Version of the key in use (KV v2).", lambda: one(self.keys.key_version)
+        )
+        m.gauge(
+            "key_age_seconds",
+            "Seconds since the key in use was written to Vault.",
+            lambda: one(self.keys.key_age_seconds()),
+        )
+        m.gauge(
+            "tasks_in_flight", "Solve tasks in progress.", lambda: one(self.dispatcher.in_flight)
+        )
+        m.gauge(
+            "vault_reachable",
+            "1 when the last Vault read worked.",
+            lambda: one(1.0 if self.keys.vault_reachable else 0.0),
+        )
+        m.gauge(
+            "vault_stale_seconds",
+            "Seconds the cached key has gone unconfirmed while Vault is unreachable.",
+            lambda: one(self.keys.stale_seconds()),
+        )
+        m.gauge(
+            "circuit_open",
+            "1 while provider calls are paused (rejected key or banned host).",
+            lambda: one(1.0 if self.keys.circuit_open else 0.0),
+        )
+        m.gauge(
+            "healthy",
+            "1 when the worker can solve.",
+            lambda: one(1.0 if self.health()[1] == 200 else 0.0),
+        )
+
+    # ------------------------------------------------------------------ handlers
+    def health(self) -> tuple[dict[str, Any], int]:
+        key_part = self.keys.health()
+        body: dict[str, Any] = {
+            "status": key_part["status"],
+            "env": self.cfg.env,
+            "key_version": key_part["key_version"],
+            "key_fingerprint": key_part["key_fingerprint"],
+            "key_age_seconds": key_part["key_age_seconds"],
+            "last_refresh": key_part["last_refresh"],
+            "vault_reachable": key_part["vault_reachable"],
+            "vault_stale_seconds": key_part["vault_stale_seconds"],
+            "circuit": key_part["circuit"],
+            "rotation": key_part["rotation"],
+            "tasks_in_flight": self.dispatcher.in_flight,
+            "error": key_part["error"],
+        }
+        if self.draining:
+            body["status"] = "unhealthy"
+            body["error"] = "shutting down"
+        return body, 200 if body["status"] in ("ok", "degraded") else 503
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        body, status = self.health()
+        return _json(body, status)
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        text = REGISTRY.mask(self.metrics.render())
+        return web.Response(
+            text=text,
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Content-Format": "prometheus-text-0.0.4"},
+        )
+
+    async def handle_solve(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return _error("SHUTTING_DOWN", "unavailable", "the worker is shutting down", 503)
+        try:
+            doc = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error("BAD_REQUEST", "fatal", "body must be a JSON object", 400)
+        parsed = parse_solve_request(doc)
+        if isinstance(parsed, str):
+            return _error("BAD_REQUEST", "fatal", parsed, 400)
+        method, params = parsed
+        try:
+            result = await self.dispatcher.solve(method, params)
+        except SolveError as exc:
+            status = _STATUS_FOR_KIND.get(exc.kind, 502)
+            return _error(exc.code, exc.kind, str(exc), status)
+        return _json(
+            {
+                "status": "ok",
+                "token": result.token,
+                "task_id": result.task_id,
+                "elapsed_seconds": round(result.elapsed, 3),
+                "key_version": result.key_version,
+            }
+        )
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post("/solve", self.handle_solve)
+        app.router.add_get("/healthz", self.handle_healthz)
+        app.router.add_get("/metrics", self.handle_metrics)
+        return app
+
+    # ------------------------------------------------------------------ lifecycle
+    async def _token_keeper(self) -> None:
+        """Renew the Vault token before it expires (log in again when renewal fails)."""
+        while True:
+            wait = (
+                self.vault.seconds_until_renewal()
+                if self.vault.has_token
+                else self.cfg.vault.refresh_interval
+            )
+            await asyncio.sleep(min(max(wait, 0.05), self.cfg.vault.refresh_interval))
+            try:
+                await asyncio.to_thread(self.vault.ensure_token)
+            except VaultError as exc:
+                self.metrics.inc("vault_errors_total", kind="token")
+                log.warning("vault token upkeep failed", extra={"error": str(exc)})
+
+    async def start(self) -> None:
+        """Unwrap the secret-id (fatal if replayed), start the loops and the HTTP sites."""
+        try:
+            await asyncio.to_thread(self.vault.unwrap_secret_id)
+        except WrappingTokenError:
+            raise
+        except VaultError as exc:  # Vault down at boot: keep going, the refresh loop retries
+            self.metrics.inc("vault_errors_total", kind="unwrap")
+            log.warning("secret-id unwrap deferred", extra={"error": str(exc)})
+        await self.provider.start()
+        self.keys.start()
+        self.dispatcher.start()
+        self._token_task = asyncio.create_task(self._token_keeper(), name="token-keeper")
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        server = self.cfg.server
+        await web.TCPSite(self._runner, server.host, server.port).start()
+        if server.unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                server.unix_socket.unlink()
+            await web.UnixSite(self._runner, str(server.unix_socket)).start()
+            os.chmod(server.unix_socket, 0o660)
+        log.info(
+            "captcha-solver serving",
+            extra={"env": self.cfg.env, "host": server.host, "port": server.port},
+        )
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.keys.request_refresh, "sighup")
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting solves, let tasks in flight finish (bounded), then close."""
+        self.draining = True
+        grace = self.cfg.server.shutdown_grace
+        log.info(
+            "shutting down", extra={"tasks_in_flight": self.dispatcher.in_flight, "grace": grace}
+        )
+        if not await self.dispatcher.wait_idle(grace):
+            log.warning(
+                "grace period over, abandoning tasks",
+                extra={"tasks_in_flight": self.dispatcher.in_flight},
+            )
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._token_task is not None:
+            self._token_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._token_task
+        await self.dispatcher.stop()
+        await self.keys.stop()
+        await self.provider.close()
+        await asyncio.to_thread(self.vault.close)
+        if self.cfg.server.unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.cfg.server.unix_socket.unlink()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        self.install_signal_handlers()
+        try:
+            await self.wait_stopped()
+        finally:
+            await self.shutdown()
+
+
+def parse_solve_request(doc: Any) -> tuple[str, dict[str, str]] | str:
+    """``{"method": ..., "params": {...}}`` or ``{"method": ..., <params inline>}``.
+
+    Returns (method, params) or an error message.
+    """
+    if not isinstance(doc, dict):
+        return "body must be a JSON object"
+    method = doc.get("method")
+    if not isinstance(method, str) or not _METHOD_RE.match(method):
+        return "'method' must be a provider method name, e.g. userrecaptcha"
+    raw = doc.get("params")
+    if raw is None:
+        raw = {k: v for k, v in doc.items() if k != "method"}
+    elif not isinstance(raw, dict) or len(doc) > 2:
+        return "'params' must be an object (and the only other field)"
+    params: dict[str, str] = {}
+    for name, value in raw.items():
+        if name in _RESERVED:
+            return f"parameter {name!r} is set by the worker and may not be sent"
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, str | int | float):
+            return f"parameter {name!r} must be a string or a number"
+        params[str(name)] = str(value)
+    return method, params

@@ -1,0 +1,350 @@
+"""A thin typed wrapper around hvac for the worker's needs.
+
+* AppRole login from a role-id file and a secret-id file.
+* A response-wrapped secret-id file is unwrapped exactly once: the secret-id and its accessor
+  are written as 0600 files and the wrapped file is deleted. A used or expired wrapping token
+  raises :class:`WrappingTokenError` (the CLI exits 78: possible tampering).
+* The token is renewed before it expires, and a fresh login replaces it when renewal fails.
+* Several Vault addresses (HA nodes) are tried in turn, for a bounded number of rounds.
+* TLS verification is always on (``verify`` is the CA file or the system store, never False).
+
+hvac is synchronous; the async parts of the worker call this through ``asyncio.to_thread``.
+A lock serialises calls, so the token state is never updated by two threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+
+from .config import VaultConfig
+from .secret import Secret
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that mean "this node cannot answer now": try the next address.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    requests.ConnectionError,
+    requests.Timeout,
+    hvac.exceptions.VaultDown,
+    hvac.exceptions.InternalServerError,
+    hvac.exceptions.BadGateway,
+    hvac.exceptions.VaultNotInitialized,
+    hvac.exceptions.RateLimitExceeded,
+)
+_RENEW_AT_FRACTION = 1 / 3  # renew when a third of the lease is left
+
+
+class VaultError(Exception):
+    """Base class; messages never contain a secret."""
+
+
+class VaultUnavailable(VaultError):
+    """No configured Vault address answered."""
+
+
+class VaultAuthError(VaultError):
+    """AppRole login was refused (bad role-id / secret-id, or missing credential files)."""
+
+
+class WrappingTokenError(VaultError):
+    """The response-wrapped secret-id could not be unwrapped: used, expired or tampered with."""
+
+
+class SecretNotFound(VaultError):
+    """The key path does not exist (or its current version is deleted)."""
+
+
+@dataclass(frozen=True)
+class KvSecret:
+    """A KV v2 read: the data (not shown in repr), its version and custom_metadata."""
+
+    data: Mapping[str, Any] = field(repr=False)
+    version: int
+    custom_metadata: Mapping[str, str]
+    created_time: str = ""
+
+
+def write_private_file(path: Path, content: str) -> None:
+    """Write *content* atomically to *path* with mode 0600 (never briefly wider)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, content.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _read_credential(path: Path, what: str) -> Secret:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise VaultAuthError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    if not value:
+        raise VaultAuthError(f"the {what} file {path} is empty")
+    return Secret(value)
+
+
+class VaultClient:
+    """AppRole session against one or more Vault addresses."""
+
+    def __init__(self, cfg: VaultConfig, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self._cfg = cfg
+        self._sleep = sleep
+        self._lock = threading.RLock()
+        verify: str | bool = str(cfg.ca_file) if cfg.ca_file else True
+        # token="" keeps hvac from picking up VAULT_TOKEN or ~/.vault-token.
+        self._clients = [
+            hvac.Client(url=addr, token="", verify=verify, timeout=cfg.timeout)
+            for addr in cfg.addrs
+        ]
+        self._verify = verify
+        self._current = 0
+        self._token: Secret | None = None
+        self._lease = 0.0
+        self._renewable = False
+        self._expires_at = 0.0  # monotonic
+
+    # ------------------------------------------------------------------ addresses / retries
+    @property
+    def current_addr(self) -> str:
+        return self._cfg.addrs[self._current]
+
+    def _call(self, what: str, op: Callable[[Any], T]) -> T:
+        """Run *op* against each address in turn, for ``retries`` rounds."""
+        last = "no attempt"
+        n = len(self._clients)
+        for attempt in range(self._cfg.retries):
+            for step in range(n):
+                index = (self._current + step) % n
+                try:
+                    result = op(self._clients[index])
+                except _UNAVAILABLE as exc:
+                    last = f"{self._cfg.addrs[index]}: {type(exc).__name__}"
+                    log.warning(
+                        "vault address unavailable",
+                        extra={"op": what, "addr": self._cfg.addrs[index]},
+                    )
+                    continue
+                if index != self._current:
+                    log.info("vault address switched", extra={"addr": self._cfg.addrs[index]})
+                    self._current = index
+                return result
+            if attempt + 1 < self._cfg.retries:
+                delay = self._cfg.retry_delay * (2**attempt)
+                self._sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 (jitter, not crypto)
+        raise VaultUnavailable(f"{what}: no Vault address answered (last: {last})")
+
+    def _set_token(self, token: Secret | None) -> None:
+        self._token = token
+        for client in self._clients:
+            client.token = token.reveal() if token else ""
+
+    # ------------------------------------------------------------------ secret-id handling
+    def unwrap_secret_id(self) -> bool:
+        """Unwrap the wrapped secret-id file if there is one. True when it was unwrapped."""
+        with self._lock:
+            wrapped_file = self._cfg.wrapped_secret_id_file
+            if wrapped_file is None or not wrapped_file.exists():
+                return False
+            wrapping = _read_credential(wrapped_file, "wrapped secret-id")
+            tampering = (
+                f"the response-wrapped secret-id in {wrapped_file} was already unwrapped or has"
+                " expired: possible tampering (someone else may hold the secret-id). Revoke it"
+                " and deploy a new wrapped secret-id."
+            )
+
+            def lookup(client: Any) -> Any:
+                return client.adapter.post(
+                    "/v1/sys/wrapping/lookup", json={"token": wrapping.reveal()}
+                )
+
+            try:
+                info = self._call("unwrap", lookup)
+            except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
+                raise WrappingTokenError(tampering) from _scrubbed(exc)
+            creation_path = str((info.get("data") or {}).get("creation_path", ""))
+            mount = self._cfg.approle_mount.strip("/")
+            if not (
+                creation_path.startswith(f"auth/{mount}/role/")
+                and creation_path.endswith("/secret-id")
+            ):
+                raise WrappingTokenError(
+                    f"the wrapping token in {wrapped_file} was not created by an AppRole"
+                    f" secret-id request (creation path {creation_path!r}): possible tampering"
+                )
+
+            def unwrap(client: Any) -> Any:
+                one_shot = hvac.Client(
+                    url=client.url,
+                    token=wrapping.reveal(),
+                    verify=self._verify,
+                    timeout=self._cfg.timeout,
+                )
+                try:
+                    return one_shot.sys.unwrap()
+                finally:
+                    one_shot.adapter.close()
+
+            try:
+                response = self._call("unwrap", unwrap)
+            except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
+                raise WrappingTokenError(tampering) from _scrubbed(exc)
+            data = response.get("data") or {}
+            secret_id = data.get("secret_id")
+            if not isinstance(secret_id, str) or not secret_id:
+                raise WrappingTokenError(
+                    f"the wrapping token in {wrapped_file} did not contain a secret-id"
+                )
+            Secret(secret_id)  # registers the value with the log mask before anything else
+            write_private_file(self._cfg.secret_id_file, secret_id + "\n")
+            accessor = str(data.get("secret_id_accessor", ""))
+            write_private_file(self._cfg.secret_id_accessor_file, accessor + "\n")
+            wrapped_file.unlink()
+            log.info(
+                "secret-id unwrapped",
+                extra={
+                    "secret_id_file": str(self._cfg.secret_id_file),
+                    "accessor_file": str(self._cfg.secret_id_accessor_file),
+                },
+            )
+            return True
+
+    # ------------------------------------------------------------------ token lifecycle
+    def login(self) -> None:
+        """AppRole login (unwrapping a wrapped secret-id first, if one is waiting)."""
+        with self._lock:
+            self.unwrap_secret_id()
+            role_id = _read_credential(self._cfg.role_id_file, "role-id")
+            secret_id = _read_credential(self._cfg.secret_id_file, "secret-id")
+
+            def op(client: Any) -> Any:
+                return client.auth.approle.login(
+                    role_id=role_id.reveal(),
+                    secret_id=secret_id.reveal(),
+                    use_token=False,
+                    mount_point=self._cfg.approle_mount,
+                )
+
+            try:
+                response = self._call("login", op)
+            except (
+                hvac.exceptions.InvalidRequest,
+                hvac.exceptions.Forbidden,
+                hvac.exceptions.Unauthorized,
+                hvac.exceptions.InvalidPath,
+            ) as exc:
+                raise VaultAuthError(
+                    f"AppRole login at {self._cfg.approle_mount!r} refused: {_reason(exc)}"
+                ) from None
+            auth = response["auth"]
+            self._set_token(Secret(str(auth["client_token"])))
+            self._lease = float(auth.get("lease_duration") or 0)
+            self._renewable = bool(auth.get("renewable"))
+            self._expires_at = time.monotonic() + self._lease if self._lease else float("inf")
+            log.info(
+                "vault login ok",
+                extra={"addr": self.current_addr, "ttl": self._lease, "renewable": self._renewable},
+            )
+
+    def seconds_until_renewal(self) -> float:
+        """How long until :meth:`ensure_token` would renew (0 when there is no token)."""
+        if self._token is None:
+            return 0.0
+        if self._expires_at == float("inf"):
+            return float("inf")
+        return max(0.0, self._expires_at - self._lease * _RENEW_AT_FRACTION - time.monotonic())
+
+    @property
+    def has_token(self) -> bool:
+        return self._token is not None
+
+    def ensure_token(self) -> None:
+        """Log in if there is no token; renew it when a third of its lease is left."""
+        with self._lock:
+            if self._token is None or time.monotonic() >= self._expires_at:
+                self.login()
+                return
+            if self.seconds_until_renewal() > 0:
+                return
+            if self._renewable:
+                try:
+                    response = self._call("renew", lambda client: client.auth.token.renew_self())
+                except VaultUnavailable:
+                    raise
+                except hvac.exceptions.VaultError as exc:
+                    log.warning("token renewal refused, logging in again: %s", _reason(exc))
+                else:
+                    lease = float(response["auth"].get("lease_duration") or 0)
+                    # At max_ttl the renewal is capped: a short remainder means log in afresh.
+                    if lease > self._lease * _RENEW_AT_FRACTION:
+                        self._expires_at = time.monotonic() + lease
+                        log.debug("vault token renewed", extra={"ttl": lease})
+                        return
+                    log.info("vault token near its max TTL, logging in again")
+            self.login()
+
+    # ------------------------------------------------------------------ KV v2
+    def read_kv(self, mount: str, path: str) -> KvSecret:
+        """Read the current version of a KV v2 secret (re-login once on 403)."""
+        with self._lock:
+            self.ensure_token()
+
+            def op(client: Any) -> Any:
+                return client.secrets.kv.v2.read_secret_version(
+                    path=path, mount_point=mount, raise_on_deleted_version=True
+                )
+
+            try:
+                response = self._call("read", op)
+            except hvac.exceptions.Forbidden:
+                log.info("vault read forbidden with the current token, logging in again")
+                self.login()
+                try:
+                    response = self._call("read", op)
+                except hvac.exceptions.Forbidden as exc:
+                    raise VaultAuthError(
+                        f"read of {mount}/{path} forbidden: {_reason(exc)}"
+                    ) from None
+            except hvac.exceptions.InvalidPath:
+                raise SecretNotFound(f"no current version at {mount}/data/{path}") from None
+            data = response["data"]
+            metadata = data.get("metadata") or {}
+            custom = metadata.get("custom_metadata") or {}
+            return KvSecret(
+                data=dict(data.get("data") or {}),
+                version=int(metadata.get("version") or 0),
+                custom_metadata={str(k): str(v) for k, v in custom.items()},
+                created_time=str(metadata.get("created_time") or ""),
+            )
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.adapter.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, secret-free reason from an hvac error (Vault's own error strings)."""
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, list) and errors:
+        return "; ".join(str(e) for e in errors)[:300]
+    return type(exc).__name__
+
+
+def _scrubbed(exc: BaseException) -> VaultError:
+    return VaultError(_reason(exc))

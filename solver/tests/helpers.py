@@ -1,0 +1,198 @@
+"""Test helpers: config builders, a fake Vault reader and a fake provider HTTP server.
+
+The fakes serve the unit tests only; the integration tests use the real OpenBao server and the
+CaptchaAI emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from captcha_solver.config import Config, parse_config
+from captcha_solver.vault import KvSecret, VaultUnavailable
+
+
+def new_key() -> str:
+    return secrets.token_hex(16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_config(tmp: Path, **over: Any) -> Config:
+    raw: dict[str, Any] = {
+        "env": "dev",
+        "vault": {
+            "addrs": ["https://127.0.0.1:1"],
+            "role_id_file": str(tmp / "role-id"),
+            "secret_id_file": str(tmp / "secret-id"),
+            "refresh_interval": 0.2,
+            "refresh_jitter": 0.1,
+            "max_staleness": 5.0,
+            "retry_delay": 0.01,
+            "retries": 1,
+        },
+        "provider": {
+            "url": "http://127.0.0.1:1",
+            "request_timeout": 2.0,
+            "task_timeout": 5.0,
+            "poll_interval": 0.05,
+            "first_poll_delay": {"default": 0.05, "userrecaptcha": 0.05},
+            "backoff_base": 0.02,
+            "backoff_max": 0.1,
+            "circuit_cooldown": 1.0,
+            "zero_balance_cooldown": 5.0,
+        },
+        "server": {"host": "127.0.0.1", "port": free_port(), "shutdown_grace": 2.0},
+        "logging": {"format": "json", "level": "DEBUG"},
+    }
+    for dotted, value in over.items():
+        section, _, name = dotted.partition("__")
+        if name:
+            raw[section][name] = value
+        else:
+            raw[section] = value
+    return parse_config(raw, environ={})
+
+
+@dataclass
+class FakeVault:
+    """A VaultReader for unit tests: holds one KV v2 secret; ``down`` simulates an outage."""
+
+    data: dict[str, Any]
+    version: int = 1
+    custom_metadata: dict[str, str] = field(default_factory=dict)
+    down: bool = False
+    reads: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read_kv(self, mount: str, path: str) -> KvSecret:
+        with self.lock:
+            self.reads += 1
+            if self.down:
+                raise VaultUnavailable("read: no Vault address answered (fake)")
+            return KvSecret(dict(self.data), self.version, dict(self.custom_metadata), "")
+
+    def write(self, data: dict[str, Any]) -> None:
+        with self.lock:
+            self.data = data
+            self.version += 1
+
+
+@dataclass
+class FakeProvider:
+    """A programmable in.php / res.php server (2captcha json=1 wire format)."""
+
+    valid_keys: set[str] = field(default_factory=set)
+    zero_balance: set[str] = field(default_factory=set)
+    ready_after: int = 1  # polls answered NOT_READY before the token
+    submit_errors: list[str] = field(default_factory=list)  # popped per submit
+    poll_status: list[int] = field(default_factory=list)  # HTTP statuses to answer res.php with
+    unsolvable: bool = False
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[dict[str, str]] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    next_id: int = 1000
+    url: str = ""
+
+    def _err(self, code: str) -> web.Response:
+        return web.json_response({"status": 0, "request": code})
+
+    def _key_error(self, key: str) -> str | None:
+        if key not in self.valid_keys:
+            return "ERROR_KEY_DOES_NOT_EXIST"
+        if key in self.zero_balance:
+            return "ERROR_ZERO_BALANCE"
+        return None
+
+    async def in_php(self, request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        self.requests.append({"endpoint": "in", **{k: str(v) for k, v in form.items()}})
+        self.urls.append(str(request.url))
+        key = str(form.get("key", ""))
+        err = self._key_error(key)
+        if err:
+            return self._err(err)
+        if self.submit_errors:
+            code = self.submit_errors.pop(0)
+            if code.startswith("HTTP_"):
+                return web.Response(status=int(code[5:]), text="oops")
+            if code == "GARBAGE":
+                return web.Response(text="<html>")
+            return self._err(code)
+        task_id = str(self.next_id)
+        self.next_id += 1
+        self.tasks[task_id] = {"key": key, "polls": 0, "method": form.get("method")}
+        return web.json_response({"status": 1, "request": task_id})
+
+    async def res_php(self, request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        self.requests.append({"endpoint": "res", **{k: str(v) for k, v in form.items()}})
+        self.urls.append(str(request.url))
+        if self.poll_status:
+            return web.Response(status=self.poll_status.pop(0), text="busy")
+        key = str(form.get("key", ""))
+        err = self._key_error(key)
+        if err:
+            return self._err(err)
+        ids = str(form["ids"]).split(",") if "ids" in form else [str(form.get("id"))]
+        answers = []
+        for task_id in ids:
+            task = self.tasks.get(task_id)
+            if task is None or task["key"] != key:
+                answers.append("ERROR_WRONG_CAPTCHA_ID")
+                continue
+            task["polls"] += 1
+            if task["polls"] <= self.ready_after:
+                answers.append("CAPCHA_NOT_READY")
+            elif self.unsolvable:
+                answers.append("ERROR_CAPTCHA_UNSOLVABLE")
+            else:
+                answers.append(f"token-{task_id}")
+        if len(ids) == 1:
+            answer = answers[0]
+            ok = not answer.startswith(("ERROR_", "CAPCHA_"))
+            return web.json_response({"status": 1 if ok else 0, "request": answer})
+        return web.json_response({"status": 1, "request": "|".join(answers)})
+
+    def res_calls(self) -> int:
+        return sum(1 for r in self.requests if r["endpoint"] == "res")
+
+
+@asynccontextmanager
+async def serve_fake_provider(fake: FakeProvider) -> AsyncIterator[FakeProvider]:
+    app = web.Application()
+    app.router.add_post("/in.php", fake.in_php)
+    app.router.add_post("/res.php", fake.res_php)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    fake.url = f"http://127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+async def wait_for(predicate: Any, within: float = 5.0, interval: float = 0.02) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,131 @@
+from pathlib import Path
+
+import pytest
+
+from captcha_solver.config import DEFAULT_FIRST_POLL_DELAY, ConfigError, load_config, parse_config
+
+CONTRACT_TOML = """
+env = "dev"
+[vault]
+addrs = ["https://127.0.0.1:18200"]
+ca_file = "/etc/captcha-solver/vault-ca.pem"
+approle_mount = "approle"
+role_id_file = "/etc/captcha-solver/role-id"
+secret_id_file = "/var/lib/captcha-solver/secret-id"                 # 0600, written by the worker
+wrapped_secret_id_file = "/var/lib/captcha-solver/secret-id.wrapped" # single-use wrapping token
+kv_mount = "secret"
+key_path = "captchaai/dev"
+refresh_interval = 300.0
+refresh_jitter = 0.1
+max_staleness = 3600.0
+[provider]
+url = "https://ocr.captchaai.com"
+[server]
+host = "127.0.0.1"
+port = 18401
+[logging]
+format = "json"
+level = "INFO"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_contract_example_parses(tmp_path):
+    cfg = load_config(_write(tmp_path, CONTRACT_TOML), environ={})
+    assert cfg.env == "dev"
+    assert cfg.vault.addrs == ("https://127.0.0.1:18200",)
+    assert cfg.vault.ca_file == Path("/etc/captcha-solver/vault-ca.pem")
+    assert cfg.vault.secret_id_accessor_file == Path("/var/lib/captcha-solver/secret-id.accessor")
+    assert cfg.vault.refresh_interval == 300.0
+    assert cfg.server.port == 18401
+    assert cfg.logging.level == "INFO"
+    assert cfg.provider.first_poll_delay_for("userrecaptcha") == 15.0
+    assert cfg.provider.first_poll_delay_for("base64") == 5.0
+    assert cfg.provider.first_poll_delay_for("unknown") == DEFAULT_FIRST_POLL_DELAY["default"]
+
+
+def test_key_path_defaults_from_env(tmp_path):
+    text = CONTRACT_TOML.replace('key_path = "captchaai/dev"\n', "").replace(
+        '"dev"', '"staging"', 1
+    )
+    cfg = load_config(_write(tmp_path, text), environ={})
+    assert cfg.vault.key_path == "captchaai/staging"
+
+
+def test_environment_overrides(tmp_path):
+    env = {
+        "CAPTCHA_SOLVER_ENV": "prod",
+        "CAPTCHA_SOLVER_VAULT_ADDRS": "https://127.0.0.1:18210,https://127.0.0.1:18220",
+        "CAPTCHA_SOLVER_VAULT_REFRESH_INTERVAL": "60",
+        "CAPTCHA_SOLVER_SERVER_PORT": "18402",
+        "CAPTCHA_SOLVER_LOGGING_LEVEL": "debug",
+        "CAPTCHA_SOLVER_PROVIDER_FIRST_POLL_DELAY": '{"userrecaptcha": 18}',
+        "CAPTCHA_SOLVER_CONFIG": "/ignored",
+        "UNRELATED": "x",
+    }
+    cfg = load_config(_write(tmp_path, CONTRACT_TOML), environ=env)
+    assert cfg.env == "prod"
+    assert cfg.vault.addrs == ("https://127.0.0.1:18210", "https://127.0.0.1:18220")
+    assert cfg.vault.refresh_interval == 60.0
+    assert cfg.server.port == 18402
+    assert cfg.logging.level == "DEBUG"
+    assert cfg.provider.first_poll_delay_for("userrecaptcha") == 18.0
+    assert cfg.provider.first_poll_delay_for("base64") == 5.0
+
+
+@pytest.mark.parametrize(
+    ("mutation", "field"),
+    [
+        (
+            ('addrs = ["https://127.0.0.1:18200"]', 'addrs = ["http://127.0.0.1:18200"]'),
+            "vault.addrs[0]",
+        ),
+        (('addrs = ["https://127.0.0.1:18200"]', "addrs = []"), "vault.addrs"),
+        (("refresh_interval = 300.0", "refresh_interval = 0"), "vault.refresh_interval"),
+        (("refresh_interval = 300.0", 'refresh_interval = "soon"'), "vault.refresh_interval"),
+        (("refresh_jitter = 0.1", "refresh_jitter = 2"), "vault.refresh_jitter"),
+        (("port = 18401", "port = 70000"), "server.port"),
+        (('host = "127.0.0.1"', 'host = "0.0.0.0"'), "server.host"),
+        (('format = "json"', 'format = "xml"'), "logging.format"),
+        (('url = "https://ocr.captchaai.com"', 'url = "ftp://x"'), "provider.url"),
+        (('kv_mount = "secret"', 'kv_mount = "secret"\nkv_mount_typo = 1'), "vault.kv_mount_typo"),
+        (
+            ('role_id_file = "/etc/captcha-solver/role-id"', 'role_id_file = "role-id"'),
+            "vault.role_id_file",
+        ),
+        (('role_id_file = "/etc/captcha-solver/role-id"', ""), "vault.role_id_file"),
+        (('env = "dev"', 'env = "Dev Env"'), "env"),
+        (('env = "dev"', ""), "env"),
+    ],
+)
+def test_validation_errors_name_the_field(tmp_path, mutation, field):
+    old, new = mutation
+    assert old in CONTRACT_TOML
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, CONTRACT_TOML.replace(old, new, 1)), environ={})
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ":")
+
+
+def test_unknown_environment_override_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, CONTRACT_TOML), environ={"CAPTCHA_SOLVER_VAULT_ADDR": "x"})
+    assert err.value.field == "CAPTCHA_SOLVER_VAULT_ADDR"
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "env = "), environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml", environ={})
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"env": "dev", "vaults": {}}, environ={})
+    assert err.value.field == "vaults"

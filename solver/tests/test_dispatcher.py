@@ -1,0 +1,191 @@
+import asyncio
+
+import pytest
+
+from captcha_solver.dispatcher import Dispatcher, SolveError
+from captcha_solver.keycache import KeyCache
+from captcha_solver.metrics import new_metrics
+from captcha_solver.provider import ProviderClient
+
+from .helpers import FakeProvider, FakeVault, make_config, new_key, serve_fake_provider
+
+PARAMS = {"googlekey": "g", "pageurl": "https://example.test/"}
+
+
+async def _run(tmp_path, fake, vault, body, **over):
+    async with serve_fake_provider(fake):
+        cfg = make_config(tmp_path, provider__url=fake.url, **over)
+        metrics = new_metrics()
+        keys = KeyCache(cfg.vault, cfg.provider, vault, metrics)
+        await keys.refresh("startup")
+        provider = ProviderClient(cfg.provider, metrics)
+        dispatcher = Dispatcher(cfg.provider, provider, keys, metrics)
+        dispatcher.start()
+        try:
+            return await body(dispatcher, keys, metrics)
+        finally:
+            await dispatcher.stop()
+            await provider.close()
+
+
+def test_many_tasks_share_bulk_polls(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=2)
+
+    async def body(dispatcher, keys, metrics):
+        results = await asyncio.gather(
+            *(dispatcher.solve("userrecaptcha", PARAMS) for _ in range(200))
+        )
+        assert dispatcher.in_flight == 0
+        assert metrics.value("solves_total", outcome="solved") == 200
+        return results
+
+    results = asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body))
+    assert {r.token for r in results} == {f"token-{r.task_id}" for r in results}
+    # 200 tasks, each needing 3 polls: far fewer than 600 res.php calls thanks to bulk polling.
+    assert fake.res_calls() <= 12
+    assert (
+        max(len(r.get("ids", "").split(",")) for r in fake.requests if r["endpoint"] == "res") > 50
+    )
+
+
+def test_first_poll_delay_per_method(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=0)
+
+    async def body(dispatcher, keys, metrics):
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await dispatcher.solve("userrecaptcha", PARAMS)
+        slow = loop.time() - t0
+        t0 = loop.time()
+        await dispatcher.solve("base64", {"body": "x"})
+        fast = loop.time() - t0
+        return slow, fast
+
+    slow, fast = asyncio.run(
+        _run(
+            tmp_path,
+            fake,
+            FakeVault({"api_key": key}),
+            body,
+            provider__first_poll_delay={"userrecaptcha": 0.6, "base64": 0.0},
+        )
+    )
+    assert slow >= 0.6
+    assert fast < 0.5
+    assert fake.res_calls() == 2
+
+
+def test_backoff_on_no_slot_and_server_errors(tmp_path):
+    key = new_key()
+    fake = FakeProvider(
+        valid_keys={key},
+        ready_after=0,
+        submit_errors=["ERROR_NO_SLOT_AVAILABLE", "HTTP_502", "GARBAGE"],
+        poll_status=[500],
+    )
+
+    async def body(dispatcher, keys, metrics):
+        result = await dispatcher.solve("userrecaptcha", PARAMS)
+        assert metrics.value("provider_errors_total", code="ERROR_NO_SLOT_AVAILABLE") == 1
+        assert metrics.value("provider_errors_total", code="HTTP_5XX") == 2
+        assert metrics.value("provider_errors_total", code="UNPARSEABLE") == 1
+        return result
+
+    result = asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body))
+    assert result.token.startswith("token-")
+    assert sum(1 for r in fake.requests if r["endpoint"] == "in") == 4
+
+
+def test_unsolvable_is_fatal(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=0, unsolvable=True)
+
+    async def body(dispatcher, keys, metrics):
+        with pytest.raises(SolveError) as err:
+            await dispatcher.solve("userrecaptcha", PARAMS)
+        assert err.value.code == "ERROR_CAPTCHA_UNSOLVABLE"
+        assert err.value.kind == "fatal"
+        assert metrics.value("solves_total", outcome="unsolvable") == 1
+
+    asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body))
+
+
+def test_task_timeout(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=10_000)
+
+    async def body(dispatcher, keys, metrics):
+        with pytest.raises(SolveError) as err:
+            await dispatcher.solve("userrecaptcha", PARAMS)
+        assert err.value.kind == "timeout"
+        assert dispatcher.pending == 0
+
+    asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body, provider__task_timeout=0.5))
+
+
+def test_rejected_key_refreshes_and_resubmits_with_new_key(tmp_path):
+    old, new = new_key(), new_key()
+    fake = FakeProvider(valid_keys={old}, ready_after=3)
+    vault = FakeVault({"api_key": old})
+
+    async def body(dispatcher, keys, metrics):
+        tasks = [asyncio.create_task(dispatcher.solve("userrecaptcha", PARAMS)) for _ in range(20)]
+        await asyncio.sleep(0.1)  # submitted with the old key, polling
+        vault.write({"api_key": new})
+        fake.valid_keys = {new}  # old key revoked at the provider before workers noticed
+        results = await asyncio.gather(*tasks)
+        assert not keys.circuit_open
+        return results
+
+    results = asyncio.run(_run(tmp_path, fake, vault, body))
+    assert len(results) == 20
+    assert all(fake.tasks[r.task_id]["key"] == new for r in results)
+
+
+def test_rejected_key_still_in_vault_opens_circuit_and_stops_calls(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys=set())
+    vault = FakeVault({"api_key": key})
+
+    async def body(dispatcher, keys, metrics):
+        with pytest.raises(SolveError) as err:
+            await dispatcher.solve("userrecaptcha", PARAMS)
+        assert err.value.kind == "key_problem"
+        calls = len(fake.requests)
+        for _ in range(5):
+            with pytest.raises(SolveError) as err:
+                await dispatcher.solve("userrecaptcha", PARAMS)
+            assert err.value.code == "CIRCUIT_OPEN"
+        assert len(fake.requests) == calls  # no provider call while the circuit is open
+        assert keys.circuit_open
+
+    asyncio.run(_run(tmp_path, fake, vault, body, provider__circuit_cooldown=60.0))
+
+
+def test_zero_balance_switches_to_backup_key(tmp_path):
+    primary, backup = new_key(), new_key()
+    fake = FakeProvider(valid_keys={primary, backup}, zero_balance={primary}, ready_after=0)
+    vault = FakeVault({"api_key": primary, "backup_keys": [backup]})
+
+    async def body(dispatcher, keys, metrics):
+        return await dispatcher.solve("userrecaptcha", PARAMS)
+
+    result = asyncio.run(_run(tmp_path, fake, vault, body))
+    assert fake.tasks[result.task_id]["key"] == backup
+
+
+def test_max_in_flight(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=3)
+
+    async def body(dispatcher, keys, metrics):
+        first = [asyncio.create_task(dispatcher.solve("userrecaptcha", PARAMS)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(SolveError) as err:
+            await dispatcher.solve("userrecaptcha", PARAMS)
+        assert err.value.kind == "busy"
+        await asyncio.gather(*first)
+
+    asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body, provider__max_in_flight=2))

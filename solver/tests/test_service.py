@@ -1,0 +1,209 @@
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from captcha_solver.service import Service, parse_solve_request
+from captcha_solver.vault import KvSecret
+
+from .helpers import FakeProvider, FakeVault, make_config, new_key, serve_fake_provider
+
+PARAMS = {"googlekey": "g", "pageurl": "https://example.test/"}
+
+
+class FakeSession(FakeVault):
+    """FakeVault plus the token/unwrap surface the service drives."""
+
+    has_token = True
+
+    def unwrap_secret_id(self) -> bool:
+        return False
+
+    def ensure_token(self) -> None:
+        pass
+
+    def seconds_until_renewal(self) -> float:
+        return 3600.0
+
+    def close(self) -> None:
+        pass
+
+    def read_kv(self, mount: str, path: str) -> KvSecret:
+        return super().read_kv(mount, path)
+
+
+async def _with_service(tmp_path, fake, vault, body, **over):
+    async with serve_fake_provider(fake):
+        cfg = make_config(tmp_path, provider__url=fake.url, **over)
+        service = Service(cfg, vault=vault)
+        await service.start()
+        base = f"http://127.0.0.1:{cfg.server.port}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                await asyncio.sleep(0)  # let the first refresh run
+                for _ in range(100):
+                    if service.keys.key_version is not None:
+                        break
+                    await asyncio.sleep(0.02)
+                return await body(service, http, base)
+        finally:
+            await service.shutdown()
+
+
+def test_solve_healthz_metrics(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=1)
+    vault = FakeSession(
+        {"api_key": key},
+        version=3,
+        custom_metadata={"rotation_id": "r1", "rotation_state": "complete"},
+    )
+
+    async def body(service, http, base):
+        async with http.post(f"{base}/solve", json={"method": "userrecaptcha", **PARAMS}) as r:
+            assert r.status == 200
+            solved = await r.json()
+        async with http.post(
+            f"{base}/solve", json={"method": "userrecaptcha", "params": PARAMS}
+        ) as r:
+            assert r.status == 200
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status == 200
+            health = await r.json()
+        async with http.get(f"{base}/metrics") as r:
+            assert r.status == 200
+            assert r.content_type == "text/plain"
+            metrics = await r.text()
+        return solved, health, metrics
+
+    solved, health, metrics = asyncio.run(_with_service(tmp_path, fake, vault, body))
+    assert solved["status"] == "ok"
+    assert solved["token"] == f"token-{solved['task_id']}"
+    assert solved["key_version"] == 3
+    assert list(health) == [
+        "status",
+        "env",
+        "key_version",
+        "key_fingerprint",
+        "key_age_seconds",
+        "last_refresh",
+        "vault_reachable",
+        "vault_stale_seconds",
+        "circuit",
+        "rotation",
+        "tasks_in_flight",
+        "error",
+    ]
+    assert health["status"] == "ok"
+    assert health["env"] == "dev"
+    assert health["key_version"] == 3
+    assert health["key_fingerprint"] == "***" + key[-4:]
+    assert health["rotation"] == {"rotation_id": "r1", "rotation_state": "complete"}
+    assert health["circuit"] == "closed"
+    assert health["tasks_in_flight"] == 0
+    assert health["error"] is None
+    assert 'captcha_solver_solves_total{outcome="solved"} 2' in metrics
+    assert "captcha_solver_key_version 3" in metrics
+    assert "captcha_solver_tasks_in_flight 0" in metrics
+    assert 'captcha_solver_provider_requests_total{endpoint="in"} 2' in metrics
+    for text in (json.dumps(solved), json.dumps(health), metrics):
+        assert key not in text
+
+
+def test_bad_requests_and_unhealthy(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key})
+    vault = FakeSession({"api_key": key})
+
+    async def body(service, http, base):
+        for payload, status in [
+            ("not json", 400),
+            (json.dumps([1]), 400),
+            (json.dumps({"method": "userrecaptcha", "key": "x"}), 400),
+            (json.dumps({"method": "bad method!"}), 400),
+            (json.dumps({"method": "userrecaptcha", "pageurl": {"x": 1}}), 400),
+        ]:
+            async with http.post(f"{base}/solve", data=payload) as r:
+                assert r.status == status
+                assert (await r.json())["status"] == "error"
+        vault.down = True
+        await service.keys.refresh("test")  # fails; max_staleness = 0: fail closed at once
+        await asyncio.sleep(0.01)
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status == 503
+            health = await r.json()
+        async with http.post(f"{base}/solve", json={"method": "userrecaptcha", **PARAMS}) as r:
+            assert r.status == 503
+            error = (await r.json())["error"]
+        return health, error
+
+    health, error = asyncio.run(
+        _with_service(tmp_path, fake, vault, body, vault__max_staleness=0.0)
+    )
+    assert health["status"] == "unhealthy"
+    assert health["vault_reachable"] is False
+    assert error["code"] == "STALE"
+    assert error["kind"] == "unavailable"
+
+
+def test_sigterm_drain_finishes_in_flight(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=8)  # ~0.4 s per solve
+    vault = FakeSession({"api_key": key})
+
+    async def body(service, http, base):
+        async def one():
+            async with http.post(f"{base}/solve", json={"method": "userrecaptcha", **PARAMS}) as r:
+                return r.status
+
+        tasks = [asyncio.create_task(one()) for _ in range(10)]
+        await asyncio.sleep(0.15)
+        assert service.dispatcher.in_flight == 10
+        drain = asyncio.create_task(service.shutdown())
+        await asyncio.sleep(0.05)
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status == 503
+            assert (await r.json())["error"] == "shutting down"
+        async with http.post(f"{base}/solve", json={"method": "userrecaptcha", **PARAMS}) as r:
+            assert r.status == 503
+        statuses = await asyncio.gather(*tasks)
+        await drain
+        return statuses
+
+    statuses = asyncio.run(_with_service(tmp_path, fake, vault, body))
+    assert statuses == [200] * 10
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        (
+            {"method": "hcaptcha", "sitekey": "s", "pageurl": "u"},
+            ("hcaptcha", {"sitekey": "s", "pageurl": "u"}),
+        ),
+        (
+            {"method": "base64", "params": {"body": "QQ==", "numeric": 1}},
+            ("base64", {"body": "QQ==", "numeric": "1"}),
+        ),
+        ({"method": "userrecaptcha", "invisible": True}, ("userrecaptcha", {"invisible": "1"})),
+    ],
+)
+def test_parse_solve_request(doc, expected):
+    assert parse_solve_request(doc) == expected
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"method": "x", "json": "0"},
+        {"method": "x", "ids": "1"},
+        {},
+        {
+            "method": "x",
+            "params": [],
+        },
+    ],
+)
+def test_parse_solve_request_rejects(doc):
+    assert isinstance(parse_solve_request(doc), str)
