@@ -276,7 +276,7 @@ async def drive_worker(
                 phase.max_in_flight_seen = max(phase.max_in_flight_seen, in_flight)
                 if in_flight >= clients:
                     phase.rss_at_target = max(phase.rss_at_target or 0.0, rss)
-                phase.rss_peak = hwm
+                phase.rss_peak = max(phase.rss_peak or 0.0, hwm, rss)
                 await asyncio.sleep(0.1)
 
         sample = asyncio.create_task(sampler())
@@ -413,6 +413,26 @@ def machine() -> str:
     )
 
 
+def solver_revision() -> str:
+    """Which solver code ran: HEAD, and whether solver/ differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "solver"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return f"git {head}" + (" + uncommitted changes under solver/" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.solver_throughput", description=__doc__)
     p.add_argument("--scale", type=float, default=0.1, help="time factor (default %(default)s)")
@@ -422,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--low", type=int, default=100, help="in flight for the comparison")
     p.add_argument("--high", type=int, default=500, help="in flight for the RSS figure")
-    p.add_argument("--tasks-per-client", type=int, default=3)
-    p.add_argument("--serial-tasks", type=int, default=10, help="tasks of baseline x1")
+    p.add_argument("--tasks-per-client", type=int, default=5)
+    p.add_argument("--serial-tasks", type=int, default=20, help="tasks of baseline x1")
     p.add_argument("--emulator-port", type=int, default=18360, help="and +1 for admin")
     p.add_argument("--vault-port", type=int, default=18240, help="and +1 for cluster")
     p.add_argument("--worker-port", type=int, default=18499)
@@ -440,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"date: {started:%Y-%m-%d %H:%M} UTC; run took {duration:.0f} s\n"
         f"machine: {machine()}\n"
+        f"solver: {solver_revision()}\n"
         f"emulator solve delay {args.solve_delay} (nominal s), time scale {args.scale:g} "
         f"(every delay and wait runs {1 / args.scale:g}x faster; '(as real)' figures are "
         f"divided by the scale)\n"
