@@ -1,0 +1,118 @@
+"""The rotation flow end to end against the real local OpenBao, emulator and solver workers."""
+
+from __future__ import annotations
+
+import hvac
+import pytest
+
+pytest.register_assert_rewrite("rotation_fixtures")
+from rotation_fixtures import RotEnv, new_key, run_rotation, write_inventory  # noqa: E402
+
+pytest_plugins = ("rotation_fixtures",)
+
+
+def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEnv, start_workers):
+    """A staged key is promoted, every worker reports it, and a confirmation run finalizes."""
+    workers = start_workers(3)
+    inv = write_inventory(rot_env, workers)
+    new = new_key()
+    rot_env.secrets.append(new)
+    rot_env.emulator.admin.add_key(new, balance=5.0)
+    rot_env.stage(new)
+    before = rot_env.current_version()
+
+    run = run_rotation(
+        rot_env, inv, {"key_rotation_unattended": True}, token=rot_env.rotator_token()
+    )
+
+    assert run.rc == 0, run.output[-3000:]
+    assert run.status["outcome"] == "awaiting_revocation"
+    assert "AWAITING REVOCATION" in run.status["message"]
+    record = rot_env.record()
+    assert record["rotation_state"] == "awaiting_revocation"
+    assert record["previous_version"] == str(before)
+    assert record["new_version"] == str(before + 1)
+    assert record["actor"].startswith("token")
+    assert {"started_at", "converged_at", "rotation_id"} <= record.keys()
+    assert rot_env.current_key() == new
+    assert not rot_env.staged_exists(), "the promoted staged key must be deleted"
+    assert {w.health()["key_version"] for w in workers} == {before + 1}
+    assert set(run.status["worker_convergence_seconds"]) == {w.name for w in workers}
+    window = 2.0 * 1.1 + 8
+    assert 0 <= run.status["put_to_converged_seconds"] <= window
+    print(
+        "put->converged",
+        run.status["put_to_converged_seconds"],
+        "put->prompt",
+        run.status["put_to_prompt_seconds"],
+        "per worker",
+        run.status["worker_convergence_seconds"],
+    )
+
+    # The operator revokes the old key at the provider, then confirms with a second run.
+    rot_env.emulator.admin.revoke_key(rot_env.old_key)
+    done = run_rotation(
+        rot_env,
+        inv,
+        {"key_rotation_confirm_revoked": rot_env.name},
+        token=rot_env.rotator_token(),
+    )
+
+    assert done.rc == 0, done.output[-3000:]
+    assert done.status["outcome"] == "complete"
+    record = rot_env.record()
+    assert record["rotation_state"] == "complete"
+    assert "confirmed_at" in record
+    versions = rot_env.metadata()["versions"]
+    assert versions[str(before)]["destroyed"] is True
+    assert versions[str(before + 1)]["destroyed"] is False
+    with pytest.raises(hvac.exceptions.InvalidPath):
+        rot_env.read(before)
+    assert "old key rejected by the provider: True" in done.status["message"]
+    assert {w.health()["key_version"] for w in workers} == {before + 1}
+
+
+def test_check_mode_shows_the_plan_and_changes_nothing(rot_env: RotEnv, start_workers):
+    """--check lists what would be written and which workers would be asked; Vault is unchanged."""
+    workers = start_workers(1)
+    inv = write_inventory(rot_env, workers)
+    new = new_key()
+    rot_env.secrets.append(new)
+    rot_env.emulator.admin.add_key(new)
+    before = rot_env.metadata()
+
+    run = run_rotation(
+        rot_env, inv, {"key_rotation_new_key": new}, token=rot_env.rotator_token(), check=True
+    )
+
+    assert run.rc == 0, run.output[-3000:]
+    assert run.status["outcome"] == "check"
+    assert f"Would write ***{new[-4:]} as" in run.stdout
+    assert f"poll /healthz of {workers[0].name}" in run.stdout
+    after = rot_env.metadata()
+    assert after["current_version"] == before["current_version"]
+    assert after.get("custom_metadata") == before.get("custom_metadata")
+    assert rot_env.current_key() == rot_env.old_key
+
+
+def test_no_workers_fixed_wait_mode_waits_the_window(rot_env: RotEnv):
+    """The no-poll mode never contacts workers and waits interval x (1 + jitter) + margin."""
+    inv = write_inventory(
+        rot_env, [], {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 1}
+    )
+    new = new_key()
+    rot_env.secrets.append(new)
+    rot_env.emulator.admin.add_key(new)
+
+    run = run_rotation(
+        rot_env,
+        inv,
+        {"key_rotation_new_key": new, "key_rotation_unattended": True},
+        token=rot_env.rotator_token(),
+    )
+
+    assert run.rc == 0, run.output[-3000:]
+    assert run.status["outcome"] == "awaiting_revocation"
+    assert run.status["window_seconds"] == 4  # ceil(2 x 1.1 + 1)
+    assert run.status["put_to_converged_seconds"] >= 4
+    assert rot_env.current_key() == new
