@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
@@ -394,10 +395,10 @@ def test_res_php_id_and_action_errors(api: Public, admin: EmulatorAdmin, key: st
 
 
 def test_result_ttl_forgets_old_tasks(api: Public, admin: EmulatorAdmin, key: str) -> None:
-    admin.set_options(solve_delay="fixed:0", result_ttl=0.2)
+    admin.set_options(solve_delay="fixed:0", result_ttl=1.0)
     task = api.submit(key)
     assert api.get(key, task).startswith("OK|")
-    time.sleep(0.4)
+    time.sleep(1.2)
     assert api.get(key, task) == "ERROR_WRONG_CAPTCHA_ID"
 
 
@@ -437,20 +438,20 @@ def test_ip_ban_after_bad_key_requests(api: Public, admin: EmulatorAdmin, key: s
 
 
 def test_ip_ban_lifts_after_duration(api: Public, admin: EmulatorAdmin, key: str) -> None:
-    admin.set_options(ban_threshold=2, ban_duration=0.3)
+    admin.set_options(ban_threshold=2, ban_duration=1.0)
     for _ in range(2):
         api.text("in.php", {"key": "bad", **RECAPTCHA})
     assert api.text("in.php", {"key": key, **RECAPTCHA}) == "IP_BANNED"
-    time.sleep(0.4)
+    time.sleep(1.1)
     assert api.submit(key).isdigit()
     assert admin.bans() == {}
 
 
 def test_bad_keys_outside_window_do_not_ban(api: Public, admin: EmulatorAdmin, key: str) -> None:
-    admin.set_options(ban_threshold=3, ban_window=0.3)
+    admin.set_options(ban_threshold=3, ban_window=1.0)
     for _ in range(2):
         api.text("in.php", {"key": "bad", **RECAPTCHA})
-    time.sleep(0.4)
+    time.sleep(1.2)
     for _ in range(2):
         api.text("in.php", {"key": "bad", **RECAPTCHA})
     assert api.submit(key).isdigit()
@@ -662,3 +663,27 @@ def test_cli_refuses_non_loopback_host(capsys: pytest.CaptureFixture[str]) -> No
 def test_cli_rejects_bad_delay(capsys: pytest.CaptureFixture[str]) -> None:
     assert emulator_main(["--solve-delay", "whenever", "--port", "18359"]) == 2
     assert "solve-delay" in capsys.readouterr().err
+
+
+def test_in_process_server_on_free_ports() -> None:
+    """``EmulatorServer`` runs both ports inside the caller's loop (port 0 = any free port)."""
+    from tools.captchaai_emulator import EmulatorServer, Options
+
+    async def scenario() -> tuple[str, str, dict[str, Any]]:
+        options = Options(solve_delay="fixed:0", seed=7)
+        async with EmulatorServer(0, 0, options) as srv:
+            assert srv.port != srv.admin_port
+            k = secrets.token_hex(16)
+            srv.emulator.add_key(k)
+            api = Public(srv.port)
+            loop = asyncio.get_running_loop()
+            task = await loop.run_in_executor(None, lambda: api.submit(k))
+            answer = await loop.run_in_executor(None, lambda: api.get(k, task))
+            admin = EmulatorAdmin(srv.admin_url)
+            counters = await loop.run_in_executor(None, lambda: admin.counters(k))
+            return task, answer, counters
+
+    task, answer, counters = asyncio.run(scenario())
+    assert task.isdigit()
+    assert answer.startswith("OK|03A")
+    assert counters["solved"] == 1
