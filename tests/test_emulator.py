@@ -32,7 +32,25 @@ from tools.captchaai_emulator import (  # noqa: E402
 )
 from tools.captchaai_emulator.__main__ import main as emulator_main  # noqa: E402
 
-PORT, ADMIN_PORT = 18350, 18351
+PORTS = (18350, 18351)  # the test ports; free ones are used when another suite holds them
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 START_OPTIONS: dict[str, Any] = {
     "solve_delay": "fixed:0.3",
     "time_scale": 1.0,
@@ -124,7 +142,8 @@ class Public:
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[EmulatorProcess]:
-    with EmulatorProcess(PORT, ADMIN_PORT, log_level="DEBUG", **START_OPTIONS) as emu:
+    ports = PORTS if all(port_free(p) for p in PORTS) else (free_port(), free_port())
+    with EmulatorProcess(*ports, log_level="DEBUG", **START_OPTIONS) as emu:
         yield emu
 
 
@@ -136,8 +155,8 @@ def admin(emulator: EmulatorProcess) -> Iterator[EmulatorAdmin]:
 
 
 @pytest.fixture
-def api(admin: EmulatorAdmin) -> Public:
-    return Public(PORT)
+def api(emulator: EmulatorProcess, admin: EmulatorAdmin) -> Public:
+    return Public(emulator.port)
 
 
 @pytest.fixture
@@ -406,9 +425,9 @@ def test_result_ttl_forgets_old_tasks(api: Public, admin: EmulatorAdmin, key: st
 # IP ban
 
 
-def loopback_alias_usable() -> bool:
+def loopback_alias_usable(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", ADMIN_PORT), 2, ("127.0.0.2", 0)):
+        with socket.create_connection(("127.0.0.1", port), 2, ("127.0.0.2", 0)):
             return True
     except OSError:
         return False
@@ -433,8 +452,8 @@ def test_ip_ban_after_bad_key_requests(api: Public, admin: EmulatorAdmin, key: s
     assert counters["submitted"] == 0
     assert admin.all_counters()["global"]["bans"] == 1
     # another source address is not banned
-    assert loopback_alias_usable(), "127.0.0.2 must be usable as a source address on loopback"
-    assert Public(PORT, source="127.0.0.2").submit(key).isdigit()
+    assert loopback_alias_usable(api.port), "127.0.0.2 must be usable as a source address"
+    assert Public(api.port, source="127.0.0.2").submit(key).isdigit()
 
 
 def test_ip_ban_lifts_after_duration(api: Public, admin: EmulatorAdmin, key: str) -> None:
@@ -595,7 +614,7 @@ def test_reset_forgets_everything(api: Public, admin: EmulatorAdmin, key: str) -
 def test_many_tasks_in_flight(api: Public, admin: EmulatorAdmin, key: str) -> None:
     admin.set_balance(key, 100.0)
     admin.set_options(solve_delay="fixed:600")
-    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
     ids = []
     for _ in range(600):
         conn.request(
@@ -641,18 +660,18 @@ def test_keys_never_logged_in_full(
 
 def test_process_refuses_a_busy_admin_port(emulator: EmulatorProcess) -> None:
     with pytest.raises(RuntimeError, match="already answers"):
-        EmulatorProcess(PORT, ADMIN_PORT).start()
+        EmulatorProcess(emulator.port, emulator.admin_port).start()
 
 
 def test_process_reports_start_failure(emulator: EmulatorProcess) -> None:
     # public port taken by the running emulator, admin port free: the child exits
     with pytest.raises(RuntimeError, match="exited during start-up"):
-        EmulatorProcess(PORT, ADMIN_PORT + 10, startup_timeout=10).start()
+        EmulatorProcess(emulator.port, free_port(), startup_timeout=10).start()
 
 
 def test_process_validates_options_before_start() -> None:
     with pytest.raises(ValueError, match="unknown option"):
-        EmulatorProcess(PORT, ADMIN_PORT, bogus=1)
+        EmulatorProcess(*PORTS, bogus=1)
 
 
 def test_cli_refuses_non_loopback_host(capsys: pytest.CaptureFixture[str]) -> None:
