@@ -1,0 +1,196 @@
+"""Bad input to vault_provision: each case is a clear error, and Vault is left as it was."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO, new_tag, provision_vars, random_key, run_playbook
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+PLAYBOOK = "playbooks/provision-vault.yml"
+
+
+def _assert_refused(result, *phrases: str) -> None:
+    assert result.rc != 0, "the run should have failed"
+    assert result.changed == 0, result.changed_results()
+    messages = result.failure_messages()
+    for phrase in phrases:
+        assert phrase in messages, f"{phrase!r} not in:\n{messages}"
+
+
+def _other_ca(path: Path) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "some other CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "phrases"),
+    [
+        ("unknown_env", ["unknown", "qa", "vault_provision_known_envs"]),
+        ("bad_env_name", ["do not match", "Dev_1"]),
+        ("empty_envs", ["non-empty list"]),
+        ("malformed_cidr", ["Malformed CIDR", "10.0.0.300"]),
+        ("cidr_with_host_bits", ["Malformed CIDR", "10.1.2.3/8", "host bits"]),
+        ("malformed_ttl", ["Malformed durations", "an hour"]),
+        ("first_key_malformed", ["do not match", "(values not shown)"]),
+        ("first_key_unknown_env", ["vault_provision_first_keys"]),
+    ],
+)
+def test_bad_variables_fail_before_any_change(vault, snapshot, case, phrases):
+    """Bad variables fail in validation with a message naming the problem; nothing changes."""
+    tag = new_tag("v")
+    extra = provision_vars(vault, tag)
+    envs = extra["vault_provision_envs"]
+    secret_value = random_key()
+    if case == "unknown_env":
+        extra["vault_provision_envs"] = [envs[0], "qa"]
+    elif case == "bad_env_name":
+        extra["vault_provision_envs"] = [envs[0], "Dev_1"]
+        extra["vault_provision_known_envs"] = [*envs, "Dev_1"]
+    elif case == "empty_envs":
+        extra["vault_provision_envs"] = []
+    elif case == "malformed_cidr":
+        extra["vault_provision_worker_secret_id_bound_cidrs"] = ["127.0.0.1", "10.0.0.300"]
+    elif case == "cidr_with_host_bits":
+        extra["vault_provision_worker_role_overrides"] = {
+            envs[1]: {"token_bound_cidrs": ["10.1.2.3/8"]}
+        }
+    elif case == "malformed_ttl":
+        extra["vault_provision_worker_token_ttl"] = "an hour"  # noqa: S105 - a duration
+    elif case == "first_key_malformed":
+        secret_value = "not-a-key-" + random_key()
+        extra["vault_provision_first_keys"] = {envs[0]: secret_value}
+    elif case == "first_key_unknown_env":
+        extra["vault_provision_first_keys"] = {"elsewhere": secret_value}
+    before = snapshot(tag)
+    result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    _assert_refused(result, *phrases)
+    assert snapshot(tag) == before
+    assert before["policies"] == {}
+    assert secret_value not in result.output
+
+
+@pytest.mark.parametrize("kind", ["transit", "kv1"])
+def test_mount_of_another_type_is_refused(vault, vault_client, snapshot, kind):
+    """A transit engine or a KV v1 mount at the KV path: clear error, nothing changed."""
+    tag = new_tag("t")
+    extra = provision_vars(vault, tag)
+    mount = extra["vault_provision_kv_mount"]
+    if kind == "transit":
+        vault_client.sys.enable_secrets_engine("transit", path=mount)
+        phrases = ["type 'transit'", f"{mount}/", "Nothing was changed"]
+    else:
+        vault_client.sys.enable_secrets_engine("kv", path=mount, options={"version": "1"})
+        phrases = ["KV version 1", f"{mount}/", "Nothing was changed"]
+    before = snapshot(tag)
+    result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    _assert_refused(result, *phrases)
+    assert snapshot(tag) == before
+
+
+def test_missing_token_is_refused(vault, snapshot):
+    """No VAULT_TOKEN: says so, nothing changed."""
+    tag = new_tag("n")
+    before = snapshot(tag)
+    result = run_playbook(
+        PLAYBOOK, vault=vault, extra_vars=provision_vars(vault, tag), env={"VAULT_TOKEN": None}
+    )
+    _assert_refused(result, "No Vault token", "VAULT_TOKEN")
+    assert snapshot(tag) == before
+
+
+def test_token_without_rights_is_refused(vault, vault_client, snapshot):
+    """A valid token with only the default policy: missing rights listed, nothing changed."""
+    tag = new_tag("r")
+    token = vault_client.auth.token.create(policies=["default"], ttl="10m")["auth"]["client_token"]
+    before = snapshot(tag)
+    result = run_playbook(
+        PLAYBOOK, vault=vault, extra_vars=provision_vars(vault, tag), env={"VAULT_TOKEN": token}
+    )
+    _assert_refused(result, "lacks rights", f"sys/mounts/kv-{tag}", "kit-admin.hcl")
+    assert snapshot(tag) == before
+    assert token not in result.output
+    vault_client.auth.token.revoke(token)
+
+
+def test_invalid_token_is_refused(vault, snapshot):
+    """A token the server does not know: says it is not valid, nothing changed."""
+    tag = new_tag("x")
+    bogus = "s." + random_key()[:24]
+    before = snapshot(tag)
+    result = run_playbook(
+        PLAYBOOK, vault=vault, extra_vars=provision_vars(vault, tag), env={"VAULT_TOKEN": bogus}
+    )
+    _assert_refused(result, "not valid")
+    assert snapshot(tag) == before
+    assert bogus not in result.output
+
+
+@pytest.mark.parametrize("kind", ["other_ca", "missing_file"])
+def test_wrong_ca_file_is_refused(vault, snapshot, tmp_path, kind):
+    """A CA that did not sign the server certificate, or no CA file: clear error, no change."""
+    tag = new_tag("a")
+    if kind == "other_ca":
+        ca = _other_ca(tmp_path / "other-ca.pem")
+        phrases = ["TLS verification", str(ca)]
+    else:
+        ca = tmp_path / "nowhere.pem"
+        phrases = ["does not exist", str(ca)]
+    extra = provision_vars(vault, tag, captcha_kit_vault_cacert=str(ca))
+    before = snapshot(tag)
+    result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, env={"VAULT_CACERT": str(ca)})
+    _assert_refused(result, *phrases)
+    assert snapshot(tag) == before
+
+
+def test_unreachable_server_is_refused(vault, snapshot):
+    """Nothing listens at the address: says the server cannot be reached, nothing changed."""
+    tag = new_tag("u")
+    addr = "https://127.0.0.1:18299"
+    extra = provision_vars(vault, tag, captcha_kit_vault_addr=addr)
+    before = snapshot(tag)
+    result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, env={"VAULT_ADDR": addr})
+    _assert_refused(result, "Cannot reach Vault", addr)
+    assert snapshot(tag) == before
+
+
+@pytest.mark.parametrize("kind", ["syntax_error", "not_a_policy"])
+def test_broken_policy_template_is_refused(vault, snapshot, tmp_path, kind):
+    """A template that does not render, or renders to something that is no policy: clear error
+    naming the template, nothing changed."""
+    tag = new_tag("p")
+    templates = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", templates)
+    broken = templates / "captcha-rotator.hcl.j2"
+    if kind == "syntax_error":
+        broken.write_text(broken.read_text() + "\n{% if captcha_env %}\n")
+        phrases = ["captcha-rotator.hcl.j2"]
+    else:
+        broken.write_text("{{ ansible_managed | comment }}\n# nothing here for {{ captcha_env }}\n")
+        phrases = ["captcha-rotator.hcl.j2", "is not a policy"]
+    extra = provision_vars(vault, tag, vault_provision_policy_template_dir=str(templates))
+    before = snapshot(tag)
+    result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    _assert_refused(result, *phrases)
+    assert snapshot(tag) == before
+    assert before["policies"] == {}
