@@ -256,6 +256,17 @@ class Rotation:
         self.client = get_client(module)
         self.kv = self.client.secrets.kv.v2
         self._data_cache = {}
+        if module.params["action"] == "plan" and module.params["check_rights"]:
+            # Rights first: a token without them gets that answer, not a bare 403 on a read.
+            missing = self.missing_rights()
+            if missing:
+                module.fail_json(
+                    msg=f"The token lacks rotator rights for {self.env}: missing "
+                    + ", ".join(missing)
+                    + f". Use the captcha-rotator-{self.env} AppRole or an admin token; "
+                    "nothing changed",
+                    missing_rights=missing,
+                )
         self.refresh()
 
     # ---- reading -------------------------------------------------------------------------
@@ -599,15 +610,6 @@ def decide(rot):
 
 def action_plan(module, rot):
     p = module.params
-    if p["check_rights"]:
-        missing = rot.missing_rights()
-        if missing:
-            rot.fail(
-                f"The token lacks rotator rights for {rot.env}: missing "
-                + ", ".join(missing)
-                + f". Use the captcha-rotator-{rot.env} AppRole or an admin token; nothing changed",
-                missing_rights=missing,
-            )
     nxt, reason, rid = decide(rot)
     candidate = {"present": False}
     key, source = rot.candidate()

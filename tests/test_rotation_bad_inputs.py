@@ -1,0 +1,178 @@
+"""Bad inputs of the rotation: each a clear error (or a clear no-op) and nothing changed."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+
+pytest.register_assert_rewrite("rotation_fixtures")
+from rotation_fixtures import RotEnv, new_key, run_rotation, write_inventory  # noqa: E402
+
+pytest_plugins = ("rotation_fixtures",)
+
+FIXED = {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
+
+
+def snapshot(rot_env: RotEnv) -> dict[str, Any]:
+    meta = rot_env.metadata()
+    return {
+        "current_version": meta["current_version"],
+        "custom_metadata": meta.get("custom_metadata"),
+        "versions": sorted(meta["versions"]),
+        "staged": rot_env.staged_exists(),
+    }
+
+
+def refused(
+    rot_env: RotEnv,
+    variables: dict[str, Any],
+    *,
+    token: str | None = None,
+    inventory_vars: dict[str, Any] | None = None,
+    workers: list | None = None,
+):
+    inv = write_inventory(rot_env, workers or [], inventory_vars)
+    before = snapshot(rot_env)
+    run = run_rotation(rot_env, inv, variables, token=token or rot_env.rotator_token())
+    assert run.rc == 2, run.output[-3000:]
+    assert run.status["outcome"] == "failed"
+    assert snapshot(rot_env) == before, "a refused run must change nothing"
+    return run
+
+
+def test_malformed_key_is_refused(rot_env: RotEnv):
+    """A key that does not match the pattern (here: upper case, 31 chars) is refused."""
+    bad = new_key().upper()[:31]
+    rot_env.secrets.append(bad)
+    run = refused(rot_env, {"key_rotation_new_key": bad})
+    assert "is malformed" in run.status["message"]
+    assert "nothing changed" in run.status["message"]
+
+
+def test_same_key_as_current_is_refused(rot_env: RotEnv):
+    """Rotating to the key Vault already serves is refused."""
+    run = refused(rot_env, {"key_rotation_new_key": rot_env.old_key})
+    assert "is the current key" in run.status["message"]
+
+
+def test_key_still_held_in_an_older_version_is_refused(rot_env: RotEnv):
+    """A key still held in an older version (e.g. a rolled-back bad key) cannot come back."""
+    older = rot_env.old_key
+    newer = new_key()
+    rot_env.secrets.append(newer)
+    rot_env.admin.secrets.kv.v2.create_or_update_secret(
+        rot_env.key_path, {"api_key": newer}, cas=1, mount_point="secret"
+    )
+    run = refused(rot_env, {"key_rotation_new_key": older})
+    assert "still held in Vault as version 1" in run.status["message"]
+
+
+def test_no_staged_key_in_scheduled_mode_is_a_noop_that_says_so(rot_env: RotEnv):
+    """Scheduled (staged source, unattended) with nothing staged: rc 0, outcome noop, unchanged."""
+    inv = write_inventory(rot_env)
+    before = snapshot(rot_env)
+    run = run_rotation(
+        rot_env,
+        inv,
+        {"key_rotation_key_source": "staged", "key_rotation_unattended": True},
+        token=rot_env.rotator_token(),
+    )
+    assert run.rc == 0, run.output[-3000:]
+    assert run.status["outcome"] == "noop"
+    assert f"no staged key at secret/captchaai-staged/{rot_env.name}" in run.status["message"]
+    assert snapshot(rot_env) == before
+
+
+def test_unknown_env_is_refused(rot_env: RotEnv):
+    """An env outside captcha_kit_envs, and a listed env without a key in Vault, are refused."""
+    key = new_key()
+    rot_env.secrets.append(key)
+    inv = write_inventory(rot_env)
+    run = run_rotation(
+        rot_env,
+        inv,
+        {"key_rotation_env": "nosuchenv", "key_rotation_new_key": key},
+        token=rot_env.admin.token,
+    )
+    assert run.rc == 2
+    assert "Unknown environment 'nosuchenv'" in run.output
+    inv = write_inventory(rot_env, [], {"captcha_kit_envs": ["ghost", rot_env.name]})
+    run = run_rotation(
+        rot_env,
+        inv,
+        {"key_rotation_env": "ghost", "key_rotation_new_key": key},
+        token=rot_env.admin.token,
+    )
+    assert run.rc == 2
+    assert "Unknown environment 'ghost': there is no key at secret/captchaai/ghost" in run.output
+
+
+@pytest.mark.parametrize("policy", ["captcha-worker", "captcha-stager"])
+def test_token_without_rotator_rights_is_refused(rot_env: RotEnv, policy: str):
+    """Worker and stager tokens are not rotators: the missing capabilities are named."""
+    key = new_key()
+    rot_env.secrets.append(key)
+    rot_env.emulator.admin.add_key(key)
+    run = refused(
+        rot_env,
+        {"key_rotation_new_key": key},
+        token=rot_env.token(f"{policy}-{rot_env.name}"),
+    )
+    assert f"The token lacks rotator rights for {rot_env.name}" in run.status["message"]
+    assert f"update on secret/data/captchaai/{rot_env.name}" in run.status["message"]
+
+
+def test_unreachable_worker_is_refused_before_the_put(rot_env: RotEnv, start_workers):
+    """One worker answering, one port with nothing behind it: refused, named, nothing written."""
+    (worker,) = start_workers(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    key = new_key()
+    rot_env.secrets.append(key)
+    rot_env.emulator.admin.add_key(key)
+    run = refused(
+        rot_env,
+        {"key_rotation_new_key": key},
+        workers=[worker, (f"dead-{rot_env.name}", dead_port)],
+    )
+    assert f"dead-{rot_env.name}" in run.status["message"]
+    assert worker.name + " (" not in run.status["message"]
+    assert "not reachable or not answering" in run.status["message"]
+
+
+def test_provider_rejecting_the_new_key_is_refused(rot_env: RotEnv):
+    """getbalance validation (on by default): a key the provider does not know is refused."""
+    key = new_key()  # never registered at the emulator
+    rot_env.secrets.append(key)
+    run = refused(rot_env, {"key_rotation_new_key": key})
+    assert "The provider did not accept the new key" in run.status["message"]
+    assert "ERROR_KEY_DOES_NOT_EXIST" in run.status["message"]
+
+
+def test_confirmation_without_pending_rotation_is_refused(rot_env: RotEnv):
+    """key_rotation_confirm_revoked with nothing awaiting revocation is refused."""
+    run = refused(rot_env, {"key_rotation_confirm_revoked": rot_env.name})
+    assert "no rotation of" in run.status["message"]
+    assert "is awaiting revocation (recorded state: none)" in run.status["message"]
+
+
+def test_rollback_after_finalize_is_refused(rot_env: RotEnv):
+    """Once finalized (old version destroyed) a rollback is refused with a clear message."""
+    key = new_key()
+    rot_env.secrets.append(key)
+    rot_env.emulator.admin.add_key(key)
+    inv = write_inventory(rot_env, [], FIXED)
+    token = rot_env.rotator_token()
+    first = run_rotation(
+        rot_env, inv, {"key_rotation_new_key": key, "key_rotation_unattended": True}, token=token
+    )
+    assert first.status["outcome"] == "awaiting_revocation", first.output[-3000:]
+    done = run_rotation(rot_env, inv, {"key_rotation_confirm_revoked": rot_env.name}, token=token)
+    assert done.status["outcome"] == "complete", done.output[-3000:]
+    run = refused(rot_env, {"key_rotation_rollback": True}, inventory_vars=FIXED)
+    assert "Rollback refused" in run.status["message"]
+    assert "was finalized at" in run.status["message"]
+    assert rot_env.current_key() == key
