@@ -285,10 +285,10 @@ class VaultClient:
             if self._renewable:
                 try:
                     response = self._call("renew", lambda client: client.auth.token.renew_self())
-                except VaultUnavailable:
-                    raise
-                except hvac.exceptions.VaultError as exc:
-                    log.warning("token renewal refused, logging in again: %s", _reason(exc))
+                except (VaultUnavailable, hvac.exceptions.VaultError) as exc:
+                    # Refused (e.g. past max TTL: OpenBao answers 500) or the node is away:
+                    # a fresh login settles both (and raises VaultUnavailable if Vault is down).
+                    log.warning("token renewal failed, logging in again: %s", _reason(exc))
                 else:
                     lease = float(response["auth"].get("lease_duration") or 0)
                     # At max_ttl the renewal is capped: a short remainder means log in afresh.

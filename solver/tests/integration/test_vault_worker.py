@@ -1,0 +1,218 @@
+"""The worker against the real OpenBao and the emulator: login, refresh, SIGHUP, HA, wrapping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from captcha_solver.config import parse_config
+from captcha_solver.vault import VaultClient, VaultUnavailable, WrappingTokenError
+
+from .conftest import APPROLE_MOUNT, KV_MOUNT, counters, free_port, new_key
+
+
+def test_login_read_and_solve(vault, worker_factory):
+    w = worker_factory(vault)
+    w.set_metadata({"rotation_id": "r-1", "rotation_state": "complete", "unrelated": "x"})
+    w.start()
+    status, health = w.health()
+    assert status == 200
+    assert health["status"] == "ok"
+    assert health["env"] == "dev"
+    assert health["key_version"] == 1
+    assert health["key_fingerprint"] == "***" + w.keys[0][-4:]
+    assert health["vault_reachable"] is True
+    assert health["circuit"] == "closed"
+    assert health["rotation"] == {"rotation_id": "r-1", "rotation_state": "complete"}
+    r = w.solve()
+    assert r.status_code == 200, r.text
+    assert r.json()["token"].startswith("03AGdBq2")
+    assert counters(w.emulator, w.keys[0])["solved"] == 1
+
+    base = [sys.executable, "-m", "captcha_solver"]
+    status_cli = subprocess.run(
+        [*base, "status", "--config", str(w.config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert status_cli.returncode == 0, status_cli.stderr
+    assert json.loads(status_cli.stdout)["key_version"] == 1
+    solve_cli = subprocess.run(
+        [
+            *base,
+            "solve",
+            "--config",
+            str(w.config_path),
+            "--method",
+            "hcaptcha",
+            "--param",
+            "sitekey=abc",
+            "--param",
+            "pageurl=https://example.test/",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert solve_cli.returncode == 0, solve_cli.stdout + solve_cli.stderr
+    assert json.loads(solve_cli.stdout)["token"].startswith("P1_")
+    w.extra_outputs += [status_cli.stdout, status_cli.stderr, solve_cli.stdout, solve_cli.stderr]
+    assert w.stop() == 0
+
+
+def test_refresh_on_interval(vault, worker_factory):
+    w = worker_factory(vault)
+    w.start(vault={"refresh_interval": 0.3})
+    new = new_key()
+    w.emulator.admin.add_key(new)
+    assert w.write_key(new) == 2
+    health = w.wait_health(lambda h: h["key_version"] == 2, within=5)
+    assert health["key_fingerprint"] == "***" + new[-4:]
+    assert w.solve().status_code == 200
+    assert counters(w.emulator, new)["submitted"] == 1
+
+
+def test_sighup_reads_key_at_once(vault, worker_factory):
+    w = worker_factory(vault)
+    w.start(vault={"refresh_interval": 300.0})
+    new = new_key()
+    w.emulator.admin.add_key(new)
+    w.write_key(new)
+    time.sleep(0.5)
+    assert w.health()[1]["key_version"] == 1  # no interval refresh within 300 s
+    w.signal(signal.SIGHUP)
+    health = w.wait_health(lambda h: h["key_version"] == 2, within=3)
+    assert health["key_fingerprint"] == "***" + new[-4:]
+    assert any(r.get("reason") == "sighup" for r in w.log_records() if r["msg"] == "key loaded")
+
+
+def test_second_vault_address_used_when_first_is_down(vault, worker_factory):
+    w = worker_factory(vault)
+    dead = f"https://127.0.0.1:{free_port()}"
+    w.start(vault={"addrs": [dead, vault.addr]})
+    assert w.solve().status_code == 200
+    records = w.log_records()
+    assert any(r["msg"] == "vault address unavailable" and r.get("addr") == dead for r in records)
+    assert any(
+        r["msg"] == "vault address switched" and r.get("addr") == vault.addr for r in records
+    )
+
+
+def test_token_renewal_and_relogin(vault, worker_factory):
+    """A 2 s token is renewed before it expires; at its max TTL the worker logs in again."""
+    w = worker_factory(vault, token_ttl=2)  # max TTL 8 s
+    w.start(vault={"refresh_interval": 0.3})
+    time.sleep(10)
+    status, health = w.health()
+    assert status == 200, health
+    assert health["vault_reachable"] is True
+    records = w.log_records()
+    logins = [r for r in records if r["msg"] == "vault login ok"]
+    assert len(logins) >= 2  # initial + at least one re-login at max TTL
+    assert any(r["msg"] == "vault token renewed" for r in records)
+    assert not any(r["msg"] == "key refresh failed" for r in records)
+
+
+def test_wrapped_secret_id_unwrapped_once(vault, worker_factory):
+    w = worker_factory(vault, wrapped=True)
+    wrapping_token = w.wrapped_file.read_text().strip()
+    w.start()
+    assert not w.wrapped_file.exists()
+    assert stat.S_IMODE(w.secret_id_file.stat().st_mode) == 0o600
+    accessor_file = w.secret_id_file.with_name("secret-id.accessor")
+    assert stat.S_IMODE(accessor_file.stat().st_mode) == 0o600
+    accessor = accessor_file.read_text().strip()
+    looked_up = w.admin.auth.approle.read_secret_id_accessor(
+        w.name, accessor, mount_point=APPROLE_MOUNT
+    )
+    assert looked_up["data"]["secret_id_accessor"] == accessor
+    secret_id = w.secret_id_file.read_text().strip()
+    w.keys.append(secret_id)
+    assert w.solve().status_code == 200
+    assert w.stop() == 0
+
+    # Replay: the same wrapping token again -> refused, exit 78, "tampering", nothing leaked.
+    w.wrapped_file.write_text(wrapping_token + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "captcha_solver", "serve", "--config", str(w.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("VAULT_")},
+    )
+    assert result.returncode == 78
+    assert "possible tampering" in result.stderr
+    w.extra_outputs += [result.stdout, result.stderr]
+    assert w.secret_id_file.read_text().strip() == secret_id  # the good secret-id is kept
+
+
+def test_expired_wrapping_token_refused(vault, worker_factory, tmp_path):
+    w = worker_factory(vault)
+    token, _ = w.new_secret_id(wrap_ttl="1s")
+    w.keys.append(token)
+    w.wrapped_file.write_text(token + "\n")
+    time.sleep(2.5)
+    cfg = parse_config(w.config(), environ={})
+    client = VaultClient(cfg.vault)
+    try:
+        with pytest.raises(WrappingTokenError) as err:
+            client.unwrap_secret_id()
+    finally:
+        client.close()
+    assert "possible tampering" in str(err.value)
+    assert token not in str(err.value)
+    assert token not in repr(err.value)
+
+
+def test_foreign_wrapping_token_refused(vault, worker_factory):
+    """A wrapping token that does not wrap an AppRole secret-id (e.g. a wrapped KV read)."""
+    w = worker_factory(vault)
+    resp = w.admin.adapter.post("/v1/sys/wrapping/wrap", json={"secret_id": "x"}, wrap_ttl="60s")
+    token = resp["wrap_info"]["token"]
+    w.keys.append(token)
+    w.wrapped_file.write_text(token + "\n")
+    cfg = parse_config(w.config(), environ={})
+    client = VaultClient(cfg.vault)
+    try:
+        with pytest.raises(WrappingTokenError, match="creation path"):
+            client.unwrap_secret_id()
+    finally:
+        client.close()
+    assert w.wrapped_file.exists()
+
+
+def test_vault_client_reads_version_and_metadata(vault, worker_factory):
+    w = worker_factory(vault)
+    w.set_metadata({"rotation_state": "propagating", "new_version": "1"})
+    cfg = parse_config(w.config(), environ={})
+    client = VaultClient(cfg.vault)
+    try:
+        secret = client.read_kv(KV_MOUNT, w.key_path)
+    finally:
+        client.close()
+    assert secret.version == 1
+    assert secret.data["api_key"] == w.keys[0]
+    assert secret.custom_metadata == {"rotation_state": "propagating", "new_version": "1"}
+    assert w.keys[0] not in repr(secret)
+
+
+def test_all_addresses_down(vault, worker_factory):
+    w = worker_factory(vault)
+    cfg = parse_config(
+        w.config(vault={"addrs": [f"https://127.0.0.1:{free_port()}"], "retries": 1}), environ={}
+    )
+    client = VaultClient(cfg.vault)
+    try:
+        with pytest.raises(VaultUnavailable):
+            client.read_kv(KV_MOUNT, w.key_path)
+    finally:
+        client.close()
