@@ -194,3 +194,32 @@ def test_broken_policy_template_is_refused(vault, snapshot, tmp_path, kind):
     _assert_refused(result, *phrases)
     assert snapshot(tag) == before
     assert before["policies"] == {}
+
+
+def test_kit_admin_policy_is_enough_to_provision(vault, vault_client):
+    """policies/kit-admin.hcl (names adapted to this test's mounts) grants everything a first
+    run, a first key and a rerun need; the token never shows up in the output."""
+    tag = new_tag("q")
+    text = (REPO / "policies" / "kit-admin.hcl").read_text()
+    text = (
+        text.replace('"sys/mounts/secret', f'"sys/mounts/kv-{tag}')
+        .replace('"secret/', f'"kv-{tag}/')
+        .replace('"sys/auth/approle', f'"sys/auth/approle-{tag}')
+        .replace('"auth/approle/', f'"auth/approle-{tag}/')
+    )
+    assert f"kv-{tag}/config" in text
+    assert f"auth/approle-{tag}/role/captcha-*" in text
+    vault_client.sys.create_or_update_acl_policy(f"kit-admin-{tag}", text)
+    token = vault_client.auth.token.create(policies=[f"kit-admin-{tag}"], ttl="10m")["auth"][
+        "client_token"
+    ]
+    extra = provision_vars(vault, tag, vault_provision_first_keys={f"{tag}-dev": random_key()})
+    first = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, env={"VAULT_TOKEN": token})
+    assert first.rc == 0, first.failure_messages()
+    assert first.changed > 0
+    second = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, env={"VAULT_TOKEN": token})
+    assert second.rc == 0, second.failure_messages()
+    assert second.changed == 0
+    assert token not in first.output + second.output
+    vault_client.auth.token.revoke(token)
+    vault_client.sys.delete_acl_policy(f"kit-admin-{tag}")

@@ -1,0 +1,61 @@
+# kit-admin: the rights `playbooks/provision-vault.yml` (role vault_provision) needs, for the
+# default layout (KV v2 mount `secret`, key prefix `captchaai`, AppRole mount `approle`).
+# Change the mount names here if the inventory changes them. Write it once with a root or
+# operator token:  bao policy write kit-admin policies/kit-admin.hcl   (or: vault policy write ...)
+# and give the operator or CI job that provisions a token with it:
+#   bao token create -policy=kit-admin -ttl=1h
+# Token lookup and sys/capabilities-self (the pre-flight check) come from the `default` policy.
+
+# Secrets engines: list them; enable and tune the KV v2 mount; its max_versions / cas_required.
+path "sys/mounts" {
+  capabilities = ["read"]
+}
+path "sys/mounts/secret" {
+  capabilities = ["create", "read", "update"]
+}
+path "sys/mounts/secret/tune" {
+  capabilities = ["read", "update"]
+}
+path "secret/config" {
+  capabilities = ["read", "update"]
+}
+
+# Auth methods: list them; enable and tune AppRole (enabling an auth method needs sudo).
+path "sys/auth" {
+  capabilities = ["read"]
+}
+path "sys/auth/approle" {
+  capabilities = ["create", "read", "update", "sudo"]
+}
+path "sys/auth/approle/tune" {
+  capabilities = ["read", "update"]
+}
+
+# The kit's policies (captcha-worker-<env>, captcha-rotator-<env>, captcha-stager-<env>).
+path "sys/policy/captcha-*" {
+  capabilities = ["create", "read", "update"]
+}
+path "sys/policies/acl/captcha-*" {
+  capabilities = ["create", "read", "update"]
+}
+
+# The kit's AppRole roles and their role-ids (no secret-ids: deploying workers issues those).
+path "auth/approle/role/captcha-*" {
+  capabilities = ["create", "read", "update"]
+}
+
+# Audit devices: list them (sudo); enable the file device where the server allows it (Vault).
+path "sys/audit" {
+  capabilities = ["read", "sudo"]
+}
+path "sys/audit/file" {
+  capabilities = ["create", "update", "sudo"]
+}
+
+# Optional first keys: create-only (check-and-set 0) needs the version number and a create.
+path "secret/metadata/captchaai/*" {
+  capabilities = ["read"]
+}
+path "secret/data/captchaai/*" {
+  capabilities = ["create"]
+}
