@@ -1,11 +1,13 @@
 """Fixtures and helpers of the key rotation suites (tests/test_rotation_*.py).
 
 Everything is real and on 127.0.0.1: the test OpenBao (``.state/test/vault``, port 18250)
-provisioned once per session by the kit's own ``playbooks/provision-vault.yml`` for a pool of
-rotation-only environments (``rot1`` … so other suites' envs are never touched), the CaptchaAI
-emulator (18356/18357), and workers that are real ``captcha-solver serve`` processes on the
-controller (ports from 18451), each logged in with its env's worker AppRole. The workers are
-inventory hosts with a local connection, so the role polls their /healthz "from the worker host".
+provisioned once per session by the kit's own ``playbooks/provision-vault.yml`` for a few
+rotation-only environments named per session (``r<4 hex>-<n>``, so neither other suites nor a
+concurrent session of this one are touched; each test resets the env it takes), the CaptchaAI
+emulator, and workers that are real ``captcha-solver serve`` processes on the controller, each
+logged in with its env's worker AppRole. Emulator and workers listen on free 127.0.0.1 ports.
+The workers are inventory hosts with a local connection, so the role polls their /healthz "from
+the worker host".
 
 Keys are generated at run time and reach ansible-playbook only through 0600 extra-vars files;
 every playbook run is checked for leaked keys and tokens.
@@ -20,6 +22,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,16 +44,22 @@ from tools.captchaai_emulator import EmulatorProcess  # noqa: E402
 from tools.local_vault import LocalVault  # noqa: E402
 
 VAULT_PORT = 18250
-# Own emulator ports (not 18350/18351): other suites may run their emulator at the same time.
-EMU_PORT, EMU_ADMIN_PORT = 18356, 18357
-WORKER_PORTS = itertools.count(18451)
-ENVS = [f"rot{i}" for i in range(1, 21)]
-_ENV_POOL = iter(ENVS)
+# Several sessions (a developer, CI, a molecule run with workers on 18451+) may share this
+# machine and the test OpenBao: each session has its own env names and free loopback ports.
+SESSION = secrets.token_hex(2)
+ENVS = [f"r{SESSION}-{i}" for i in range(1, 5)]
+_ENV_POOL = itertools.cycle(ENVS)
 REFRESH_INTERVAL = 2.0
 REFRESH_JITTER = 0.1
 PLAYBOOK = REPO / "playbooks" / "rotate-key.yml"
 PROVISION = str(REPO / "playbooks" / "provision-vault.yml")
 BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def new_key() -> str:
@@ -137,7 +146,7 @@ def provisioned(vault: LocalVault, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[EmulatorProcess]:
-    with EmulatorProcess(EMU_PORT, EMU_ADMIN_PORT, solve_delay="fixed:0.2", ban_threshold=0) as emu:
+    with EmulatorProcess(free_port(), free_port(), solve_delay="fixed:0.2", ban_threshold=0) as emu:
         yield emu
 
 
@@ -223,10 +232,7 @@ def rot_env(
     emulator: EmulatorProcess,
     tmp_path: Path,
 ) -> RotEnv:
-    try:
-        name = next(_ENV_POOL)
-    except StopIteration:  # pragma: no cover - grow ENVS when adding tests
-        pytest.fail("the rotation env pool is exhausted: add names to ENVS")
+    name = next(_ENV_POOL)  # reused in turn: reset below, workers of earlier tests stopped
     for path in (f"captchaai/{name}", f"captchaai-staged/{name}"):
         with contextlib.suppress(hvac.exceptions.InvalidPath):
             admin.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point="secret")
@@ -300,7 +306,7 @@ def start_workers(rot_env: RotEnv) -> Iterator[Any]:
         role_id_file, secret_id_file = rot_env.approle_files(f"captcha-worker-{rot_env.name}")
         workers = []
         for i in range(n):
-            port = next(WORKER_PORTS)
+            port = free_port()
             name = f"worker-{rot_env.name}-{i + 1}"
             d = rot_env.tmp / name
             d.mkdir(mode=0o700)
