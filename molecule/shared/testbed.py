@@ -1,0 +1,192 @@
+"""Local parts the molecule scenarios share: the test Vault, the CaptchaAI emulator, test keys.
+
+Used by the scenarios' prepare/cleanup playbooks (``python molecule/shared/testbed.py ...``) and
+by their testinfra tests (``import testbed``; the base config puts this directory on
+``PYTHONPATH``). Ports and paths follow docs/interfaces.md (test column): Vault 18250 with state
+in ``.state/test/vault``, emulator 18350/18351 with state in ``.state/test/emulator``.
+
+Keys are made here at run time and go straight to the emulator and to Vault: never to argv, a
+file or the output (only masked fingerprints are printed).
+
+CLI::
+
+    python molecule/shared/testbed.py vault-start
+    python molecule/shared/testbed.py emulator-start | emulator-stop
+    python molecule/shared/testbed.py new-keys ENV [ENV ...] [--kv-mount M] [--prefix P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[2]))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import hvac  # noqa: E402
+
+from tools.captchaai_emulator import EmulatorAdmin  # noqa: E402
+from tools.local_vault import LocalVault  # noqa: E402
+
+VAULT_DIR = REPO / ".state" / "test" / "vault"
+VAULT_PORT = 18250
+EMULATOR_DIR = REPO / ".state" / "test" / "emulator"
+EMULATOR_PORT = 18350
+EMULATOR_ADMIN_PORT = 18351
+
+
+def vault() -> LocalVault:
+    return LocalVault(VAULT_DIR, VAULT_PORT)
+
+
+def vault_client() -> hvac.Client:
+    """hvac client of the test Vault with its root token."""
+    server = vault()
+    return hvac.Client(url=server.addr, token=server.root_token(), verify=str(server.ca_file))
+
+
+def emulator_admin() -> EmulatorAdmin:
+    return EmulatorAdmin(f"http://127.0.0.1:{EMULATOR_ADMIN_PORT}")
+
+
+def emulator_start(timeout: float = 15.0) -> str:
+    """Start the emulator detached (it outlives the caller) unless one already answers."""
+    admin = emulator_admin()
+    if admin.health():
+        return "running"
+    EMULATOR_DIR.mkdir(parents=True, exist_ok=True)
+    log = EMULATOR_DIR / "emulator.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tools.captchaai_emulator",
+                "--port",
+                str(EMULATOR_PORT),
+                "--admin-port",
+                str(EMULATOR_ADMIN_PORT),
+                "--solve-delay",
+                "fixed:1",
+                "--time-scale",
+                "0.05",
+            ],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    (EMULATOR_DIR / "emulator.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while not admin.health():
+        if proc.poll() is not None:
+            raise RuntimeError(f"emulator exited at start-up; see {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"emulator not ready within {timeout} s; see {log}")
+        time.sleep(0.05)
+    return "started"
+
+
+def emulator_stop() -> str:
+    """Stop the emulator this module started (by its pid file); leave others alone."""
+    pid_file = EMULATOR_DIR / "emulator.pid"
+    if not pid_file.exists():
+        return "not started here"
+    pid = int(pid_file.read_text().strip())
+    pid_file.unlink()
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "already gone"
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "stopped"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return "killed"
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    env: str
+    version: int
+    fingerprint: str  # ***ab12, safe to print
+
+
+def new_key_version(
+    env: str,
+    *,
+    kv_mount: str = "secret",
+    prefix: str = "captchaai",
+    client: hvac.Client | None = None,
+) -> KeyVersion:
+    """Make a fresh key, register it with the emulator, then store it as the next version of
+    ``<prefix>/<env>`` (check-and-set on the current version)."""
+    client = client or vault_client()
+    key = secrets.token_hex(16)
+    emulator_admin().add_key(key, balance=100.0)
+    path = f"{prefix}/{env}"
+    try:
+        meta = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=kv_mount)
+        current = int(meta["data"]["current_version"])
+    except hvac.exceptions.InvalidPath:
+        current = 0
+    written = client.secrets.kv.v2.create_or_update_secret(
+        path=path, secret={"api_key": key}, cas=current, mount_point=kv_mount
+    )
+    return KeyVersion(env, int(written["data"]["version"]), "***" + key[-4:])
+
+
+def current_key(
+    env: str, *, kv_mount: str = "secret", prefix: str = "captchaai"
+) -> tuple[int, str]:
+    """(version, key) of the current key of ``env``. Callers must not print the key."""
+    data = vault_client().secrets.kv.v2.read_secret_version(
+        path=f"{prefix}/{env}", mount_point=kv_mount, raise_on_deleted_version=True
+    )["data"]
+    return int(data["metadata"]["version"]), str(data["data"]["api_key"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="testbed.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("vault-start", help="start (or find) the test Vault, initialised and unsealed")
+    sub.add_parser("emulator-start", help="start the emulator detached unless one answers")
+    sub.add_parser("emulator-stop", help="stop the emulator started by emulator-start")
+    p_keys = sub.add_parser("new-keys", help="a fresh key version per env (Vault + emulator)")
+    p_keys.add_argument("envs", nargs="+")
+    p_keys.add_argument("--kv-mount", default="secret")
+    p_keys.add_argument("--prefix", default="captchaai")
+    args = parser.parse_args(argv)
+    if args.command == "vault-start":
+        print(json.dumps({"vault": vault().start()}))
+    elif args.command == "emulator-start":
+        print(json.dumps({"emulator": emulator_start()}))
+    elif args.command == "emulator-stop":
+        print(json.dumps({"emulator": emulator_stop()}))
+    elif args.command == "new-keys":
+        out = [
+            new_key_version(env, kv_mount=args.kv_mount, prefix=args.prefix).__dict__
+            for env in args.envs
+        ]
+        print(json.dumps({"keys": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
