@@ -1,0 +1,157 @@
+"""Scheduled rotation: tools/rotate-unattended with the rotator AppRole from files, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
+
+import pytest
+
+pytest.register_assert_rewrite("rotation_fixtures")
+from rotation_fixtures import (  # noqa: E402
+    REPO,
+    RotEnv,
+    _base_env,
+    assert_no_secrets,
+    free_port,
+    new_key,
+    write_inventory,
+    write_private,
+)
+
+pytest_plugins = ("rotation_fixtures",)
+
+WRAPPER = REPO / "tools" / "rotate-unattended"
+
+
+class Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict]] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Hook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    Hook.received = []
+    server = HTTPServer(("127.0.0.1", free_port()), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", Hook.received
+    server.shutdown()
+
+
+def wrapper(rot_env: RotEnv, inventory, *args: str) -> tuple[int, str]:
+    role_id, secret_id = rot_env.approle_files(f"captcha-rotator-{rot_env.name}")
+    proc = subprocess.run(
+        [
+            str(WRAPPER),
+            "--env",
+            rot_env.name,
+            "-i",
+            str(inventory),
+            "--role-id-file",
+            str(role_id),
+            "--secret-id-file",
+            str(secret_id),
+            *args,
+        ],
+        cwd=rot_env.tmp,
+        env=_base_env(rot_env.vault),  # no VAULT_TOKEN: the AppRole files are the only credential
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert_no_secrets(out, rot_env.secrets)
+    return proc.returncode, out
+
+
+def test_scheduled_rotation_exit_codes_and_webhook(rot_env: RotEnv, start_workers, webhook):
+    """75 awaiting revocation (+ webhook notice), 0 after confirmation, 0 with nothing staged."""
+    url, received = webhook
+    workers = start_workers(2)
+    inv = write_inventory(rot_env, workers)
+    hook_file = write_private(rot_env.tmp / "webhook-url", url + "\n")
+    key = new_key()
+    rot_env.secrets.append(key)
+    rot_env.emulator.admin.add_key(key)
+    rot_env.stage(key)
+
+    rc, out = wrapper(rot_env, inv, "--webhook-url-file", str(hook_file))
+
+    assert rc == 75, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("key-rotation: awaiting_revocation exit=75")
+    assert url not in out, "the webhook URL must never be logged"
+    assert len(received) == 1
+    assert "AWAITING REVOCATION" in received[0]["text"]
+    assert received[0]["content"]
+    assert_no_secrets(json.dumps(received), rot_env.secrets)
+    assert rot_env.record()["actor"] == f"approle (captcha-rotator-{rot_env.name})"
+
+    rc, out = wrapper(rot_env, inv)
+    assert rc == 75, "still awaiting: a scheduled rerun without confirmation reports it again"
+
+    rot_env.emulator.admin.revoke_key(rot_env.old_key)
+    rc, out = wrapper(rot_env, inv, "--confirm-revoked")
+    assert rc == 0, out[-3000:]
+    assert "key-rotation: complete exit=0" in out
+    assert rot_env.record()["rotation_state"] == "complete"
+
+    rc, out = wrapper(rot_env, inv)
+    assert rc == 0, out[-3000:]
+    assert "key-rotation: noop exit=0" in out
+    assert "no staged key at" in out
+
+
+def test_scheduled_failures_map_to_distinct_codes(rot_env: RotEnv, start_workers):
+    """1 = refused before any change; 3 = failed mid-rotation (worker did not converge)."""
+    (worker,) = start_workers(1)
+    bad = new_key()[:20]
+    rot_env.secrets.append(bad)
+    rot_env.stage(bad)
+    inv = write_inventory(rot_env, [worker], {"key_rotation_window_margin": 1})
+    rc, out = wrapper(rot_env, inv)
+    assert rc == 1, out[-3000:]
+    assert "is malformed" in out
+
+    rot_env.admin.secrets.kv.v2.delete_metadata_and_all_versions(
+        rot_env.staged_path, mount_point="secret"
+    )
+    worker.stop()
+    worker.config.write_text(
+        worker.config.read_text().replace("refresh_interval = 2.0", "refresh_interval = 3600")
+    )
+    worker.start()
+    key = new_key()
+    rot_env.secrets.append(key)
+    rot_env.emulator.admin.add_key(key)
+    rot_env.stage(key)
+    rc, out = wrapper(rot_env, inv)
+    assert rc == 3, out[-3000:]
+    assert "state=propagating" in out
+    assert worker.name in out
+
+
+def test_wrapper_usage_error(rot_env: RotEnv):
+    """Half the AppRole credentials is a usage error (64) before anything runs."""
+    proc = subprocess.run(
+        [str(WRAPPER), "--env", rot_env.name, "--role-id-file", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 64
+    assert "go together" in proc.stderr
