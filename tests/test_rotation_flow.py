@@ -116,3 +116,29 @@ def test_no_workers_fixed_wait_mode_waits_the_window(rot_env: RotEnv):
     assert run.status["window_seconds"] == 4  # ceil(2 x 1.1 + 1)
     assert run.status["put_to_converged_seconds"] >= 4
     assert rot_env.current_key() == new
+
+
+def test_emergency_rotation_revoke_first_then_one_shot_with_confirmation(
+    rot_env: RotEnv, start_workers
+):
+    """Exposed key: revoked at the provider first, then one run rotates and finalizes."""
+    workers = start_workers(2)
+    inv = write_inventory(rot_env, workers)
+    rot_env.emulator.admin.revoke_key(rot_env.old_key)
+    new = new_key()
+    rot_env.secrets.append(new)
+    rot_env.emulator.admin.add_key(new)
+    before = rot_env.current_version()
+
+    run = run_rotation(
+        rot_env,
+        inv,
+        {"key_rotation_new_key": new, "key_rotation_confirm_revoked": rot_env.name},
+        token=rot_env.rotator_token(),
+    )
+
+    assert run.rc == 0, run.output[-3000:]
+    assert run.status["outcome"] == "complete"
+    assert rot_env.metadata()["versions"][str(before)]["destroyed"] is True
+    assert {w.health()["key_version"] for w in workers} == {before + 1}
+    assert {w.health()["status"] for w in workers} == {"ok"}

@@ -66,7 +66,10 @@ options:
     type: bool
     default: false
   confirm:
-    description: With C(plan), the operator confirms that the old key was revoked at the provider.
+    description:
+      - With C(plan), the operator confirms that the old key was revoked at the provider.
+      - Refused when no rotation is pending and no new key is given; with a new key it is the
+        confirmation given up front (emergency rotation: finalize as soon as workers converged).
     type: bool
     default: false
   check_rights:
@@ -568,7 +571,8 @@ def decide(rot):
             return "noop", f"rotation {rid} is already rolled back; nothing to do", rid
         rot.fail(f"Rollback refused: no rotation of {rot.env} is in progress; nothing changed")
 
-    if p["confirm"] and state not in IN_PROGRESS:
+    if p["confirm"] and state not in IN_PROGRESS and key is None:
+        # (With a new key, the confirmation is given up front: emergency one-shot rotation.)
         rot.fail(
             f"Confirmation refused: no rotation of {rot.env} is awaiting revocation "
             f"(recorded state: {state or 'none'}); nothing changed"
