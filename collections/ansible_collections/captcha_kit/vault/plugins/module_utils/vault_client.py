@@ -24,6 +24,11 @@ Connection
         re-raised so callers can treat it as "absent", connection/TLS errors -> as above.
         Messages never contain the token.
 
+    ``vault_call_when_ready(module, what, func, *args, timeout=30.0, **kwargs)``
+        Like ``vault_call``, but first waits out a KV mount that is still upgrading to version 2
+        (right after it was enabled the server answers "Upgrading from non-versioned to
+        versioned data ..." for a moment, longer on a busy machine).
+
     ``VaultNotFound``
         Alias of ``hvac.exceptions.InvalidPath`` (404) for ``except`` clauses; a placeholder
         exception class when hvac is missing.
@@ -49,6 +54,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import time
 import traceback
 
 from ansible.module_utils.basic import env_fallback, missing_required_lib
@@ -175,6 +181,34 @@ def vault_call(module, what, func, *args, **kwargs):
             raise
         module.fail_json(msg=f"Cannot {what}: {hint}")
     return None  # not reached: fail_json exits
+
+
+KV_UPGRADING_MARK = "Upgrading from non-versioned to versioned data"
+
+
+def _still_upgrading(value):
+    return KV_UPGRADING_MARK in str(value)
+
+
+def vault_call_when_ready(module, what, func, *args, timeout=30.0, **kwargs):
+    """``vault_call`` that retries while a fresh KV v2 mount is still upgrading."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while time.monotonic() < deadline:
+        try:
+            result = func(*args, **kwargs)
+        except VaultNotFound:
+            raise
+        except Exception as exc:
+            if not _still_upgrading(exc):
+                break
+        else:
+            warnings = result.get("warnings") if isinstance(result, dict) else None
+            if not (warnings and any(_still_upgrading(w) for w in warnings)):
+                return result
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    return vault_call(module, what, func, *args, **kwargs)
 
 
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

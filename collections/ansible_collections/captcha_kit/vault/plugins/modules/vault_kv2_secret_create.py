@@ -65,8 +65,20 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client imp
     VaultNotFound,
     get_client,
     vault_argument_spec,
-    vault_call,
+    vault_call_when_ready,
 )
+
+
+def _create_only(client, path, data, mount):
+    """Write with check-and-set 0; None when the path got a version in the meantime."""
+    try:
+        return client.secrets.kv.v2.create_or_update_secret(
+            path, secret=data, cas=0, mount_point=mount
+        )
+    except Exception as exc:
+        if "check-and-set" in str(exc):
+            return None
+        raise
 
 
 def main():
@@ -85,7 +97,7 @@ def main():
         module.fail_json(msg=f"data for {mount}/{path} is empty")
     client = get_client(module)
     try:
-        metadata = vault_call(
+        metadata = vault_call_when_ready(
             module,
             f"read the metadata of {mount}/{path}",
             client.secrets.kv.v2.read_secret_metadata,
@@ -105,24 +117,19 @@ def main():
                 "after": {"exists": True, "fields": fields},
             }
         if not module.check_mode:
-            try:
-                written = client.secrets.kv.v2.create_or_update_secret(
-                    path, secret=p["data"], cas=0, mount_point=mount
-                )
-            except Exception as exc:
-                if "check-and-set" in str(exc):
-                    module.fail_json(
-                        msg=f"{mount}/{path} was created by someone else during this run; "
-                        "nothing was overwritten"
-                    )
-                written = vault_call(
-                    module,
-                    f"create {mount}/{path}",
-                    client.secrets.kv.v2.create_or_update_secret,
-                    path,
-                    secret=p["data"],
-                    cas=0,
-                    mount_point=mount,
+            written = vault_call_when_ready(
+                module,
+                f"create {mount}/{path}",
+                _create_only,
+                client,
+                path,
+                p["data"],
+                mount,
+            )
+            if written is None:
+                module.fail_json(
+                    msg=f"{mount}/{path} was created by someone else during this run; "
+                    "nothing was overwritten"
                 )
             result["version"] = int(written["data"]["version"])
     module.exit_json(**result)

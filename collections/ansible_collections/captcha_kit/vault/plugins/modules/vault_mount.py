@@ -90,6 +90,7 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client imp
     ttl_to_seconds,
     vault_argument_spec,
     vault_call,
+    vault_call_when_ready,
 )
 
 
@@ -100,7 +101,7 @@ def read_mount(module, client, path):
 
 
 def read_kv2_config(module, client, path):
-    config = vault_call(
+    config = vault_call_when_ready(
         module,
         f"read the KV v2 configuration of {path}/",
         client.secrets.kv.v2.read_configuration,
@@ -203,7 +204,7 @@ def main():
             )
         kv_diff = {k: v for k, v in kv_settings.items() if current is None or k in diff_keys}
         if kv_diff:
-            vault_call(
+            vault_call_when_ready(
                 module,
                 f"write the KV v2 configuration of {path}/",
                 client.adapter.post,
