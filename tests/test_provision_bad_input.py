@@ -223,3 +223,39 @@ def test_kit_admin_policy_is_enough_to_provision(vault, vault_client):
     assert token not in first.output + second.output
     vault_client.auth.token.revoke(token)
     vault_client.sys.delete_acl_policy(f"kit-admin-{tag}")
+
+
+def test_undeclared_audit_device_fails_with_the_stanza_to_declare(vault, snapshot):
+    """OpenBao refuses API-created audit devices: the run fails before any change and says how to
+    declare the device in the server configuration."""
+    tag = new_tag("w")
+    extra = provision_vars(
+        vault,
+        tag,
+        vault_provision_audit_path=f"audit-{tag}",
+        vault_provision_audit_file_path=f"/var/log/vault/audit-{tag}.log",
+    )
+    before = snapshot(tag)
+    result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    _assert_refused(
+        result,
+        "refuses to enable audit devices through the API",
+        f'audit "file" "audit-{tag}"',
+        f'file_path = "/var/log/vault/audit-{tag}.log"',
+        "vault_provision_audit_managed_externally",
+    )
+    assert snapshot(tag) == before
+
+
+def test_audit_managed_externally_only_checks_that_one_is_on(vault, vault_client):
+    """With audit managed outside the kit, the same settings pass because a device is on."""
+    tag = new_tag("e")
+    extra = provision_vars(
+        vault,
+        tag,
+        vault_provision_audit_path=f"audit-{tag}",
+        vault_provision_audit_managed_externally=True,
+    )
+    result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    assert result.rc == 0, result.failure_messages()
+    assert f"audit-{tag}/" not in vault_client.sys.list_enabled_audit_devices()["data"]

@@ -73,6 +73,8 @@ devices:
   sample: {"file/": "file"}
 """
 
+import posixpath
+
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     get_client,
@@ -87,6 +89,13 @@ def list_devices(module, client):
     listing = vault_call(module, "list audit devices", client.sys.list_enabled_audit_devices)
     devices = listing.get("data", listing) or {}
     return {k: v for k, v in devices.items() if k not in METADATA_KEYS and isinstance(v, dict)}
+
+
+def _comparable(key, value):
+    """Option value as compared: file paths normalised (``a/../b`` == ``b``)."""
+    if key == "file_path" and value and value.startswith("/"):
+        return posixpath.normpath(value)
+    return value
 
 
 def declarative_hint(p):
@@ -138,7 +147,11 @@ def main():
                 devices=summary,
             )
         current_options = {k: str(v) for k, v in (current.get("options") or {}).items()}
-        differing = sorted(k for k, v in p["options"].items() if current_options.get(k) != v)
+        differing = sorted(
+            k
+            for k, v in p["options"].items()
+            if _comparable(k, current_options.get(k)) != _comparable(k, v)
+        )
         if differing:
             module.warn(
                 f"Audit device {path}/ is enabled with other values of {', '.join(differing)}; "
