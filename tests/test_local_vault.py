@@ -123,7 +123,7 @@ def test_kill_9_then_start_restarts_and_unseals_with_data_kept(private):
     if "kv/" not in client.sys.list_mounted_secrets_engines()["data"]:
         client.sys.enable_secrets_engine("kv", path="kv", options={"version": "2"})
     value = random_key()
-    client.secrets.kv.v2.create_or_update_secret("probe", secret={"v": value}, mount_point="kv")
+    _write_when_ready(client, value)
     old_pid = private.status()["pid"]
     os.kill(old_pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -161,3 +161,89 @@ def test_stop_then_start(private):
     assert private.stop() is False
     assert private.start() == "started"
     assert private.status()["sealed"] is False
+
+
+# --------------------------------------------------------------------------- HA cluster
+HA_DIR = REPO / ".state" / "test" / "vault-ha"
+HA_PORT = 18260  # nodes on 18260, 18270, 18280 (docs/interfaces.md)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A fresh 3-node raft cluster on the test HA ports, stopped afterwards."""
+    server = LocalVault(HA_DIR, HA_PORT, nodes=3)
+    server.stop()
+    shutil.rmtree(HA_DIR, ignore_errors=True)
+    assert server.start() == "initialised"
+    yield server
+    server.stop()
+    shutil.rmtree(HA_DIR, ignore_errors=True)
+
+
+def _active_client(server: LocalVault, timeout: float = 30) -> hvac.Client:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        node = server.active_node()
+        if node is not None:
+            return hvac.Client(url=node.addr, token=server.root_token(), verify=str(server.ca_file))
+        time.sleep(0.2)
+    raise AssertionError("no active node")
+
+
+def test_cluster_has_one_active_node_and_three_voters(cluster):
+    """Three unsealed nodes, exactly one active, all raft voters, the audit device on each."""
+    status = cluster.status()
+    assert [n["sealed"] for n in status["nodes"]] == [False, False, False]
+    assert sum(n["active"] for n in status["nodes"]) == 1
+    client = _active_client(cluster)
+    servers = client.sys.read_raft_config()["data"]["config"]["servers"]
+    assert sorted(s["node_id"] for s in servers) == ["node1", "node2", "node3"]
+    assert all(s["voter"] for s in servers)
+    for node in cluster.nodes:
+        assert 'audit "file" "file"' in node.config_file.read_text()
+    assert cluster.start() == "running"
+
+
+def test_leader_killed_another_takes_over_and_start_rejoins_it(cluster):
+    """kill -9 of the active node: a standby becomes active with the data; start() brings the
+    dead node back as an unsealed standby."""
+    client = _active_client(cluster)
+    if "kv/" not in client.sys.list_mounted_secrets_engines()["data"]:
+        client.sys.enable_secrets_engine("kv", path="kv", options={"version": "2"})
+    value = random_key()
+    _write_when_ready(client, value)
+    leader = cluster.active_node()
+    assert leader is not None
+    os.kill(leader.pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    new_leader = None
+    while time.monotonic() < deadline:
+        new_leader = cluster.active_node()
+        if new_leader is not None and new_leader is not leader:
+            break
+        time.sleep(0.2)
+    assert new_leader is not None
+    assert new_leader is not leader
+    read = _active_client(cluster).secrets.kv.v2.read_secret_version(
+        "probe", mount_point="kv", raise_on_deleted_version=True
+    )
+    assert read["data"]["data"]["v"] == value
+    assert cluster.start() == "started"
+    status = cluster.status()
+    assert all(n["running"] for n in status["nodes"])
+    assert [n["sealed"] for n in status["nodes"]] == [False, False, False]
+
+
+def _write_when_ready(client: hvac.Client, value: str, timeout: float = 30) -> None:
+    """Write the probe; a fresh KV v2 mount answers 'upgrading' for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.secrets.kv.v2.create_or_update_secret(
+                "probe", secret={"v": value}, mount_point="kv"
+            )
+            return
+        except hvac.exceptions.VaultError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)

@@ -13,13 +13,15 @@ State directory (default ``.state/vault``; git-ignored, secret files 0600)::
 
 CLI::
 
-    python -m tools.local_vault {start,stop,status,env} [--state-dir D] [--port N]
+    python -m tools.local_vault {start,stop,status,env} [--state-dir D] [--port N] [--nodes 3]
 
 ``start`` and ``env`` print shell ``export`` lines for VAULT_ADDR, VAULT_CACERT and VAULT_TOKEN;
 the token only as ``$(cat .../root-token)``, never the token itself.
 
-The server is modelled as a list of ``BaoNode`` objects so a raft HA cluster (several nodes with
-their own ports, ``retry_join``) can be added later; today ``LocalVault`` runs exactly one.
+HA: ``--nodes 3`` runs a raft cluster of three ``BaoNode`` processes on PORT, PORT+10, PORT+20
+(defaults ``.state/vault-ha`` and 18210; tests 18260 in ``.state/test/vault-ha``), joined with
+``retry_join``, standby reads forwarded to the active node, every node a raft voter before
+``start`` returns, so killing the leader hands over to a standby within a few seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO_ROOT / ".state" / "vault"
 DEFAULT_PORT = 18200
+DEFAULT_HA_STATE_DIR = REPO_ROOT / ".state" / "vault-ha"
+DEFAULT_HA_PORT = 18210  # nodes on 18210, 18220, 18230 (docs/interfaces.md)
 HOST = "127.0.0.1"
 SECRET_SHARES = 3
 SECRET_THRESHOLD = 2
@@ -177,7 +181,8 @@ class BaoNode:
     api_port: int
     cluster_port: int
     audit_log: Path
-    retry_join: tuple[str, ...] = ()  # other nodes' API addresses (for a later HA cluster)
+    retry_join: tuple[str, ...] = ()  # other nodes' API addresses (HA cluster)
+    ha: bool = False  # one of several nodes: reads are forwarded to the active node
 
     @property
     def addr(self) -> str:
@@ -206,6 +211,8 @@ class BaoNode:
             "# Written by tools/local_vault.py; regenerated on every start.\n"
             "ui = false\n"
             "disable_mlock = true\n"
+            # Standbys would answer reads from their own (possibly lagging) copy otherwise.
+            f"{'disable_standby_reads = true' if self.ha else ''}\n"
             f'api_addr = "{self.addr}"\n'
             f'cluster_addr = "https://{HOST}:{self.cluster_port}"\n'
             'storage "raft" {\n'
@@ -336,7 +343,7 @@ class BaoNode:
             raise LocalVaultError(f"init failed: HTTP {response.status_code} {response.text}")
         return response.json()
 
-    def unseal(self, keys: list[str]) -> None:
+    def unseal(self, keys: list[str], timeout: float = 30.0) -> None:
         with self._session() as session:
             for key in keys:
                 response = session.put(f"{self.addr}/v1/sys/unseal", json={"key": key}, timeout=30)
@@ -344,7 +351,14 @@ class BaoNode:
                     raise LocalVaultError(f"unseal failed: HTTP {response.status_code}")
                 if not response.json().get("sealed", True):
                     return
-        raise LocalVaultError("still sealed after all stored unseal keys: wrong keys?")
+        # A raft joiner finishes joining (and unsealing) after the last key: give it a moment.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.seal_status()
+            if status and not status.get("sealed", True):
+                return
+            time.sleep(0.2)
+        raise LocalVaultError(f"{self.addr} still sealed after the stored unseal keys: wrong keys?")
 
     def wait_active(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until ``sys/health`` says initialised, unsealed and active (HTTP 200)."""
@@ -362,6 +376,26 @@ class BaoNode:
             time.sleep(0.1)
         raise LocalVaultError(f"{self.addr} not active within {timeout:.0f}s (health {last})")
 
+    def health_code(self) -> int | None:
+        """HTTP status of ``sys/health``: 200 active, 429 standby, 503 sealed, 501 not
+        initialised; None when nothing answers."""
+        try:
+            with self._session() as session:
+                return session.get(f"{self.addr}/v1/sys/health", timeout=2).status_code
+        except requests.exceptions.RequestException:
+            return None
+
+    def wait_initialized(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the node reports ``initialized`` (a raft joiner after it reached the
+        leader); only then may it get unseal keys."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.seal_status()
+            if status and status.get("initialized"):
+                return
+            time.sleep(0.2)
+        raise LocalVaultError(f"{self.addr} did not join the cluster within {timeout:.0f}s")
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -373,20 +407,47 @@ class BaoNode:
 
 
 class LocalVault:
-    """The kit's local OpenBao server (one raft node) in ``state_dir`` on ``port``."""
+    """The kit's local OpenBao server in ``state_dir``: one raft node on ``port`` (the default),
+    or with ``nodes`` > 1 a raft HA cluster on ``port``, ``port + port_step``, ... (cluster port
+    = API port + 1), node files in ``state_dir/node<i>/``, CA, keys, token and audit log shared
+    in ``state_dir``."""
 
-    def __init__(self, state_dir: Path | str = DEFAULT_STATE_DIR, port: int = DEFAULT_PORT):
+    def __init__(
+        self,
+        state_dir: Path | str = DEFAULT_STATE_DIR,
+        port: int = DEFAULT_PORT,
+        nodes: int = 1,
+        port_step: int = 10,
+    ):
         self.state_dir = Path(state_dir).resolve()
         self.port = port
+        audit_log = self.state_dir / "audit.log"
+        if nodes == 1:
+            self.nodes = [
+                BaoNode(
+                    node_id="node1",
+                    data_dir=self.state_dir,
+                    tls_dir=self.state_dir,
+                    api_port=port,
+                    cluster_port=port + 1,
+                    audit_log=audit_log,
+                )
+            ]
+            return
+        ports = [port + i * port_step for i in range(nodes)]
+        addrs = [f"https://{HOST}:{p}" for p in ports]
         self.nodes = [
             BaoNode(
-                node_id="node1",
-                data_dir=self.state_dir,
+                node_id=f"node{i + 1}",
+                data_dir=self.state_dir / f"node{i + 1}",
                 tls_dir=self.state_dir,
-                api_port=port,
-                cluster_port=port + 1,
-                audit_log=self.state_dir / "audit.log",
+                api_port=p,
+                cluster_port=p + 1,
+                audit_log=audit_log,
+                retry_join=tuple(a for a in addrs if a != addrs[i]),
+                ha=True,
             )
+            for i, p in enumerate(ports)
         ]
 
     # -- paths and addresses
@@ -394,6 +455,11 @@ class LocalVault:
     @property
     def addr(self) -> str:
         return self.nodes[0].addr
+
+    @property
+    def addrs(self) -> list[str]:
+        """Every node's API address (one for a single node)."""
+        return [node.addr for node in self.nodes]
 
     @property
     def ca_file(self) -> Path:
@@ -429,8 +495,9 @@ class LocalVault:
 
     def shell_exports(self) -> str:
         """``export`` lines for a shell; the token only as ``$(cat file)``."""
+        nodes = f"# nodes: {' '.join(self.addrs)}\n" if len(self.nodes) > 1 else ""
         return (
-            f'export VAULT_ADDR="{self.addr}"\n'
+            nodes + f'export VAULT_ADDR="{self.addr}"\n'
             f'export VAULT_CACERT="{self.ca_file}"\n'
             f'export VAULT_TOKEN="$(cat {self.token_file})"\n'
         )
@@ -464,56 +531,143 @@ class LocalVault:
         _write_private(self.token_file, (result["root_token"] + "\n").encode())
 
     def start(self) -> str:
-        """Make sure the server runs, is initialised and unsealed. Returns what was done."""
+        """Make sure every node runs, is initialised and unsealed. Returns what was done
+        (``running``, ``unsealed``, ``started`` or ``initialised``)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)
         ensure_tls(self.state_dir)
-        node = self.nodes[0]
         action = "running"
-        if node.pid() is None:
-            if node.seal_status() is not None:
-                raise LocalVaultError(
-                    f"port {node.api_port} is used by a server that is not this state dir's"
-                )
-            node.spawn()
-            action = "started"
-        status = node.wait_answering()
-        if not status.get("initialized"):
-            self._init(node)
+        for node in self.nodes:
+            if node.pid() is None:
+                if node.seal_status() is not None:
+                    raise LocalVaultError(
+                        f"port {node.api_port} is used by a server that is not this state dir's"
+                    )
+                node.spawn()
+                action = "started"
+        statuses = [node.wait_answering() for node in self.nodes]
+        if not any(status.get("initialized") for status in statuses):
+            self._init(self.nodes[0])
             action = "initialised"
+        keys = None
+        for node in self.nodes:
+            node.wait_initialized()
             status = node.wait_answering()
-        if status.get("sealed"):
-            node.unseal(self._unseal_keys())
-            if action == "running":
-                action = "unsealed"
-        node.wait_active()
+            if status.get("sealed"):
+                keys = keys or self._unseal_keys()
+                node.unseal(keys)
+                if action == "running":
+                    action = "unsealed"
+        self._wait_ready()
         return action
+
+    def _wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until one node is active and every other one is an unsealed standby and a
+        raft voter."""
+        if len(self.nodes) == 1:
+            self.nodes[0].wait_active(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        codes: list[int | None] = []
+        voters: dict[str, bool] = {}
+        configured = False
+        while time.monotonic() < deadline:
+            codes = [node.health_code() for node in self.nodes]
+            if codes.count(200) == 1 and all(c in (200, 429) for c in codes):
+                if not configured:
+                    # Autopilot promotes a joiner to voter after it was stable this long
+                    # (default 10s); only voters can take over when the leader dies.
+                    self._api(
+                        "POST",
+                        "sys/storage/raft/autopilot/configuration",
+                        {"server_stabilization_time": "2s", "cleanup_dead_servers": False},
+                    )
+                    configured = True
+                config = self._api("GET", "sys/storage/raft/configuration")
+                servers = config["data"]["config"]["servers"]
+                voters = {srv["node_id"]: bool(srv["voter"]) for srv in servers}
+                if len(voters) == len(self.nodes) and all(voters.values()):
+                    return
+            time.sleep(0.3)
+        raise LocalVaultError(
+            f"cluster not ready within {timeout:.0f}s (health codes {codes}, voters {voters})"
+        )
+
+    def _api(self, method: str, path: str, body: dict | None = None) -> dict:
+        """A root-token request to the active node (tooling only, never printed)."""
+        node = self.active_node() or self.nodes[0]
+        with node._session() as session:
+            response = session.request(
+                method,
+                f"{node.addr}/v1/{path}",
+                json=body,
+                headers={"X-Vault-Token": self.root_token()},
+                timeout=10,
+            )
+        if response.status_code >= 400:
+            raise LocalVaultError(f"{method} {path}: HTTP {response.status_code}")
+        return response.json() if response.content else {}
+
+    def active_node(self) -> BaoNode | None:
+        """The node that is active now (None while there is none)."""
+        for node in self.nodes:
+            if node.health_code() == 200:
+                return node
+        return None
 
     def stop(self) -> bool:
         """Stop the server; True when a process was stopped."""
         return any([node.stop() for node in self.nodes])
 
     def status(self) -> dict:
-        node = self.nodes[0]
-        pid = node.pid()
-        seal = node.seal_status() if pid else None
+        nodes = []
+        for node in self.nodes:
+            pid = node.pid()
+            seal = node.seal_status() if pid else None
+            code = node.health_code() if pid else None
+            nodes.append(
+                {
+                    "addr": node.addr,
+                    "pid": pid,
+                    "running": pid is not None,
+                    "initialized": bool(seal and seal.get("initialized")),
+                    "sealed": None if seal is None else bool(seal.get("sealed")),
+                    "active": code == 200,
+                }
+            )
+        first = nodes[0]
         return {
             "addr": self.addr,
             "state_dir": str(self.state_dir),
-            "pid": pid,
-            "running": pid is not None,
-            "initialized": bool(seal and seal.get("initialized")),
-            "sealed": None if seal is None else bool(seal.get("sealed")),
+            "pid": first["pid"],
+            "running": all(n["running"] for n in nodes),
+            "initialized": all(n["initialized"] for n in nodes),
+            "sealed": None
+            if any(n["sealed"] is None for n in nodes)
+            else any(n["sealed"] for n in nodes),
+            "nodes": nodes,
         }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.local_vault", description=__doc__)
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--state-dir", type=Path, default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="1 (default) or a raft HA cluster of N nodes on PORT, PORT+10, ... "
+        f"(defaults: {DEFAULT_HA_STATE_DIR.relative_to(REPO_ROOT)}, port {DEFAULT_HA_PORT})",
+    )
     args = parser.parse_args(argv)
-    vault = LocalVault(args.state_dir, args.port)
+    if args.nodes < 1:
+        parser.error("--nodes must be at least 1")
+    ha = args.nodes > 1
+    state_dir = args.state_dir or (DEFAULT_HA_STATE_DIR if ha else DEFAULT_STATE_DIR)
+    port = args.port or (DEFAULT_HA_PORT if ha else DEFAULT_PORT)
+    vault = LocalVault(state_dir, port, nodes=args.nodes)
     try:
         if args.command == "start":
             started = time.monotonic()
