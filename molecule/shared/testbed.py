@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 import hvac  # noqa: E402
 
-from tools.captchaai_emulator import EmulatorAdmin  # noqa: E402
+from tools.captchaai_emulator import EmulatorAdmin, EmulatorAdminError  # noqa: E402
 from tools.local_vault import LocalVault  # noqa: E402
 
 VAULT_DIR = REPO / ".state" / "test" / "vault"
@@ -58,12 +58,19 @@ def emulator_admin() -> EmulatorAdmin:
     return EmulatorAdmin(f"http://127.0.0.1:{EMULATOR_ADMIN_PORT}")
 
 
+def _lease() -> Path:
+    """This scenario's claim on the shared emulator (scenarios may run at the same time)."""
+    name = os.environ.get("MOLECULE_SCENARIO_NAME") or "default"
+    return EMULATOR_DIR / "leases" / name
+
+
 def emulator_start(timeout: float = 15.0) -> str:
     """Start the emulator detached (it outlives the caller) unless one already answers."""
     admin = emulator_admin()
+    _lease().parent.mkdir(parents=True, exist_ok=True)
+    _lease().touch()
     if admin.health():
         return "running"
-    EMULATOR_DIR.mkdir(parents=True, exist_ok=True)
     log = EMULATOR_DIR / "emulator.log"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
@@ -101,7 +108,12 @@ def emulator_start(timeout: float = 15.0) -> str:
 
 
 def emulator_stop() -> str:
-    """Stop the emulator this module started (by its pid file); leave others alone."""
+    """Drop this scenario's lease; stop the emulator this module started (by its pid file)
+    once no scenario holds a lease on it. An emulator started elsewhere is left alone."""
+    _lease().unlink(missing_ok=True)
+    leases = EMULATOR_DIR / "leases"
+    if leases.is_dir() and any(leases.iterdir()):
+        return "still in use"
     pid_file = EMULATOR_DIR / "emulator.pid"
     if not pid_file.exists():
         return "not started here"
@@ -119,6 +131,21 @@ def emulator_stop() -> str:
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     return "killed"
+
+
+def ensure_emulator(
+    envs: list[str], *, kv_mount: str = "secret", prefix: str = "captchaai"
+) -> None:
+    """The emulator answers and knows the current key of every env (re-registered when the
+    emulator was restarted meanwhile, e.g. by another test session on the shared ports)."""
+    emulator_start()
+    admin = emulator_admin()
+    for env in envs:
+        _, key = current_key(env, kv_mount=kv_mount, prefix=prefix)
+        try:
+            admin.counters(key)
+        except EmulatorAdminError:
+            admin.add_key(key, balance=100.0)
 
 
 @dataclass(frozen=True)
