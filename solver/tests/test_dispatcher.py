@@ -40,7 +40,9 @@ def test_many_tasks_share_bulk_polls(tmp_path):
         assert metrics.value("solves_total", outcome="solved") == 200
         return results
 
-    results = asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body))
+    results = asyncio.run(
+        _run(tmp_path, fake, FakeVault({"api_key": key}), body, provider__poll_tick=0.05)
+    )
     assert {r.token for r in results} == {f"token-{r.task_id}" for r in results}
     # 200 tasks, each needing 3 polls: far fewer than 600 res.php calls thanks to bulk polling.
     assert fake.res_calls() <= 12
@@ -72,8 +74,36 @@ def test_first_poll_delay_per_method(tmp_path):
             provider__first_poll_delay={"userrecaptcha": 0.6, "base64": 0.0},
         )
     )
-    assert slow >= 0.6
+    assert slow >= 0.6 - 0.005  # polls happen at the tick nearest their time (± half a tick)
     assert fast < 0.5
+    assert fake.res_calls() == 2
+
+
+def test_not_ready_task_is_polled_again_after_one_interval(tmp_path):
+    """Polled near its first-poll delay, then one poll_interval later (not a tick later)."""
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=1)
+
+    async def body(dispatcher, keys, metrics):
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await dispatcher.solve("userrecaptcha", PARAMS)
+        return loop.time() - t0
+
+    elapsed = asyncio.run(
+        _run(
+            tmp_path,
+            fake,
+            FakeVault({"api_key": key}),
+            body,
+            provider__first_poll_delay={"userrecaptcha": 0.1},
+            provider__poll_interval=0.4,
+            provider__poll_tick=0.2,
+        )
+    )
+    # First poll at once (0.1 s is within half a tick of now), the second one interval later
+    # (0.4 s); a skipped tick would make it 0.6 s.
+    assert 0.3 <= elapsed < 0.55
     assert fake.res_calls() == 2
 
 

@@ -70,6 +70,7 @@ class ProviderConfig:
     request_timeout: float = 30.0
     task_timeout: float = 180.0
     poll_interval: float = 5.0
+    poll_tick: float | None = None  # default: poll_interval / 5
     first_poll_delay: Mapping[str, float] = field(
         default_factory=lambda: dict(DEFAULT_FIRST_POLL_DELAY)
     )
@@ -79,6 +80,10 @@ class ProviderConfig:
     circuit_cooldown: float = 300.0
     zero_balance_cooldown: float = 600.0
     max_connections: int = 32
+
+    @property
+    def effective_poll_tick(self) -> float:
+        return self.poll_tick if self.poll_tick is not None else self.poll_interval / 5
 
     def first_poll_delay_for(self, method: str) -> float:
         delays = self.first_poll_delay
@@ -248,6 +253,7 @@ _SCHEMA: dict[str, dict[str, Parser]] = {
         "request_timeout": _float_in(0.0, lo_open=True),
         "task_timeout": _float_in(0.0, lo_open=True),
         "poll_interval": _float_in(0.0, lo_open=True),
+        "poll_tick": _float_in(0.0, lo_open=True),
         "first_poll_delay": _delays,
         "max_in_flight": _int_in(1, 100_000),
         "backoff_base": _float_in(0.0, lo_open=True),
@@ -338,6 +344,8 @@ def parse_config(
     if vault_cfg.wrapped_secret_id_file == vault_cfg.secret_id_file:
         raise ConfigError("vault.wrapped_secret_id_file", "must differ from vault.secret_id_file")
     provider_cfg = ProviderConfig(**_section(data, "provider"))
+    if provider_cfg.effective_poll_tick > provider_cfg.poll_interval:
+        raise ConfigError("provider.poll_tick", "must be <= provider.poll_interval")
     if provider_cfg.backoff_max < provider_cfg.backoff_base:
         raise ConfigError("provider.backoff_max", "must be >= provider.backoff_base")
     return Config(

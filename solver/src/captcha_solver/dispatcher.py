@@ -206,6 +206,15 @@ class Dispatcher:
         return len(self._pending)
 
     async def _poll_loop(self) -> None:
+        """One bulk ``res.php`` call per key per tick, for every task due at that tick.
+
+        Each task is polled every ``poll_interval`` (its first poll after the per-method delay);
+        the tick (``poll_tick``, a fraction of the interval) only sets how finely those moments
+        are grouped: a task is polled at the tick nearest its due time, never a whole interval
+        late, while the provider sees at most one ``res.php`` call per tick.
+        """
+        tick = self._cfg.effective_poll_tick
+        half = tick / 2
         while True:
             if not self._pending:
                 self._wakeup.clear()
@@ -213,7 +222,7 @@ class Dispatcher:
                 continue
             now = self._clock()
             earliest = min(p.next_poll for p in self._pending.values())
-            wait = max(earliest, self._last_poll + self._cfg.poll_interval) - now
+            wait = max(earliest - half, self._last_poll + tick) - now
             if wait > 0:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
@@ -222,14 +231,14 @@ class Dispatcher:
             self._last_poll = now
             groups: defaultdict[Secret, list[_Pending]] = defaultdict(list)
             for pending in self._pending.values():
-                if pending.next_poll <= now and not pending.future.done():
+                if pending.next_poll - half <= now and not pending.future.done():
                     groups[pending.key].append(pending)
             try:
-                await asyncio.gather(*(self._poll_group(k, g) for k, g in groups.items()))
+                await asyncio.gather(*(self._poll_group(k, g, now) for k, g in groups.items()))
             except Exception:  # never let the poller die; tasks time out on their own
                 log.exception("bulk poll failed")
 
-    async def _poll_group(self, key: Secret, group: list[_Pending]) -> None:
+    async def _poll_group(self, key: Secret, group: list[_Pending], tick_start: float) -> None:
         ids = [p.task_id for p in group]
         try:
             results = await self._provider.results(key, ids)
@@ -240,9 +249,13 @@ class Dispatcher:
                         p.future.set_exception(ProviderError(exc.code, "while polling"))
                 return
             self._metrics.inc("provider_errors_total", code=exc.code)
-            log.warning("bulk poll failed, retrying next tick", extra={"code": exc.code})
+            log.warning("bulk poll failed, retrying after poll_interval", extra={"code": exc.code})
+            for p in group:
+                p.next_poll = tick_start + self._cfg.poll_interval
             return
-        next_poll = self._clock() + self._cfg.poll_interval
+        # From the tick's start, not the answer's arrival: else the next tick is a hair too
+        # early for these tasks and they would wait a whole extra tick.
+        next_poll = tick_start + self._cfg.poll_interval
         for p in group:
             result = results.get(p.task_id)
             if p.future.done():

@@ -5,7 +5,8 @@
   policy and role names, so they do not disturb other suites using the same server.
 * ``private_vault``: a second OpenBao node of our own (``.state/test/solver-vault``), for the
   tests that stop and restart Vault.
-* ``emulator``: the CaptchaAI emulator on 18350/18351 (ephemeral ports if those are taken).
+* ``emulator``: the CaptchaAI emulator on 18350/18351 (ephemeral ports if those are taken),
+  one per test module, reset before each test.
 * ``worker_factory``: provisions an AppRole + key in Vault and runs ``captcha-solver serve`` as
   a subprocess with its log in a file; the tests drive it over HTTP and with signals.
 """
@@ -92,7 +93,7 @@ def vault() -> LocalVault:
     return server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def private_vault() -> Iterator[LocalVault]:
     server = LocalVault(REPO_ROOT / ".state" / "test" / "solver-vault", PRIVATE_VAULT_PORT)
     server.start()
@@ -104,7 +105,7 @@ def private_vault() -> Iterator[LocalVault]:
 # --------------------------------------------------------------------------- emulator
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # module: frees 18350/18351 for the suites that follow
 def emulator_proc() -> Iterator[EmulatorProcess]:
     ports = (
         EMULATOR_PORTS if all(_port_free(p) for p in EMULATOR_PORTS) else (free_port(), free_port())
