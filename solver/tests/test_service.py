@@ -1,5 +1,7 @@
 import asyncio
 import json
+import os
+import stat
 
 import aiohttp
 import pytest
@@ -207,3 +209,24 @@ def test_parse_solve_request(doc, expected):
 )
 def test_parse_solve_request_rejects(doc):
     assert isinstance(parse_solve_request(doc), str)
+
+
+def test_unix_socket(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=0)
+    vault = FakeSession({"api_key": key})
+    sock_path = tmp_path / "solver.sock"
+
+    async def body(service, http, base):
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+        connector = aiohttp.UnixConnector(path=str(sock_path))
+        async with aiohttp.ClientSession(connector=connector) as unix_http:
+            async with unix_http.get("http://localhost/healthz") as r:
+                assert r.status == 200
+            async with unix_http.post(
+                "http://localhost/solve", json={"method": "userrecaptcha", **PARAMS}
+            ) as r:
+                assert r.status == 200
+
+    asyncio.run(_with_service(tmp_path, fake, vault, body, server__unix_socket=str(sock_path)))
+    assert not sock_path.exists()

@@ -206,11 +206,13 @@ class KeyCache:
         jitter = self._cfg.refresh_jitter
         return interval * random.uniform(1 - jitter, 1 + jitter)  # noqa: S311 (not crypto)
 
-    async def run(self) -> None:
-        """The refresh loop (runs until cancelled). Reads at once when started."""
+    async def run(self, *, read_first: bool = True) -> None:
+        """The refresh loop (runs until cancelled). Reads at once unless told otherwise."""
         reason = "startup"
         while True:
-            await self.refresh(reason)
+            if read_first:
+                await self.refresh(reason)
+            read_first = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._next_delay())
             if self._wake.is_set():
@@ -220,8 +222,8 @@ class KeyCache:
             else:
                 reason = "interval"
 
-    def start(self) -> asyncio.Task[None]:
-        self._loop_task = asyncio.create_task(self.run(), name="key-refresh")
+    def start(self, *, read_first: bool = True) -> asyncio.Task[None]:
+        self._loop_task = asyncio.create_task(self.run(read_first=read_first), name="key-refresh")
         return self._loop_task
 
     async def stop(self) -> None:

@@ -23,6 +23,7 @@ from .dispatcher import Dispatcher, SolveError
 from .keycache import KeyCache
 from .metrics import Labels, Metrics, new_metrics
 from .provider import ProviderClient
+from .sdnotify import notify
 from .secret import REGISTRY
 from .vault import KvSecret, VaultClient, VaultError, WrappingTokenError
 
@@ -212,7 +213,6 @@ class Service:
             self.metrics.inc("vault_errors_total", kind="unwrap")
             log.warning("secret-id unwrap deferred", extra={"error": str(exc)})
         await self.provider.start()
-        self.keys.start()
         self.dispatcher.start()
         self._token_task = asyncio.create_task(self._token_keeper(), name="token-keeper")
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
@@ -224,10 +224,15 @@ class Service:
                 server.unix_socket.unlink()
             await web.UnixSite(self._runner, str(server.unix_socket)).start()
             os.chmod(server.unix_socket, 0o660)
+        # Listening: read the key once (bounded by the Vault timeouts), then report ready. A
+        # failed first read is not fatal: /healthz says why and the loop keeps trying.
+        await self.keys.refresh("startup")
+        self.keys.start(read_first=False)
         log.info(
             "captcha-solver serving",
             extra={"env": self.cfg.env, "host": server.host, "port": server.port},
         )
+        notify("READY=1")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -244,6 +249,7 @@ class Service:
     async def shutdown(self) -> None:
         """Stop accepting solves, let tasks in flight finish (bounded), then close."""
         self.draining = True
+        notify("STOPPING=1")
         grace = self.cfg.server.shutdown_grace
         log.info(
             "shutting down", extra={"tasks_in_flight": self.dispatcher.in_flight, "grace": grace}

@@ -232,9 +232,12 @@ class Worker:
         self.config_path = path
         return path
 
-    def start(self, wait: bool = True, **over: Any) -> None:
+    def start(
+        self, wait: bool = True, extra_env: dict[str, str] | None = None, **over: Any
+    ) -> None:
         self.write_config(**over)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env.update(extra_env or {})
         log = open(self.log_file, "ab")  # noqa: SIM115 (the child keeps it)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "captcha_solver", "serve", "--config", str(self.config_path)],

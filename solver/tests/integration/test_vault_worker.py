@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -216,3 +217,19 @@ def test_all_addresses_down(vault, worker_factory):
             client.read_kv(KV_MOUNT, w.key_path)
     finally:
         client.close()
+
+
+def test_sd_notify_ready_after_the_key_is_loaded(vault, worker_factory, tmp_path):
+    w = worker_factory(vault)
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(20)
+        w.start(wait=False, extra_env={"NOTIFY_SOCKET": str(path)})
+        assert sock.recv(64) == b"READY=1"
+        status, health = w.health()  # ready means: listening, and the key is loaded
+        assert status == 200
+        assert health["key_version"] == 1
+        w.signal(signal.SIGTERM)
+        assert sock.recv(64) == b"STOPPING=1"
+    assert w.stop() == 0
