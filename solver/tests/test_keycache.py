@@ -5,6 +5,7 @@ import pytest
 from captcha_solver.keycache import KeyCache, KeyUnavailable
 from captcha_solver.metrics import new_metrics
 from captcha_solver.secret import Secret
+from captcha_solver.vault import VaultAuthError
 
 from .helpers import FakeVault, make_config, new_key, wait_for
 
@@ -188,3 +189,32 @@ def test_concurrent_refreshes_share_one_read(tmp_path):
 
     assert all(asyncio.run(many()))
     assert vault.reads == 1
+
+
+def test_refused_login_counts_as_stale_then_fails_closed(tmp_path):
+    """A revoked secret-id (Vault reachable, login refused) must not keep the key alive."""
+    clock = Clock()
+    key = new_key()
+
+    class RefusingVault(FakeVault):
+        refuse = False
+
+        def read_kv(self, mount, path):
+            if self.refuse:
+                raise VaultAuthError("AppRole login at 'approle' refused: invalid secret id")
+            return super().read_kv(mount, path)
+
+    vault = RefusingVault({"api_key": key})
+    cache = _cache(tmp_path, vault, clock, vault__max_staleness=10.0)
+    asyncio.run(cache.refresh("test"))
+    vault.refuse = True
+    clock.now += 5
+    assert not asyncio.run(cache.refresh("test"))
+    health = cache.health()
+    assert health["status"] == "degraded"
+    assert health["vault_reachable"] is True
+    assert "refused" in health["error"]
+    clock.now += 6
+    with pytest.raises(KeyUnavailable) as err:
+        cache.current_key()
+    assert err.value.reason == "stale"

@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 
 from captcha_solver.service import Service, parse_solve_request
-from captcha_solver.vault import KvSecret
+from captcha_solver.vault import KvSecret, WrappingTokenError
 
 from .helpers import FakeProvider, FakeVault, make_config, new_key, serve_fake_provider
 
@@ -230,3 +230,17 @@ def test_unix_socket(tmp_path):
 
     asyncio.run(_with_service(tmp_path, fake, vault, body, server__unix_socket=str(sock_path)))
     assert not sock_path.exists()
+
+
+def test_replayed_wrapping_token_found_later_stops_the_service(tmp_path):
+    """Vault was down at start; when the unwrap finally fails, serve() raises (CLI: exit 78)."""
+
+    class ReplayedSession(FakeSession):
+        def read_kv(self, mount, path):
+            raise WrappingTokenError("already unwrapped: possible tampering")
+
+    cfg = make_config(tmp_path)
+    service = Service(cfg, vault=ReplayedSession({"api_key": new_key()}))
+    with pytest.raises(WrappingTokenError):
+        asyncio.run(asyncio.wait_for(service.serve_forever(), 10))
+    assert service.draining

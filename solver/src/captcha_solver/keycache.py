@@ -26,7 +26,14 @@ from typing import Any, Protocol
 from .config import ProviderConfig, VaultConfig
 from .metrics import Metrics
 from .secret import Secret
-from .vault import KvSecret, SecretNotFound, VaultAuthError, VaultError, VaultUnavailable
+from .vault import (
+    KvSecret,
+    SecretNotFound,
+    VaultAuthError,
+    VaultError,
+    VaultUnavailable,
+    WrappingTokenError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,7 @@ class KeyCache:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        on_fatal: Callable[[Exception], None] | None = None,
     ) -> None:
         self._cfg = vault_cfg
         self._pcfg = provider_cfg
@@ -111,6 +119,7 @@ class KeyCache:
         self._metrics = metrics
         self._clock = clock
         self._wall = wall
+        self._on_fatal = on_fatal
         self._keyset: KeySet | None = None
         self._loaded_at_wall = 0.0  # when the current version was first loaded
         self._last_success = 0.0  # monotonic time of the last good Vault read
@@ -142,6 +151,13 @@ class KeyCache:
                 self._vault.read_kv, self._cfg.kv_mount, self._cfg.key_path
             )
             keyset = _keyset_from(secret)
+        except WrappingTokenError as exc:
+            self._last_error = str(exc)
+            self._metrics.inc("vault_errors_total", kind="wrapping")
+            log.critical("secret-id unwrap refused: %s", exc)
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+            return False
         except VaultError as exc:
             kind = (
                 "unavailable"
@@ -246,7 +262,9 @@ class KeyCache:
         return None
 
     def stale_seconds(self) -> float:
-        if self._keyset is None or self._vault_reachable:
+        # Any failed read counts (unreachable, login refused, secret gone): a revoked
+        # secret-id must not let the cached key live on forever.
+        if self._keyset is None or not self._failures:
             return 0.0
         return max(0.0, self._clock() - self._last_success)
 
@@ -364,11 +382,9 @@ class KeyCache:
             key, error = None, str(exc)
         if key is None:
             status = "unhealthy"
-        elif not self._vault_reachable or (
-            self._keyset is not None and key != self._keyset.keys[0]
-        ):
+        elif self._failures or (self._keyset is not None and key != self._keyset.keys[0]):
             status = "degraded"
-            error = self._last_error or ("using a backup key" if self._vault_reachable else None)
+            error = self._last_error or "using a backup key"
         else:
             status = "ok"
         keyset = self._keyset

@@ -72,7 +72,10 @@ class Service:
         self.cfg = cfg
         self.metrics: Metrics = new_metrics()
         self.vault: VaultSession = vault or VaultClient(cfg.vault)
-        self.keys = KeyCache(cfg.vault, cfg.provider, self.vault, self.metrics)
+        self.keys = KeyCache(
+            cfg.vault, cfg.provider, self.vault, self.metrics, on_fatal=self._fatal
+        )
+        self.fatal: Exception | None = None
         self.provider = ProviderClient(cfg.provider, self.metrics)
         self.dispatcher = Dispatcher(cfg.provider, self.provider, self.keys, self.metrics)
         self.draining = False
@@ -240,6 +243,11 @@ class Service:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
 
+    def _fatal(self, exc: Exception) -> None:
+        """An error no retry can fix (a replayed wrapping token): stop, and let serve() raise."""
+        self.fatal = exc
+        self.request_stop()
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -280,6 +288,8 @@ class Service:
             await self.wait_stopped()
         finally:
             await self.shutdown()
+        if self.fatal is not None:
+            raise self.fatal
 
 
 def parse_solve_request(doc: Any) -> tuple[str, dict[str, str]] | str:
