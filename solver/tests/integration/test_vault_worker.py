@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -233,3 +234,46 @@ def test_sd_notify_ready_after_the_key_is_loaded(vault, worker_factory, tmp_path
         w.signal(signal.SIGTERM)
         assert sock.recv(64) == b"STOPPING=1"
     assert w.stop() == 0
+
+
+def _self_signed_ca() -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the kit CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_tls_is_verified(vault, worker_factory, tmp_path):
+    """With the system store or a foreign CA the server is not trusted: no login is sent."""
+    w = worker_factory(vault)
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_text(_self_signed_ca())
+    for ca in (None, str(other_ca)):
+        raw = w.config(vault={"retries": 1})
+        if ca:
+            raw["vault"]["ca_file"] = ca
+        else:
+            del raw["vault"]["ca_file"]
+        client = VaultClient(parse_config(raw, environ={}).vault)
+        try:
+            with pytest.raises(VaultUnavailable, match="SSLError"):
+                client.login()
+        finally:
+            client.close()
+        assert not client.has_token
