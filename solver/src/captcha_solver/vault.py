@@ -118,6 +118,7 @@ class VaultClient:
         self._token: Secret | None = None
         self._lease = 0.0
         self._renewable = False
+        self._capped = False  # the last renewal hit max_ttl: log in next time
         self._expires_at = 0.0  # monotonic
 
     # ------------------------------------------------------------------ addresses / retries
@@ -256,6 +257,7 @@ class VaultClient:
             self._set_token(Secret(str(auth["client_token"])))
             self._lease = float(auth.get("lease_duration") or 0)
             self._renewable = bool(auth.get("renewable"))
+            self._capped = False
             self._expires_at = time.monotonic() + self._lease if self._lease else float("inf")
             log.info(
                 "vault login ok",
@@ -282,7 +284,7 @@ class VaultClient:
                 return
             if self.seconds_until_renewal() > 0:
                 return
-            if self._renewable:
+            if self._renewable and not self._capped:
                 try:
                     response = self._call("renew", lambda client: client.auth.token.renew_self())
                 except (VaultUnavailable, hvac.exceptions.VaultError) as exc:
@@ -291,9 +293,11 @@ class VaultClient:
                     log.warning("token renewal failed, logging in again: %s", _reason(exc))
                 else:
                     lease = float(response["auth"].get("lease_duration") or 0)
-                    # At max_ttl the renewal is capped: a short remainder means log in afresh.
+                    # Near max_ttl the renewal is capped (a shorter lease): use the rest of it,
+                    # then log in afresh instead of renewing a token about to die.
                     if lease > self._lease * _RENEW_AT_FRACTION:
                         self._expires_at = time.monotonic() + lease
+                        self._capped = lease < self._lease
                         log.debug("vault token renewed", extra={"ttl": lease})
                         return
                     log.info("vault token near its max TTL, logging in again")

@@ -121,6 +121,7 @@ def test_token_renewal_and_relogin(vault, worker_factory):
     assert len(logins) >= 2  # initial + at least one re-login at max TTL
     assert any(r["msg"] == "vault token renewed" for r in records)
     assert not any(r["msg"] == "key refresh failed" for r in records)
+    assert not any(r["msg"] == "token renewal failed, logging in again" for r in records)
 
 
 def test_wrapped_secret_id_unwrapped_once(vault, worker_factory):
