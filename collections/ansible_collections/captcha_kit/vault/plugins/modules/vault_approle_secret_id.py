@@ -21,6 +21,8 @@ description:
     (O(wrap_ttl)) and returns only the single-use wrapping token. The secret-id itself never
     reaches the controller; the worker unwraps it on the host.
   - In check mode nothing is issued; the result says whether a secret-id would be.
+  - With O(state=absent), destroys the secret-id of O(accessor) instead (used after a rotation,
+    once the worker runs on the new one); an accessor Vault does not know is not a change.
 notes:
   - The wrapping token is returned in RV(wrap_token); the task must use C(no_log).
 options:
@@ -65,6 +67,12 @@ options:
     type: list
     elements: str
     default: []
+  state:
+    description:
+      - C(present) issues a secret-id when needed; C(absent) destroys the one of O(accessor).
+    type: str
+    choices: [present, absent]
+    default: present
 attributes:
   check_mode:
     support: full
@@ -193,7 +201,9 @@ def main():
             wrap_ttl={"type": "str", "default": "120s"},
             metadata={"type": "dict", "default": {}},
             cidr_list={"type": "list", "elements": "str", "default": []},
+            state={"type": "str", "default": "present", "choices": ["present", "absent"]},
         ),
+        required_if=[("state", "absent", ["accessor"])],
         supports_check_mode=True,
     )
     p = module.params
@@ -227,6 +237,28 @@ def main():
         module.fail_json(msg=f"Vault returned no role-id for AppRole role {role}")
 
     accessor = (p["accessor"] or "").strip()
+    if p["state"] == "absent":
+        if not accessor:
+            module.fail_json(msg="state=absent needs the accessor of the secret-id to destroy")
+        known = _lookup_accessor(module, client, role, mount, accessor) is not None
+        if known and not module.check_mode:
+            vault_call(
+                module,
+                f"destroy a secret-id of AppRole role {role}",
+                client.auth.approle.destroy_secret_id_accessor,
+                role,
+                accessor,
+                mount_point=mount,
+            )
+        module.exit_json(
+            changed=known,
+            role_id=role_id,
+            needs_issue=False,
+            reason="destroyed the secret-id" if known else "Vault does not know that secret-id",
+            expires_in=None,
+            issued=False,
+        )
+
     expires_in = None
     if p["force"]:
         needs, reason = True, "a new secret-id was requested (force)"
