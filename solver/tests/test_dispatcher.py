@@ -219,3 +219,35 @@ def test_max_in_flight(tmp_path):
         await asyncio.gather(*first)
 
     asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body, provider__max_in_flight=2))
+
+
+def test_key_rejected_while_polling_fails_every_task_of_that_key_at_once(tmp_path):
+    """Tasks due at different ticks: one bad-key bulk poll, not one per tick."""
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=10_000)
+    vault = FakeVault({"api_key": key})
+
+    async def body(dispatcher, keys, metrics):
+        tasks = []
+        for _ in range(20):  # staggered: their polls fall on different ticks
+            tasks.append(asyncio.create_task(dispatcher.solve("userrecaptcha", PARAMS)))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        before = fake.res_calls()
+        fake.valid_keys = set()  # revoked at the provider, still the key in Vault
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, SolveError) and r.kind == "key_problem" for r in results)
+        return fake.res_calls() - before
+
+    bad_polls = asyncio.run(
+        _run(
+            tmp_path,
+            fake,
+            vault,
+            body,
+            provider__poll_interval=0.3,
+            provider__poll_tick=0.05,
+            provider__circuit_cooldown=60.0,
+        )
+    )
+    assert bad_polls == 1

@@ -244,8 +244,11 @@ class Dispatcher:
             results = await self._provider.results(key, ids)
         except ProviderError as exc:
             if exc.kind is ErrorKind.KEY_PROBLEM:
-                for p in group:  # each solve() decides: refresh the key and resubmit, or fail
-                    if not p.future.done():
+                # Every task of this key, not only the ones due now: polling the others on the
+                # next ticks would send the provider more bad-key requests (and get us banned).
+                # Each solve() then decides: refresh the key and resubmit, or fail.
+                for p in list(self._pending.values()):
+                    if p.key == key and not p.future.done():
                         p.future.set_exception(ProviderError(exc.code, "while polling"))
                 return
             self._metrics.inc("provider_errors_total", code=exc.code)

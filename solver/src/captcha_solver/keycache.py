@@ -294,6 +294,8 @@ class KeyCache:
             )
         key = self._usable_key(now)
         if key is None:
+            if self._rejected:  # the provider said no; a refresh is deciding what next
+                raise KeyUnavailable("key_rejected", "the provider rejected the key")
             raise KeyUnavailable("keys_exhausted", "every key in the secret is out of balance")
         return key
 

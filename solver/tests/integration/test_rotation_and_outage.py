@@ -188,3 +188,27 @@ def test_sigterm_finishes_tasks_in_flight(vault, worker_factory):
     assert results == [200] * 30
     assert w.proc is not None
     assert w.proc.wait(10) == 0
+
+
+def test_revoked_key_under_traffic_does_not_get_the_host_banned(vault, worker_factory):
+    """40 clients keep solving while the key is revoked and Vault still holds it."""
+    w = worker_factory(vault)
+    w.emulator.admin.set_options(ban_threshold=10, ban_window=60.0)
+    w.start(provider={"circuit_cooldown": 60.0})
+    key = w.keys[0]
+
+    def revoke() -> None:
+        time.sleep(1.0)
+        w.emulator.admin.revoke_key(key)
+        w.wait_health(lambda h: h["circuit"] == "open", within=5)
+        time.sleep(1.0)  # clients keep hammering the worker; the worker stops at its door
+
+    results = _run_traffic_during(w.base, revoke)
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) > 20
+    assert statuses.count(503) > 100
+    assert set(statuses) == {200, 503}
+    # Only the requests already on the wire when the key was revoked (one bulk poll, maybe a
+    # submit): every task of the key fails at once, no later tick polls it again.
+    assert counters(w.emulator, key)["bad_key"] <= 3
+    assert w.emulator.admin.bans() == {}
