@@ -13,7 +13,8 @@ export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 export CONTAINERS_CONF := $(abspath tools/containers.conf)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help venv host-deps image lint test test-unit test-integration test-molecule demo demo-down clean
+.PHONY: help venv host-deps image lint test test-solver test-playbooks test-molecule test-faults bench \
+	demo demo-down clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -41,16 +42,22 @@ lint: venv  ## yamllint, ansible-lint (production), ruff, mypy
 	$(BIN)/ruff format --check .
 	cd solver && ../$(BIN)/mypy
 
-test-unit: venv  ## solver unit tests and emulator tests (no containers)
-	$(BIN)/pytest solver/tests tests -m "not containers"
+test-solver: venv  ## the solver package: unit tests + integration against OpenBao and the emulator
+	cd solver && ../$(BIN)/pytest
 
-test-integration: venv image  ## playbook suites that need worker containers
-	$(BIN)/pytest tests -m containers
+test-playbooks: venv image  ## tools, emulator and playbook suites (real Vault, worker containers)
+	$(BIN)/pytest tests -m "not slow_faults"
 
 test-molecule: venv image  ## every molecule scenario
 	$(BIN)/molecule test --all
 
-test: lint test-unit test-integration test-molecule  ## everything CI runs
+test-faults: venv image  ## every fault test, the slow ones (minutes each) included
+	$(BIN)/pytest tests/faults
+
+test: lint test-solver test-playbooks test-molecule  ## everything CI runs
+
+bench: venv  ## benchmarks; results go to bench/results-*.md (see bench/README.md)
+	$(BIN)/python -m bench.solver_throughput --write-results bench/results-solver.md
 
 demo: venv image  ## local Vault + emulator + two workers, provision, deploy, rotate
 	$(BIN)/python -m tools.demo up

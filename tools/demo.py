@@ -1,0 +1,402 @@
+"""The demo: the whole story of the kit on local parts, from nothing.
+
+    python -m tools.demo up      # (make demo) provision → deploy → load → rotate → summary
+    python -m tools.demo status  # each worker's /healthz
+    python -m tools.demo down    # (make demo-down) stop the containers, the emulator and Vault
+
+``up`` starts a real OpenBao server (TLS, raft; tools.local_vault) and the CaptchaAI emulator on
+127.0.0.1, provisions dev/staging/prod with first keys made here, starts the worker containers of
+``inventories/local`` (systemd as PID 1, host network), deploys the solver on them, puts solve
+load on every worker, rotates the dev key unattended with the rotator AppRole (stopping at
+"awaiting revocation"), revokes the old key at the emulator as an operator would at CaptchaAI,
+confirms, and prints a summary. Everything is left running for a look around.
+
+Keys are made at run time and never printed, passed on a command line, or written outside the
+0600 files of the git-ignored state directory (``.state/demo``), which the demo deletes after use.
+Running ``up`` again on a running demo is safe: provisioning and deployment change nothing and a
+new rotation runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import hvac
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+STATE = REPO / ".state"
+DEMO = STATE / "demo"
+INVENTORY = REPO / "inventories" / "local"
+VAULT_PORT = 18200
+EMULATOR_PORT = 18300
+EMULATOR_ADMIN_PORT = 18301
+ROTATE_ENV = "dev"
+LOAD_CLIENTS_PER_WORKER = 4
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tools.captchaai_emulator import EmulatorAdmin, EmulatorAdminError  # noqa: E402
+from tools.local_vault import LocalVault  # noqa: E402
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def masked(key: str) -> str:
+    return "***" + key[-4:]
+
+
+# --- inventory --------------------------------------------------------------------------------
+
+
+def load_inventory() -> dict[str, dict[str, Any]]:
+    """Worker hosts of the local inventory with their env and port (from host_vars)."""
+    hosts_yml = yaml.safe_load((INVENTORY / "hosts.yml").read_text())
+    names: list[str] = []
+
+    def walk(group: Mapping[str, Any]) -> None:
+        names.extend((group.get("hosts") or {}).keys())
+        for child in (group.get("children") or {}).values():
+            walk(child or {})
+
+    walk(hosts_yml["all"]["children"]["workers"])
+    workers = {}
+    for name in names:
+        host_vars = yaml.safe_load((INVENTORY / "host_vars" / f"{name}.yml").read_text())
+        workers[name] = {
+            "env": host_vars["captcha_worker_env"],
+            "port": int(host_vars["captcha_worker_port"]),
+        }
+    return workers
+
+
+def kit_vars() -> dict[str, Any]:
+    return yaml.safe_load((INVENTORY / "group_vars" / "all" / "main.yml").read_text())
+
+
+# --- local parts ------------------------------------------------------------------------------
+
+
+def vault() -> LocalVault:
+    return LocalVault(STATE / "vault", VAULT_PORT)
+
+
+def emulator_admin() -> EmulatorAdmin:
+    return EmulatorAdmin(f"http://127.0.0.1:{EMULATOR_ADMIN_PORT}")
+
+
+def start_emulator() -> None:
+    """Start the emulator detached (it outlives this command) unless it already answers."""
+    admin = emulator_admin()
+    if admin.health():
+        return
+    log = DEMO / "emulator.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tools.captchaai_emulator",
+                "--port",
+                str(EMULATOR_PORT),
+                "--admin-port",
+                str(EMULATOR_ADMIN_PORT),
+                "--solve-delay",
+                "uniform:2:5",
+            ],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    (DEMO / "emulator.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 15
+    while not admin.health():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"demo: the emulator did not start; see {log}")
+        time.sleep(0.1)
+
+
+def platform_defaults() -> dict[str, Any]:
+    """The container settings of the molecule base: one source for demo and tests."""
+    base = yaml.safe_load((REPO / ".config" / "molecule" / "config.yml").read_text())
+    return dict(base["driver"]["platform_defaults"])
+
+
+def start_containers(names: list[str]) -> None:
+    pd = platform_defaults()
+    for name in names:
+        state = subprocess.run(
+            ["podman", "container", "inspect", "--format", "{{.State.Running}}", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if state.returncode == 0 and state.stdout.strip() == "true":
+            continue
+        if state.returncode == 0:
+            subprocess.run(["podman", "rm", "-f", name], check=True, capture_output=True)
+        argv = ["podman", "run", "-d", "--name", name, "--hostname", name]
+        argv += [f"--network={pd['network']}", f"--systemd={pd['systemd']}"]
+        argv += [f"--cap-add={cap}" for cap in pd.get("capabilities", [])]
+        argv += [f"--ulimit={u}" for u in pd.get("ulimits", [])]
+        argv += list(pd.get("extra_opts", []))
+        argv += ["--label", "owner=captcha-kit-demo", pd["image"], pd["command"]]
+        subprocess.run(argv, check=True, capture_output=True)
+    wait = ["timeout", str(pd.get("boot_timeout", 120)), "systemctl", "is-system-running", "--wait"]
+    for name in names:
+        subprocess.run(
+            ["podman", "exec", name, *wait],
+            check=False,
+            capture_output=True,
+        )
+
+
+@contextmanager
+def secret_vars_file(name: str, data: Mapping[str, Any]) -> Iterator[Path]:
+    """Extra vars that hold secrets: a 0600 file in the state dir, deleted after use."""
+    path = DEMO / name
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def playbook(name: str, *args: str, env: Mapping[str, str]) -> None:
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY)]
+    cmd += [str(REPO / "playbooks" / name), *args]
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: {name} failed (exit {result.returncode}); see the output above")
+
+
+def healthz(port: int) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return dict(json.load(resp))
+    except urllib.error.HTTPError as err:
+        return dict(json.load(err))
+    except OSError as err:
+        return {"status": "unreachable", "error": str(err)}
+
+
+def show_workers(workers: Mapping[str, Mapping[str, Any]]) -> None:
+    for name, w in workers.items():
+        h = healthz(w["port"])
+        keep = ("status", "env", "key_version", "key_fingerprint", "key_age_seconds")
+        shown = {k: h.get(k) for k in keep} | {
+            "vault_reachable": h.get("vault_reachable"),
+            "rotation_state": (h.get("rotation") or {}).get("rotation_state"),
+        }
+        print(f"  {name} (127.0.0.1:{w['port']}): {json.dumps(shown)}")
+
+
+# --- the story --------------------------------------------------------------------------------
+
+
+def ensure_keys(client: hvac.Client, envs: list[str]) -> dict[str, str]:
+    """First keys for envs that have none yet; keys already in Vault are made known to the
+    emulator (it keeps keys in memory only). Returns the new first keys to provision."""
+    kv = kit_vars()
+    admin = emulator_admin()
+    first: dict[str, str] = {}
+    for env in envs:
+        path = f"{kv['captcha_kit_key_path_prefix']}/{env}"
+        try:
+            data = client.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=kv["captcha_kit_kv_mount"], raise_on_deleted_version=True
+            )
+            key = str(data["data"]["data"]["api_key"])
+        except (hvac.exceptions.InvalidPath, hvac.exceptions.Forbidden):
+            key = first[env] = secrets.token_hex(16)
+        try:
+            admin.counters(key)
+        except EmulatorAdminError:
+            admin.add_key(key, balance=1000.0)
+    return first
+
+
+def rotator_files(client: hvac.Client) -> tuple[Path, Path]:
+    """The rotator AppRole's role-id and a fresh secret-id in 0600 files, as a scheduler has."""
+    role = f"captcha-rotator-{ROTATE_ENV}"
+    mount = kit_vars()["captcha_kit_approle_mount"]
+    role_id = client.auth.approle.read_role_id(role, mount_point=mount)["data"]["role_id"]
+    secret_id = client.auth.approle.generate_secret_id(role, mount_point=mount)["data"]
+    files = []
+    values = (("rotator-role-id", role_id), ("rotator-secret-id", secret_id["secret_id"]))
+    for name, value in values:
+        path = DEMO / name
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{value}\n")
+        files.append(path)
+    return files[0], files[1]
+
+
+def rotate(args: list[str]) -> tuple[int, dict[str, Any]]:
+    status_file = DEMO / "rotation-status.json"
+    status_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "tools.rotate_unattended", "--env", ROTATE_ENV]
+    cmd += ["-i", str(INVENTORY), "--status-file", str(status_file), *args]
+    rc = subprocess.run(cmd, cwd=REPO, check=False).returncode
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    return rc, status
+
+
+def up(load_seconds: int) -> int:
+    DEMO.mkdir(parents=True, exist_ok=True)
+    workers = load_inventory()
+    envs = list(kit_vars()["captcha_kit_envs"])
+    t0 = time.monotonic()
+
+    say("Start the local Vault (OpenBao: TLS, raft, file audit) and the CaptchaAI emulator")
+    server = vault()
+    server.start()
+    start_emulator()
+    admin_env = server.env()
+    client = hvac.Client(url=server.addr, token=server.root_token(), verify=str(server.ca_file))
+    print(f"  Vault {server.addr} (CA {server.ca_file}); emulator http://127.0.0.1:{EMULATOR_PORT}")
+
+    say(f"Provision Vault for {', '.join(envs)} (playbooks/provision-vault.yml)")
+    first = ensure_keys(client, envs)
+    with secret_vars_file("first-keys.json", {"vault_provision_first_keys": first}) as fk:
+        playbook("provision-vault.yml", "-e", f"@{fk}", env=admin_env)
+    ensure_keys(client, envs)
+
+    say(f"Start the worker containers: {', '.join(workers)}")
+    start_containers(list(workers))
+
+    say("Deploy the solver workers (playbooks/deploy-workers.yml)")
+    playbook("deploy-workers.yml", env=admin_env)
+    show_workers(workers)
+
+    say(f"Put solve load on every worker ({LOAD_CLIENTS_PER_WORKER} clients each)")
+    load_file = DEMO / "load.json"
+    load_file.unlink(missing_ok=True)
+    urls = [f"http://127.0.0.1:{w['port']}" for w in workers.values()]
+    load = subprocess.Popen(
+        [sys.executable, "-m", "tools.loadgen", "--duration", str(load_seconds)]
+        + ["--clients-per-url", str(LOAD_CLIENTS_PER_WORKER), "--summary", str(load_file)]
+        + [arg for url in urls for arg in ("--url", url)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(3)
+
+    say(f"Stage a new {ROTATE_ENV} key and rotate unattended with the rotator AppRole")
+    new_key = secrets.token_hex(16)
+    emulator_admin().add_key(new_key, balance=1000.0)
+    kv = kit_vars()
+    staged = f"{kv['captcha_kit_staged_path_prefix']}/{ROTATE_ENV}"
+    try:  # the mount requires check-and-set: stage on top of the staged path's last version
+        cas = int(
+            client.secrets.kv.v2.read_secret_metadata(
+                path=staged, mount_point=kv["captcha_kit_kv_mount"]
+            )["data"]["current_version"]
+        )
+    except hvac.exceptions.InvalidPath:
+        cas = 0
+    client.secrets.kv.v2.create_or_update_secret(
+        path=staged, secret={"api_key": new_key}, cas=cas, mount_point=kv["captcha_kit_kv_mount"]
+    )
+    old = client.secrets.kv.v2.read_secret_version(
+        path=f"{kv['captcha_kit_key_path_prefix']}/{ROTATE_ENV}",
+        mount_point=kv["captcha_kit_kv_mount"],
+        raise_on_deleted_version=True,
+    )["data"]["data"]["api_key"]
+    print(f"  staged {masked(new_key)} to replace {masked(old)}")
+    role_id_file, secret_id_file = rotator_files(client)
+    creds = ["--role-id-file", str(role_id_file), "--secret-id-file", str(secret_id_file)]
+    t_rotate = time.monotonic()
+    rc, first_run = rotate(creds)
+    if rc != 75:
+        load.terminate()
+        raise SystemExit(f"demo: expected 'awaiting revocation' (exit 75), got {rc}")
+
+    say(f"Revoke the old key {masked(old)} at the provider (the emulator), then confirm")
+    emulator_admin().revoke_key(old)
+    rc, final = rotate([*creds, "--confirm-revoked"])
+    rotate_seconds = time.monotonic() - t_rotate
+    role_id_file.unlink(missing_ok=True)
+    secret_id_file.unlink(missing_ok=True)
+    if rc != 0:
+        load.terminate()
+        raise SystemExit(f"demo: the confirmed rotation did not complete (exit {rc})")
+
+    say("Wait for the load to finish")
+    load.wait(timeout=load_seconds + 60)
+    summary = json.loads(load_file.read_text()) if load_file.exists() else {}
+
+    say("Summary")
+    print(f"  rotation {final.get('rotation_id')} of {ROTATE_ENV}: {final.get('rotation_state')}")
+    print(f"  put → every worker on the new version: {first_run.get('put_to_converged_seconds')} s")
+    print(f"  put → revocation prompt: {first_run.get('put_to_prompt_seconds')} s")
+    per_worker = json.dumps(first_run.get("worker_convergence_seconds"))
+    print(f"  per-worker convergence (s): {per_worker}")
+    print(f"  rotation wall time incl. confirmation: {rotate_seconds:.1f} s")
+    print(f"  solves during the demo load: {json.dumps(summary.get('totals', summary))}")
+    show_workers(workers)
+    print(f"\n  demo up in {time.monotonic() - t0:.0f} s. Left running; try:")
+    print("    python -m tools.demo status")
+    print(f"    curl -s -X POST 127.0.0.1:{next(iter(workers.values()))['port']}/solve \\")
+    print('      -d \'{"method":"userrecaptcha","googlekey":"k","pageurl":"https://a.test"}\'')
+    print('    eval "$(python -m tools.local_vault env)"; bao kv metadata get secret/captchaai/dev')
+    print("    make demo-down")
+    failed = int((summary.get("totals") or summary).get("failed", 0))
+    return 1 if failed else 0
+
+
+def down() -> int:
+    workers = load_inventory()
+    for name in workers:
+        subprocess.run(["podman", "rm", "-f", "-t", "5", name], check=False, capture_output=True)
+    pid_file = DEMO / "emulator.pid"
+    if pid_file.exists():
+        with suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), 15)
+        pid_file.unlink()
+    vault().stop()
+    print("demo: stopped the worker containers, the emulator and the local Vault (state kept)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="run the whole story and leave it running")
+    p_up.add_argument("--load-seconds", type=int, default=60)
+    sub.add_parser("status", help="print each worker's /healthz")
+    sub.add_parser("down", help="stop everything the demo started")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        return up(args.load_seconds)
+    if args.command == "status":
+        show_workers(load_inventory())
+        return 0
+    return down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
