@@ -129,9 +129,34 @@ def test_rejected_key_still_in_vault_opens_circuit_then_half_opens(tmp_path):
     health = cache.health()
     assert health["circuit"] == "open"
     assert health["status"] == "unhealthy"
-    clock.now += 31
+    clock.now += 31  # half-open: health checks do not take the probe ...
+    assert cache.health()["circuit"] == "open"
+    assert cache.current_key() == Secret(key)  # ... one caller gets the key as a probe ...
+    with pytest.raises(KeyUnavailable):
+        cache.current_key()  # ... and everyone else waits for its outcome
+    assert cache.circuit_open
+    cache.report_accepted(Secret(key))
     assert not cache.circuit_open
-    assert cache.current_key() == Secret(key)  # half-open: one more try
+    assert cache.current_key() == Secret(key)
+    assert cache.health()["status"] == "ok"
+
+
+def test_failed_probe_reopens_the_circuit(tmp_path):
+    clock = Clock()
+    key = new_key()
+    vault = FakeVault({"api_key": key})
+    cache = _cache(tmp_path, vault, clock, provider__circuit_cooldown=30.0)
+    asyncio.run(cache.refresh("test"))
+    asyncio.run(cache.report_rejected(Secret(key), "ERROR_KEY_DOES_NOT_EXIST"))
+    clock.now += 31
+    probe = cache.current_key()
+    assert asyncio.run(cache.report_rejected(probe, "ERROR_KEY_DOES_NOT_EXIST")) is None
+    clock.now += 29
+    with pytest.raises(KeyUnavailable) as err:
+        cache.current_key()
+    assert err.value.reason == "circuit_open"
+    clock.now += 2
+    assert cache.current_key() == Secret(key)  # the next probe
 
 
 def test_new_key_in_vault_closes_open_circuit(tmp_path):

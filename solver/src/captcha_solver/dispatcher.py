@@ -147,6 +147,7 @@ class Dispatcher:
                 raise SolveError(exc.reason.upper(), "unavailable", str(exc)) from None
             try:
                 task_id = await self._provider.submit(key, method, params)
+                self._keys.report_accepted(key)
                 token = await self._await_result(task_id, key, method, deadline)
             except ProviderError as exc:
                 last_code = exc.code

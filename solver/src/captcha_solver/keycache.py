@@ -129,7 +129,9 @@ class KeyCache:
         self._failures = 0
         self._rejected: set[Secret] = set()
         self._exhausted: dict[Secret, float] = {}
-        self._circuit_until: float | None = None
+        self._circuit_until: float | None = None  # set: open, or half-open once it is past
+        self._probe_started: float | None = None
+        self._probe_key: Secret | None = None
         self._banned_until: float | None = None
         self._wake = asyncio.Event()
         self._wake_reason = "interval"
@@ -208,7 +210,7 @@ class KeyCache:
         self._exhausted = {k: v for k, v in self._exhausted.items() if k in current}
         if self._circuit_until is not None and self._usable_key(now) is not None:
             log.info("circuit closed: Vault returned a key the provider has not rejected")
-            self._circuit_until = None
+            self._close_circuit()
 
     def request_refresh(self, reason: str = "sighup") -> None:
         """Ask the refresh loop to read the key now (signal-handler safe)."""
@@ -268,22 +270,18 @@ class KeyCache:
             return 0.0
         return max(0.0, self._clock() - self._last_success)
 
-    def current_key(self) -> Secret:
-        """The key to use now, or :class:`KeyUnavailable` (fail closed)."""
+    def current_key(self, *, probe: bool = True) -> Secret:
+        """The key to use now, or :class:`KeyUnavailable` (fail closed).
+
+        After the circuit's cool-down it is half-open: exactly one caller gets the rejected key
+        as a probe (``probe=False`` callers, e.g. health checks, never take it); the others
+        wait until :meth:`report_accepted` closes the circuit or a rejection re-opens it.
+        """
         now = self._clock()
         if self._banned_until is not None:
             if now < self._banned_until:
                 raise KeyUnavailable("ip_banned", "the provider banned this host; waiting")
             self._banned_until = None
-        if self._circuit_until is not None:
-            if now < self._circuit_until:
-                raise KeyUnavailable(
-                    "circuit_open",
-                    "the provider rejected the key and Vault still holds it; circuit open",
-                )
-            log.info("circuit half-open: cool-down over, trying the key again")
-            self._circuit_until = None
-            self._rejected.clear()
         if self._keyset is None:
             raise KeyUnavailable("no_key", self._last_error or "no key loaded from Vault yet")
         if self.stale_seconds() > self._cfg.max_staleness:
@@ -292,12 +290,41 @@ class KeyCache:
                 f"Vault unreachable and the cached key is older than max_staleness"
                 f" ({self._cfg.max_staleness:g}s)",
             )
+        if self._circuit_until is not None:
+            if now < self._circuit_until:
+                raise KeyUnavailable(
+                    "circuit_open",
+                    "the provider rejected the key and Vault still holds it; circuit open",
+                )
+            probing = self._probe_started is not None and now - self._probe_started < (
+                self._pcfg.request_timeout * 2
+            )
+            if probing or not probe:
+                raise KeyUnavailable(
+                    "circuit_open", "circuit half-open: one request is probing the key"
+                )
+            self._probe_started = now
+            self._probe_key = self._keyset.keys[0]
+            log.info("circuit half-open: one probe request with the key")
+            return self._probe_key
         key = self._usable_key(now)
         if key is None:
             if self._rejected:  # the provider said no; a refresh is deciding what next
                 raise KeyUnavailable("key_rejected", "the provider rejected the key")
             raise KeyUnavailable("keys_exhausted", "every key in the secret is out of balance")
         return key
+
+    def report_accepted(self, key: Secret) -> None:
+        """The provider accepted *key* (a task was submitted): a probe closes the circuit."""
+        if self._probe_key is not None and key == self._probe_key:
+            log.info("circuit closed: the provider accepts the key again")
+            self._rejected.discard(key)
+            self._close_circuit()
+
+    def _close_circuit(self) -> None:
+        self._circuit_until = None
+        self._probe_started = None
+        self._probe_key = None
 
     # ------------------------------------------------------------------ provider feedback
     async def report_rejected(self, key: Secret, code: str) -> Secret | None:
@@ -317,6 +344,7 @@ class KeyCache:
             and any(k in self._rejected for k in self._keyset.keys)
         ):
             if self._circuit_until is None or now >= self._circuit_until:
+                self._close_circuit()
                 self._circuit_until = now + self._pcfg.circuit_cooldown
                 self._last_error = f"provider rejected the key ({code}); Vault still holds it"
                 log.error(
@@ -355,10 +383,9 @@ class KeyCache:
     # ------------------------------------------------------------------ health
     @property
     def circuit_open(self) -> bool:
-        now = self._clock()
-        return (self._circuit_until is not None and now < self._circuit_until) or (
-            self._banned_until is not None and now < self._banned_until
-        )
+        """Open or half-open (until a probe succeeds), or paused after a ban."""
+        banned = self._banned_until is not None and self._clock() < self._banned_until
+        return self._circuit_until is not None or banned
 
     @property
     def key_version(self) -> int | None:
@@ -379,7 +406,7 @@ class KeyCache:
         """The key-related part of ``/healthz`` (see docs/interfaces.md)."""
         error: str | None = None
         try:
-            key: Secret | None = self.current_key()
+            key: Secret | None = self.current_key(probe=False)
         except KeyUnavailable as exc:
             key, error = None, str(exc)
         if key is None:
