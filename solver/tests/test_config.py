@@ -129,3 +129,18 @@ def test_unknown_section(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_config({"env": "dev", "vaults": {}}, environ={})
     assert err.value.field == "vaults"
+
+
+def test_first_poll_delay_table_with_default_replaces_builtins():
+    base = {
+        "env": "dev",
+        "vault": {"addrs": ["https://v:8200"], "role_id_file": "/r", "secret_id_file": "/s"},
+        "provider": {"url": "http://p", "first_poll_delay": {"default": 0.2, "base64": 1}},
+    }
+    cfg = parse_config(base, environ={})
+    assert cfg.provider.first_poll_delay_for("hcaptcha") == 0.2
+    assert cfg.provider.first_poll_delay_for("base64") == 1.0
+    base["provider"]["first_poll_delay"] = {"userrecaptcha": 20}
+    cfg = parse_config(base, environ={})
+    assert cfg.provider.first_poll_delay_for("userrecaptcha") == 20.0
+    assert cfg.provider.first_poll_delay_for("hcaptcha") == 15.0

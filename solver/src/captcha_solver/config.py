@@ -211,7 +211,9 @@ def _delays(name: str, value: Any) -> dict[str, float]:
             raise ConfigError(name, 'must be a table, e.g. {"userrecaptcha": 15}') from None
     if not isinstance(value, dict):
         raise ConfigError(name, f"must be a table of method = seconds, got {type(value).__name__}")
-    merged = dict(DEFAULT_FIRST_POLL_DELAY)
+    # A table with its own "default" replaces the built-in per-method values; one without
+    # "default" adjusts only the methods it names.
+    merged = {} if "default" in value else dict(DEFAULT_FIRST_POLL_DELAY)
     check = _float_in(0.0)
     for method, seconds in value.items():
         merged[str(method)] = check(f"{name}.{method}", seconds)

@@ -39,11 +39,16 @@ def test_login_read_and_solve(vault, worker_factory):
     assert counters(w.emulator, w.keys[0])["solved"] == 1
 
     base = [sys.executable, "-m", "captcha_solver"]
+    # A proxy in the environment must not capture the loopback API calls of the CLI.
+    proxied = {**os.environ, "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    proxied.pop("no_proxy", None)
+    proxied.pop("NO_PROXY", None)
     status_cli = subprocess.run(
         [*base, "status", "--config", str(w.config_path)],
         capture_output=True,
         text=True,
         check=False,
+        env=proxied,
     )
     assert status_cli.returncode == 0, status_cli.stderr
     assert json.loads(status_cli.stdout)["key_version"] == 1
@@ -63,6 +68,7 @@ def test_login_read_and_solve(vault, worker_factory):
         capture_output=True,
         text=True,
         check=False,
+        env=proxied,
     )
     assert solve_cli.returncode == 0, solve_cli.stdout + solve_cli.stderr
     assert json.loads(solve_cli.stdout)["token"].startswith("P1_")
