@@ -212,3 +212,31 @@ def test_revoked_key_under_traffic_does_not_get_the_host_banned(vault, worker_fa
     # submit): every task of the key fails at once, no later tick polls it again.
     assert counters(w.emulator, key)["bad_key"] <= 3
     assert w.emulator.admin.bans() == {}
+
+
+def test_backoff_on_no_slot_and_server_errors_loses_no_solve(vault, worker_factory):
+    """Emulator: 4 slots for the key and 20% HTTP 500 answers; 30 solves at once all succeed."""
+    w = worker_factory(vault)
+    key = w.keys[0]
+    w.emulator.admin.set_max_slots(key, 4)
+    w.emulator.admin.set_options(http_error_rate=0.2)
+    w.start()
+
+    async def main() -> list[int]:
+        async with aiohttp.ClientSession() as http:
+
+            async def one() -> int:
+                body = {"method": "userrecaptcha", **PARAMS}
+                async with http.post(f"{w.base}/solve", json=body) as r:
+                    return r.status
+
+            return await asyncio.gather(*(one() for _ in range(30)))
+
+    statuses = asyncio.run(main())
+    assert statuses == [200] * 30
+    stats = counters(w.emulator, key)
+    assert stats["no_slot"] > 0
+    assert stats["solved"] == 30
+    metrics = w.metrics()
+    assert 'captcha_solver_provider_errors_total{code="ERROR_NO_SLOT_AVAILABLE"}' in metrics
+    assert 'captcha_solver_provider_errors_total{code="HTTP_5XX"}' in metrics
