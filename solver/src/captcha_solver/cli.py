@@ -141,7 +141,7 @@ def cmd_solve(cfg: Config, method: str, raw_params: Sequence[str], timeout: floa
 
 def cmd_serve(cfg: Config) -> int:
     from .service import Service  # imported here: the light commands need no aiohttp/hvac
-    from .vault import VaultAuthError, WrappingTokenError
+    from .vault import WrappingTokenError
 
     async def run() -> None:
         await Service(cfg).serve_forever()
@@ -151,9 +151,6 @@ def cmd_serve(cfg: Config) -> int:
     except WrappingTokenError as exc:
         log.critical("refusing to start: %s", exc)
         print(f"captcha-solver: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    except VaultAuthError as exc:
-        log.critical("refusing to start: %s", exc)
         return EX_CONFIG
     except OSError as exc:  # e.g. the port is taken
         log.critical("cannot start: %s", exc)

@@ -284,3 +284,19 @@ def test_tls_is_verified(vault, worker_factory, tmp_path):
         finally:
             client.close()
         assert not client.has_token
+
+
+def test_wrapped_secret_id_dropped_in_later_is_picked_up(vault, worker_factory):
+    """Started before its credentials: unhealthy with the reason, then fine without a restart."""
+    w = worker_factory(vault)
+    w.secret_id_file.unlink()
+    w.start(wait=False)
+    health = w.wait_health(lambda h: h["error"] is not None, within=10)
+    assert health["status"] == "unhealthy"
+    assert "secret-id file" in health["error"]
+    token, _ = w.new_secret_id(wrap_ttl="60s")
+    w.keys.append(token)
+    w.wrapped_file.write_text(token + "\n")
+    w.wait_health(lambda h: h["status"] == "ok", within=10)
+    assert not w.wrapped_file.exists()
+    assert w.solve().status_code == 200
