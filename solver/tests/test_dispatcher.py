@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import pytest
 
@@ -251,3 +252,30 @@ def test_key_rejected_while_polling_fails_every_task_of_that_key_at_once(tmp_pat
         )
     )
     assert bad_polls == 1
+
+
+def test_slow_refresh_after_rejection_stays_within_task_timeout(tmp_path):
+    key = new_key()
+    fake = FakeProvider(valid_keys=set())
+
+    class SlowVault(FakeVault):
+        slow = False
+
+        def read_kv(self, mount, path):
+            if self.slow:
+                time.sleep(1.5)
+            return super().read_kv(mount, path)
+
+    vault = SlowVault({"api_key": key})
+
+    async def body(dispatcher, keys, metrics):
+        vault.slow = True
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(SolveError) as err:
+            await dispatcher.solve("userrecaptcha", PARAMS)
+        assert err.value.kind == "key_problem"
+        return loop.time() - t0
+
+    elapsed = asyncio.run(_run(tmp_path, fake, vault, body, provider__task_timeout=0.5))
+    assert elapsed < 1.0

@@ -163,7 +163,11 @@ class Dispatcher:
                     raise SolveError(exc.code, "fatal", str(exc)) from None
                 # A key problem: refresh / switch keys, then resubmit with the new key.
                 key_switches += 1
-                replacement = await self._on_key_problem(exc, key)
+                try:  # the refresh behind it may be slow (Vault down): stay within the deadline
+                    async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                        replacement = await self._on_key_problem(exc, key)
+                except TimeoutError:
+                    replacement = None
                 if replacement is None or key_switches > _MAX_KEY_SWITCHES:
                     raise SolveError(exc.code, "key_problem", str(exc)) from None
                 continue
