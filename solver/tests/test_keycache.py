@@ -243,3 +243,29 @@ def test_refused_login_counts_as_stale_then_fails_closed(tmp_path):
     with pytest.raises(KeyUnavailable) as err:
         cache.current_key()
     assert err.value.reason == "stale"
+
+
+def test_unexpected_vault_error_does_not_kill_the_refresh_loop(tmp_path):
+    key = new_key()
+
+    class OddVault(FakeVault):
+        odd = True
+
+        def read_kv(self, mount, path):
+            if self.odd:
+                self.reads += 1
+                raise KeyError("data")  # e.g. an unexpected response shape
+            return super().read_kv(mount, path)
+
+    vault = OddVault({"api_key": key})
+    cache = _cache(tmp_path, vault, vault__refresh_interval=0.05)
+
+    async def scenario():
+        cache.start()
+        await wait_for(lambda: vault.reads >= 2, within=3)
+        vault.odd = False
+        await wait_for(lambda: cache.key_version == 1, within=3)
+        await cache.stop()
+
+    asyncio.run(scenario())
+    assert cache.current_key() == Secret(key)

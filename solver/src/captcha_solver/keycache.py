@@ -180,6 +180,13 @@ class KeyCache:
                 extra={"reason": reason, "error": str(exc), "stale_seconds": self.stale_seconds()},
             )
             return False
+        except Exception as exc:  # never let the refresh loop die on a surprise
+            self._failures += 1
+            self._last_error = f"vault error: {type(exc).__name__}"
+            self._metrics.inc("vault_errors_total", kind="unexpected")
+            self._metrics.inc("key_refreshes_total", reason=reason, result="error")
+            log.exception("key refresh failed unexpectedly", extra={"reason": reason})
+            return False
         self._install(keyset, reason)
         return True
 

@@ -205,6 +205,9 @@ class Service:
             except VaultError as exc:
                 self.metrics.inc("vault_errors_total", kind="token")
                 log.warning("vault token upkeep failed", extra={"error": str(exc)})
+            except Exception:  # keep the keeper alive; the next read logs in again if needed
+                self.metrics.inc("vault_errors_total", kind="unexpected")
+                log.exception("vault token upkeep failed unexpectedly")
 
     async def start(self) -> None:
         """Unwrap the secret-id (fatal if replayed), start the loops and the HTTP sites."""

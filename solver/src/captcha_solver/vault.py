@@ -36,8 +36,7 @@ T = TypeVar("T")
 
 # Errors that mean "this node cannot answer now": try the next address.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
-    requests.ConnectionError,
-    requests.Timeout,
+    requests.RequestException,  # connection refused/reset, TLS failure, timeout, broken body
     hvac.exceptions.VaultDown,
     hvac.exceptions.InternalServerError,
     hvac.exceptions.BadGateway,
