@@ -26,9 +26,11 @@ import secrets
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,7 @@ import hvac
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-STATE = REPO / ".state"
-DEMO = STATE / "demo"
-INVENTORY = REPO / "inventories" / "local"
-VAULT_PORT = 18200
-EMULATOR_PORT = 18300
-EMULATOR_ADMIN_PORT = 18301
+DEFAULT_INVENTORY = REPO / "inventories" / "local"
 ROTATE_ENV = "dev"
 LOAD_CLIENTS_PER_WORKER = 4
 
@@ -63,9 +60,53 @@ def masked(key: str) -> str:
 # --- inventory --------------------------------------------------------------------------------
 
 
-def load_inventory() -> dict[str, dict[str, Any]]:
-    """Worker hosts of the local inventory with their env and port (from host_vars)."""
-    hosts_yml = yaml.safe_load((INVENTORY / "hosts.yml").read_text())
+@dataclass(frozen=True)
+class Site:
+    """Where the demo runs, all taken from one inventory (the single source of truth): the
+    Vault port and state dir from ``captcha_kit_vault_addr`` and ``captcha_kit_vault_cacert``,
+    the emulator from ``captcha_kit_provider_url`` (admin API on the next port), the worker
+    containers (names, envs, ports) from its hosts and host_vars."""
+
+    inventory: Path
+    vault_state: Path
+    vault_port: int
+    emulator_port: int
+    verbosity: int = 0
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.vault_state.parent / "demo"
+
+    @property
+    def emulator_admin_port(self) -> int:
+        return self.emulator_port + 1
+
+    @classmethod
+    def from_inventory(cls, inventory: Path, verbosity: int = 0) -> Site:
+        kv = kit_vars(inventory)
+        vault_url = urllib.parse.urlsplit(str(kv["captcha_kit_vault_addr"]))
+        provider = urllib.parse.urlsplit(str(kv["captcha_kit_provider_url"]))
+        cacert = str(kv["captcha_kit_vault_cacert"]).replace(
+            "{{ inventory_dir }}", str(inventory.resolve())
+        )
+        local = {vault_url.hostname, provider.hostname} <= {"127.0.0.1", "localhost"}
+        if "{{" in cacert or not local or not vault_url.port or not provider.port:
+            raise SystemExit(
+                f"demo: {inventory} is not a local testbed inventory (Vault and provider on "
+                "127.0.0.1 with explicit ports, a CA path under the state directory)"
+            )
+        return cls(
+            inventory=inventory.resolve(),
+            vault_state=Path(cacert).resolve().parent,
+            vault_port=vault_url.port,
+            emulator_port=provider.port,
+            verbosity=verbosity,
+        )
+
+
+def load_inventory(inventory: Path) -> dict[str, dict[str, Any]]:
+    """Worker hosts of the inventory with their env and port (from host_vars)."""
+    hosts_yml = yaml.safe_load((inventory / "hosts.yml").read_text())
     names: list[str] = []
 
     def walk(group: Mapping[str, Any]) -> None:
@@ -76,7 +117,7 @@ def load_inventory() -> dict[str, dict[str, Any]]:
     walk(hosts_yml["all"]["children"]["workers"])
     workers = {}
     for name in names:
-        host_vars = yaml.safe_load((INVENTORY / "host_vars" / f"{name}.yml").read_text())
+        host_vars = yaml.safe_load((inventory / "host_vars" / f"{name}.yml").read_text())
         workers[name] = {
             "env": host_vars["captcha_worker_env"],
             "port": int(host_vars["captcha_worker_port"]),
@@ -84,27 +125,27 @@ def load_inventory() -> dict[str, dict[str, Any]]:
     return workers
 
 
-def kit_vars() -> dict[str, Any]:
-    return yaml.safe_load((INVENTORY / "group_vars" / "all" / "main.yml").read_text())
+def kit_vars(inventory: Path) -> dict[str, Any]:
+    return dict(yaml.safe_load((inventory / "group_vars" / "all" / "main.yml").read_text()))
 
 
 # --- local parts ------------------------------------------------------------------------------
 
 
-def vault() -> LocalVault:
-    return LocalVault(STATE / "vault", VAULT_PORT)
+def vault(site: Site) -> LocalVault:
+    return LocalVault(site.vault_state, site.vault_port)
 
 
-def emulator_admin() -> EmulatorAdmin:
-    return EmulatorAdmin(f"http://127.0.0.1:{EMULATOR_ADMIN_PORT}")
+def emulator_admin(site: Site) -> EmulatorAdmin:
+    return EmulatorAdmin(f"http://127.0.0.1:{site.emulator_admin_port}")
 
 
-def start_emulator() -> None:
+def start_emulator(site: Site) -> None:
     """Start the emulator detached (it outlives this command) unless it already answers."""
-    admin = emulator_admin()
+    admin = emulator_admin(site)
     if admin.health():
         return
-    log = DEMO / "emulator.log"
+    log = site.demo_dir / "emulator.log"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
@@ -113,9 +154,9 @@ def start_emulator() -> None:
                 "-m",
                 "tools.captchaai_emulator",
                 "--port",
-                str(EMULATOR_PORT),
+                str(site.emulator_port),
                 "--admin-port",
-                str(EMULATOR_ADMIN_PORT),
+                str(site.emulator_admin_port),
                 "--solve-delay",
                 "uniform:2:5",
             ],
@@ -126,7 +167,7 @@ def start_emulator() -> None:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    (DEMO / "emulator.pid").write_text(f"{proc.pid}\n")
+    (site.demo_dir / "emulator.pid").write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + 15
     while not admin.health():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -170,9 +211,9 @@ def start_containers(names: list[str]) -> None:
 
 
 @contextmanager
-def secret_vars_file(name: str, data: Mapping[str, Any]) -> Iterator[Path]:
+def secret_vars_file(site: Site, name: str, data: Mapping[str, Any]) -> Iterator[Path]:
     """Extra vars that hold secrets: a 0600 file in the state dir, deleted after use."""
-    path = DEMO / name
+    path = site.demo_dir / name
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -183,10 +224,17 @@ def secret_vars_file(name: str, data: Mapping[str, Any]) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
-def playbook(name: str, *args: str, env: Mapping[str, str]) -> None:
-    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY)]
+def ansible_env(site: Site) -> dict[str, str]:
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+    if site.verbosity:
+        env["ANSIBLE_VERBOSITY"] = str(site.verbosity)
+    return env
+
+
+def playbook(site: Site, name: str, *args: str, env: Mapping[str, str]) -> None:
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(site.inventory)]
     cmd += [str(REPO / "playbooks" / name), *args]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, check=False)
+    result = subprocess.run(cmd, cwd=REPO, env={**ansible_env(site), **env}, check=False)
     if result.returncode != 0:
         raise SystemExit(f"demo: {name} failed (exit {result.returncode}); see the output above")
 
@@ -215,11 +263,11 @@ def show_workers(workers: Mapping[str, Mapping[str, Any]]) -> None:
 # --- the story --------------------------------------------------------------------------------
 
 
-def ensure_keys(client: hvac.Client, envs: list[str]) -> dict[str, str]:
+def ensure_keys(site: Site, client: hvac.Client, envs: list[str]) -> dict[str, str]:
     """First keys for envs that have none yet; keys already in Vault are made known to the
     emulator (it keeps keys in memory only). Returns the new first keys to provision."""
-    kv = kit_vars()
-    admin = emulator_admin()
+    kv = kit_vars(site.inventory)
+    admin = emulator_admin(site)
     first: dict[str, str] = {}
     for env in envs:
         path = f"{kv['captcha_kit_key_path_prefix']}/{env}"
@@ -237,16 +285,16 @@ def ensure_keys(client: hvac.Client, envs: list[str]) -> dict[str, str]:
     return first
 
 
-def rotator_files(client: hvac.Client) -> tuple[Path, Path]:
+def rotator_files(site: Site, client: hvac.Client) -> tuple[Path, Path]:
     """The rotator AppRole's role-id and a fresh secret-id in 0600 files, as a scheduler has."""
     role = f"captcha-rotator-{ROTATE_ENV}"
-    mount = kit_vars()["captcha_kit_approle_mount"]
+    mount = kit_vars(site.inventory)["captcha_kit_approle_mount"]
     role_id = client.auth.approle.read_role_id(role, mount_point=mount)["data"]["role_id"]
     secret_id = client.auth.approle.generate_secret_id(role, mount_point=mount)["data"]
     files = []
     values = (("rotator-role-id", role_id), ("rotator-secret-id", secret_id["secret_id"]))
     for name, value in values:
-        path = DEMO / name
+        path = site.demo_dir / name
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -255,45 +303,48 @@ def rotator_files(client: hvac.Client) -> tuple[Path, Path]:
     return files[0], files[1]
 
 
-def rotate(args: list[str]) -> tuple[int, dict[str, Any]]:
-    status_file = DEMO / "rotation-status.json"
+def rotate(site: Site, args: list[str]) -> tuple[int, dict[str, Any]]:
+    status_file = site.demo_dir / "rotation-status.json"
     status_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "tools.rotate_unattended", "--env", ROTATE_ENV]
-    cmd += ["-i", str(INVENTORY), "--status-file", str(status_file), *args]
-    rc = subprocess.run(cmd, cwd=REPO, check=False).returncode
+    cmd += ["-i", str(site.inventory), "--status-file", str(status_file), *args]
+    rc = subprocess.run(cmd, cwd=REPO, env=ansible_env(site), check=False).returncode
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
     return rc, status
 
 
-def up(load_seconds: int) -> int:
-    DEMO.mkdir(parents=True, exist_ok=True)
-    workers = load_inventory()
-    envs = list(kit_vars()["captcha_kit_envs"])
+def up(site: Site, load_seconds: int) -> int:
+    site.demo_dir.mkdir(parents=True, exist_ok=True)
+    workers = load_inventory(site.inventory)
+    envs = list(kit_vars(site.inventory)["captcha_kit_envs"])
     t0 = time.monotonic()
 
     say("Start the local Vault (OpenBao: TLS, raft, file audit) and the CaptchaAI emulator")
-    server = vault()
-    server.start()
-    start_emulator()
+    server = vault(site)
+    if server.start() in ("started", "initialised"):
+        (site.demo_dir / "vault-started-here").touch()
+    start_emulator(site)
     admin_env = server.env()
     client = hvac.Client(url=server.addr, token=server.root_token(), verify=str(server.ca_file))
-    print(f"  Vault {server.addr} (CA {server.ca_file}); emulator http://127.0.0.1:{EMULATOR_PORT}")
+    print(
+        f"  Vault {server.addr} (CA {server.ca_file}); emulator http://127.0.0.1:{site.emulator_port}"
+    )
 
     say(f"Provision Vault for {', '.join(envs)} (playbooks/provision-vault.yml)")
-    first = ensure_keys(client, envs)
-    with secret_vars_file("first-keys.json", {"vault_provision_first_keys": first}) as fk:
-        playbook("provision-vault.yml", "-e", f"@{fk}", env=admin_env)
-    ensure_keys(client, envs)
+    first = ensure_keys(site, client, envs)
+    with secret_vars_file(site, "first-keys.json", {"vault_provision_first_keys": first}) as fk:
+        playbook(site, "provision-vault.yml", "-e", f"@{fk}", env=admin_env)
+    ensure_keys(site, client, envs)
 
     say(f"Start the worker containers: {', '.join(workers)}")
     start_containers(list(workers))
 
     say("Deploy the solver workers (playbooks/deploy-workers.yml)")
-    playbook("deploy-workers.yml", env=admin_env)
+    playbook(site, "deploy-workers.yml", env=admin_env)
     show_workers(workers)
 
     say(f"Put solve load on every worker ({LOAD_CLIENTS_PER_WORKER} clients each)")
-    load_file = DEMO / "load.json"
+    load_file = site.demo_dir / "load.json"
     load_file.unlink(missing_ok=True)
     urls = [f"http://127.0.0.1:{w['port']}" for w in workers.values()]
     load = subprocess.Popen(
@@ -307,8 +358,8 @@ def up(load_seconds: int) -> int:
 
     say(f"Stage a new {ROTATE_ENV} key and rotate unattended with the rotator AppRole")
     new_key = secrets.token_hex(16)
-    emulator_admin().add_key(new_key, balance=1000.0)
-    kv = kit_vars()
+    emulator_admin(site).add_key(new_key, balance=1000.0)
+    kv = kit_vars(site.inventory)
     staged = f"{kv['captcha_kit_staged_path_prefix']}/{ROTATE_ENV}"
     try:  # the mount requires check-and-set: stage on top of the staged path's last version
         cas = int(
@@ -327,17 +378,17 @@ def up(load_seconds: int) -> int:
         raise_on_deleted_version=True,
     )["data"]["data"]["api_key"]
     print(f"  staged {masked(new_key)} to replace {masked(old)}")
-    role_id_file, secret_id_file = rotator_files(client)
+    role_id_file, secret_id_file = rotator_files(site, client)
     creds = ["--role-id-file", str(role_id_file), "--secret-id-file", str(secret_id_file)]
     t_rotate = time.monotonic()
-    rc, first_run = rotate(creds)
+    rc, first_run = rotate(site, creds)
     if rc != 75:
         load.terminate()
         raise SystemExit(f"demo: expected 'awaiting revocation' (exit 75), got {rc}")
 
     say(f"Revoke the old key {masked(old)} at the provider (the emulator), then confirm")
-    emulator_admin().revoke_key(old)
-    rc, final = rotate([*creds, "--confirm-revoked"])
+    emulator_admin(site).revoke_key(old)
+    rc, final = rotate(site, [*creds, "--confirm-revoked"])
     rotate_seconds = time.monotonic() - t_rotate
     role_id_file.unlink(missing_ok=True)
     secret_id_file.unlink(missing_ok=True)
@@ -368,17 +419,20 @@ def up(load_seconds: int) -> int:
     return 1 if failed else 0
 
 
-def down() -> int:
-    workers = load_inventory()
+def down(site: Site) -> int:
+    workers = load_inventory(site.inventory)
     for name in workers:
         subprocess.run(["podman", "rm", "-f", "-t", "5", name], check=False, capture_output=True)
-    pid_file = DEMO / "emulator.pid"
+    pid_file = site.demo_dir / "emulator.pid"
     if pid_file.exists():
         with suppress(ProcessLookupError, ValueError):
             os.kill(int(pid_file.read_text()), 15)
         pid_file.unlink()
-    vault().stop()
-    print("demo: stopped the worker containers, the emulator and the local Vault (state kept)")
+    marker = site.demo_dir / "vault-started-here"
+    if marker.exists():
+        vault(site).stop()
+        marker.unlink()
+    print("demo: stopped what it started: worker containers, emulator, local Vault (state kept)")
     return 0
 
 
@@ -387,15 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="run the whole story and leave it running")
     p_up.add_argument("--load-seconds", type=int, default=60)
-    sub.add_parser("status", help="print each worker's /healthz")
-    sub.add_parser("down", help="stop everything the demo started")
+    p_up.add_argument("--ansible-verbosity", type=int, default=0, help="like -v, -vv, -vvv")
+    p_status = sub.add_parser("status", help="print each worker's /healthz")
+    p_down = sub.add_parser("down", help="stop everything the demo started")
+    for p in (p_up, p_status, p_down):
+        p.add_argument("--inventory", type=Path, default=DEFAULT_INVENTORY)
     args = parser.parse_args(argv)
+    site = Site.from_inventory(args.inventory, getattr(args, "ansible_verbosity", 0))
     if args.command == "up":
-        return up(args.load_seconds)
+        return up(site, args.load_seconds)
     if args.command == "status":
-        show_workers(load_inventory())
+        show_workers(load_inventory(site.inventory))
         return 0
-    return down()
+    return down(site)
 
 
 if __name__ == "__main__":
