@@ -92,16 +92,10 @@ def _base_env(vault: LocalVault) -> dict[str, str]:
 # --------------------------------------------------------------------------- session parts
 
 
+# ``vault`` and ``vault_client`` (the test OpenBao and a root hvac client) come from conftest.py.
 @pytest.fixture(scope="session")
-def vault() -> LocalVault:
-    v = LocalVault(REPO / ".state" / "test" / "vault", VAULT_PORT)
-    v.start()
-    return v
-
-
-@pytest.fixture(scope="session")
-def admin(vault: LocalVault) -> hvac.Client:
-    return hvac.Client(url=vault.addr, token=vault.root_token(), verify=str(vault.ca_file))
+def admin(vault_client: hvac.Client) -> hvac.Client:
+    return vault_client
 
 
 @pytest.fixture(scope="session")
