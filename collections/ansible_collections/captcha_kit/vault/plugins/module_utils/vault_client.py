@@ -9,13 +9,17 @@ Connection
         Argument spec with the common connection options merged with ``extra``:
         ``url`` (default ``$VAULT_ADDR``), ``ca_cert`` (default ``$VAULT_CACERT``; a path, or
         omitted to use the system CAs), ``token`` (default ``$VAULT_TOKEN``, ``no_log``),
-        ``timeout`` (seconds, default 30). Pass the result to ``AnsibleModule(argument_spec=...)``.
+        ``timeout`` (seconds, default 30), ``urls`` (more addresses of the same Vault cluster, tried
+        in turn; default ``$CAPTCHA_KIT_VAULT_ADDRS``, comma separated), ``retry_timeout``
+        (seconds, default ``$CAPTCHA_KIT_VAULT_RETRY_TIMEOUT`` or 30). Pass the result to
+        ``AnsibleModule(argument_spec=...)``.
 
     ``get_client(module, check_token=True) -> hvac.Client``
         Builds the client from those options and fails the module with a clear message when hvac
         is missing, the URL is not set, the CA file does not exist, the token is missing, the
         server is unreachable, TLS verification fails, the server is sealed, or (with
-        ``check_token``) the token is not valid (``auth/token/lookup-self``).
+        ``check_token``) the token is not valid (``auth/token/lookup-self``). Every request of
+        the client goes through ``RetryingAdapter`` (see "HA" below).
 
     ``vault_call(module, what, func, *args, **kwargs)``
         Calls ``func(*args, **kwargs)`` and turns hvac/requests errors into ``module.fail_json``
@@ -32,6 +36,19 @@ Connection
     ``VaultNotFound``
         Alias of ``hvac.exceptions.InvalidPath`` (404) for ``except`` clauses; a placeholder
         exception class when hvac is missing.
+
+HA (a raft cluster: leader changes, nodes down)
+    ``RetryingAdapter``: the hvac adapter ``get_client`` uses. Each request is sent to the
+    address that answered last; on a connection error (not a TLS error), a 5xx answer (500
+    "local node not active but active cluster node not found", 502, 503, 504), a 412 (a standby
+    not yet up to date) or any error naming a standby / missing active node it tries the next
+    address, and after a full round it sleeps (0.25 s doubling to 2 s) and starts again, for at
+    most ``retry_timeout`` seconds. With a single address that does not answer at all (refused,
+    sealed) it gives up after ``UNREACHABLE_TIMEOUT`` (5 s) instead, so a wrong address fails
+    fast (the nodes of a cluster all refuse connections for ~2 s during an election). 4xx answers
+    are never retried; read timeouts only for reads. ``adapter.retries`` counts the retries.
+    Writes are retried like the Vault Go client does (5xx, dropped connections): the kit's
+    writes are idempotent or check-and-set, and the rotation module resumes from its record.
 
 Normalisation (pure functions, no hvac needed)
     ``ttl_to_seconds(value) -> int``: ``"1h30m"``, ``"90s"``, ``"45"``, ``45``, ``None``/``""``
@@ -62,6 +79,7 @@ from ansible.module_utils.basic import env_fallback, missing_required_lib
 HVAC_IMPORT_ERROR = None
 try:
     import hvac
+    import hvac.adapters
     import hvac.exceptions
     import requests
 
@@ -85,6 +103,15 @@ def vault_argument_spec(**extra):
         "ca_cert": {"type": "path", "fallback": (env_fallback, ["VAULT_CACERT"])},
         "token": {"type": "str", "no_log": True, "fallback": (env_fallback, ["VAULT_TOKEN"])},
         "timeout": {"type": "int", "default": 30},
+        "urls": {
+            "type": "list",
+            "elements": "str",
+            "fallback": (env_fallback, ["CAPTCHA_KIT_VAULT_ADDRS"]),
+        },
+        "retry_timeout": {
+            "type": "float",
+            "fallback": (env_fallback, ["CAPTCHA_KIT_VAULT_RETRY_TIMEOUT"]),
+        },
     }
     spec.update(extra)
     return spec
@@ -102,11 +129,154 @@ def _connection_hint(module, exc):
     if requests is not None and isinstance(
         exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
     ):
+        addrs = _addresses(module.params)
+        where = url if len(addrs) < 2 else f"{url} (also tried {', '.join(addrs[1:])})"
         return (
-            f"Cannot reach Vault at {url}: is the server running and VAULT_ADDR / url right? "
+            f"Cannot reach Vault at {where}: is the server running and VAULT_ADDR / url right? "
             f"({_short(exc)})"
         )
     return None
+
+
+DEFAULT_RETRY_TIMEOUT = 30.0
+UNREACHABLE_TIMEOUT = 5.0
+MAX_ROUNDS = 200  # a hard bound besides the time budget
+_TRANSIENT_STATUS = frozenset({412, 500, 502, 503, 504})
+_TRANSIENT_MARKS = (
+    "active cluster node not found",
+    "node not active",
+    "not the leader",
+    "standby",
+    "leadership lost",
+    "no active node",
+)
+_SEALED_MARK = "sealed"
+
+
+def _split_addrs(value):
+    if not value:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(item).strip().rstrip("/") for item in items if str(item).strip()]
+
+
+def _addresses(params):
+    """``url`` (may itself be comma separated) then ``urls``, without duplicates."""
+    seen = []
+    for addr in _split_addrs(params.get("url")) + _split_addrs(params.get("urls")):
+        if addr not in seen:
+            seen.append(addr)
+    return seen
+
+
+if hvac is not None:
+
+    class RetryingAdapter(hvac.adapters.JSONAdapter):
+        """JSON adapter that survives a leader change: several addresses, bounded retries."""
+
+        def __init__(
+            self,
+            *args,
+            addrs=(),
+            retry_timeout=DEFAULT_RETRY_TIMEOUT,
+            unreachable_timeout=UNREACHABLE_TIMEOUT,
+            sleep=time.sleep,
+            **kwargs,
+        ):
+            super().__init__(*args, **kwargs)
+            self.addrs = [self.base_uri.rstrip("/")]
+            self.addrs += [a for a in _split_addrs(addrs) if a not in self.addrs]
+            self.base_uri = self.addrs[0]
+            self.retry_timeout = float(retry_timeout)
+            # One address that refuses is most likely a wrong one: fail fast. Several addresses
+            # are a cluster, whose nodes all refuse connections for a moment during an election.
+            self.unreachable_timeout = (
+                min(float(unreachable_timeout), self.retry_timeout)
+                if len(self.addrs) == 1
+                else self.retry_timeout
+            )
+            self.retries = 0
+            self._sleep = sleep
+
+        def _round(self):
+            start = self.addrs.index(self.base_uri) if self.base_uri in self.addrs else 0
+            return self.addrs[start:] + self.addrs[:start]
+
+        def request(self, method, url, headers=None, raise_exception=True, **kwargs):
+            started = time.monotonic()
+            delay = 0.25
+            slept = 0.0
+            for _round in range(MAX_ROUNDS):
+                answered = False
+                last_exc = None
+                last_response = None
+                for addr in self._round():
+                    self.base_uri = addr
+                    try:
+                        response = hvac.adapters.RawAdapter.request(
+                            self,
+                            method,
+                            url,
+                            headers=dict(headers or {}),
+                            raise_exception=False,
+                            **kwargs,
+                        )
+                    except requests.exceptions.SSLError:
+                        raise  # a wrong CA is not transient
+                    except requests.exceptions.ConnectionError as exc:
+                        last_exc = exc
+                    except requests.exceptions.Timeout as exc:
+                        if str(method).upper() not in ("GET", "LIST", "HEAD"):
+                            raise  # a write may have been applied: do not send it twice
+                        answered, last_exc = True, exc
+                    else:
+                        kind = self._transient(response) if raise_exception else None
+                        if kind is None:
+                            return self._finish(method, url, response, raise_exception)
+                        answered = answered or kind == "busy"
+                        last_exc, last_response = None, response
+                    self.retries += 1
+                elapsed = max(time.monotonic() - started, slept)
+                budget = self.retry_timeout if answered else self.unreachable_timeout
+                if elapsed + delay > budget or _round == MAX_ROUNDS - 1:
+                    break
+                self._sleep(delay)
+                slept += delay
+                delay = min(delay * 2, 2.0)
+            if last_exc is not None:
+                raise last_exc
+            return self._finish(method, url, last_response, raise_exception)
+
+        @staticmethod
+        def _transient(response):
+            """None (final answer), ``"busy"`` (cluster answers but cannot serve yet) or
+            ``"sealed"`` (counts as unreachable)."""
+            if response.ok:
+                return None
+            try:
+                text = response.text.lower()
+            except Exception:  # pragma: no cover - undecodable body
+                text = ""
+            if response.status_code == 503 and _SEALED_MARK in text:
+                return "sealed"
+            if response.status_code in _TRANSIENT_STATUS:
+                return "busy"
+            if any(mark in text for mark in _TRANSIENT_MARKS):
+                return "busy"
+            return None
+
+        def _finish(self, method, url, response, raise_exception):
+            if not response.ok and raise_exception and not self.ignore_exceptions:
+                self._raise_for_error(method, self.urljoin(self.base_uri, url), response)
+            if response.status_code == 200:
+                try:
+                    return response.json()
+                except ValueError:
+                    pass
+            return response
+
+else:  # pragma: no cover - get_client reports the missing library
+    RetryingAdapter = None
 
 
 def _short(exc):
@@ -139,7 +309,17 @@ def get_client(module, check_token=True):
             msg="No Vault token: export VAULT_TOKEN (an admin token, "
             f"{ADMIN_POLICY_HINT}) or pass the token option"
         )
-    client = hvac.Client(url=url, token=token, verify=verify, timeout=params.get("timeout", 30))
+    addrs = _addresses(params)
+    retry_timeout = params.get("retry_timeout")
+    client = hvac.Client(
+        url=addrs[0],
+        token=token,
+        verify=verify,
+        timeout=params.get("timeout", 30),
+        adapter=RetryingAdapter,
+        addrs=addrs[1:],
+        retry_timeout=DEFAULT_RETRY_TIMEOUT if retry_timeout is None else retry_timeout,
+    )
     if check_token:
         try:
             client.auth.token.lookup_self()

@@ -1,0 +1,77 @@
+"""HA: provisioning against the 3-node raft cluster survives the leader being killed mid-run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import hvac
+import pytest
+from faultkit import SESSION, assert_no_secret, provision
+
+from bench.fleet import (
+    PROVISION,
+    REPO,
+    admin_client,
+    ansible_env,
+    playbook_argv,
+    provision_inventory,
+)
+
+
+@pytest.mark.slow_faults
+def test_provisioning_survives_a_leader_kill_and_the_rerun_changes_nothing(ha, tmp_path):
+    """VAULT_ADDR is the leader; it is SIGKILLed while the playbook writes policies and roles:
+    the modules move to the other addresses, wait out the election and finish; a rerun (with
+    the killed node back) reports no change."""
+    envs = [f"f{SESSION}-p{i}" for i in range(1, 7)]
+    leader = ha.active_node()
+    assert leader is not None
+    others = [n.addr for n in ha.nodes if n is not leader]
+    inventory = provision_inventory(ha, envs, tmp_path, {"captcha_kit_vault_addr": leader.addr})
+    env = ansible_env(ha, token=ha.root_token(), addrs=others) | {"VAULT_ADDR": leader.addr}
+    admin_policies = []
+    proc = subprocess.Popen(
+        playbook_argv(PROVISION, inventory),
+        cwd=REPO,
+        env=env | {"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        admin = admin_client(ha)
+        deadline = time.monotonic() + 120
+        while not admin_policies:
+            assert proc.poll() is None, "provisioning ended before the leader could be killed"
+            assert time.monotonic() < deadline, "provisioning never wrote a policy"
+            with contextlib.suppress(hvac.exceptions.VaultError, OSError):
+                admin_policies = [
+                    p for p in admin.sys.list_acl_policies()["data"]["keys"] if envs[0] in p
+                ]
+            time.sleep(0.1)
+        assert proc.poll() is None, "provisioning ended before the leader could be killed"
+        os.killpg(leader.pid(), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = out.decode()
+    assert_no_secret(text, [ha.root_token()])
+    assert proc.returncode == 0, text[-4000:]
+    stats = json.loads(text[text.find("{") :])["stats"]["localhost"]
+    assert stats["failures"] == 0
+    # The run kept writing after the kill: the last env's worker role exists.
+    survivor = hvac.Client(url=others[0], token=ha.root_token(), verify=str(ha.ca_file))
+    role = survivor.auth.approle.read_role(f"captcha-worker-{envs[-1]}")
+    assert role["data"]["token_policies"] == [f"captcha-worker-{envs[-1]}"]
+
+    ha.start()  # the killed node restarts, unseals and rejoins as a standby
+    rerun = provision(ha, envs, tmp_path, ha.addrs)
+    assert rerun.rc == 0, rerun.output[-3000:]
+    assert rerun.changed == 0, rerun.output[-3000:]
