@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import hvac
 import pytest
 import yaml
 from conftest import new_tag, provision_vars, random_key, run_playbook
@@ -253,3 +254,35 @@ def test_vault_unreachable_from_host_fails_and_the_running_worker_keeps_running(
     )
     assert health["env"] == deployment.dev
     assert health["key_version"] == 1
+
+
+def test_check_mode_on_a_fresh_host_reports_changes_and_changes_nothing(
+    vault, vault_client, host: Host, deployment: Deployment
+):
+    """--check --diff on a host without the worker runs every validation, reports the work
+    (a secret-id included) and changes neither the host nor Vault."""
+    role = f"captcha-worker-{deployment.dev}"
+    mount = f"approle-{deployment.tag}"
+
+    def accessors() -> list[str]:
+        try:
+            listed = vault_client.auth.approle.list_secret_id_accessors(role, mount_point=mount)
+        except hvac.exceptions.InvalidPath:  # no secret-id at all
+            return []
+        return sorted(listed["data"]["keys"])
+
+    accessors_before = accessors()
+    before = host.role_footprint()
+    result = run_playbook(
+        PLAYBOOK,
+        vault=vault,
+        inventory=deployment.inventory,
+        env={"CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        check=True,
+        diff=True,
+        timeout=600,
+    )
+    assert result.rc == 0, result.failure_messages(host.name)[-3000:]
+    assert result.count("changed", host.name) > 0
+    assert host.role_footprint() == before
+    assert accessors() == accessors_before
