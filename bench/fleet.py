@@ -190,11 +190,13 @@ def put_key(admin: hvac.Client, env: str, key: str, *, mount: str = "secret") ->
     return int(result["data"]["version"])
 
 
-def approle_files(admin: hvac.Client, env: str, directory: Path) -> tuple[Path, Path]:
+def approle_files(
+    admin: hvac.Client, env: str, directory: Path, *, mount: str = "approle"
+) -> tuple[Path, Path]:
     """role-id and a fresh secret-id of ``captcha-worker-<env>`` in 0600 files."""
     role = f"captcha-worker-{env}"
-    role_id = admin.auth.approle.read_role_id(role)["data"]["role_id"]
-    secret_id = admin.auth.approle.generate_secret_id(role)["data"]["secret_id"]
+    role_id = admin.auth.approle.read_role_id(role, mount_point=mount)["data"]["role_id"]
+    secret_id = admin.auth.approle.generate_secret_id(role, mount_point=mount)["data"]["secret_id"]
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     return (
         write_private(directory / "role-id", role_id + "\n"),
@@ -362,6 +364,7 @@ class Fleet:
         ca_file: Path,
         provider_url: str,
         ports: Iterable[int] | None = None,
+        approle_mount: str = "approle",
         **worker_opts: Any,
     ):
         self.admin = admin
@@ -371,13 +374,16 @@ class Fleet:
         self.ca_file = ca_file
         self.provider_url = provider_url
         self.ports = iter(ports) if ports is not None else None
+        self.approle_mount = approle_mount
         self.worker_opts = worker_opts
         self.workers: list[WorkerProc] = []
         self._creds: tuple[Path, Path] | None = None
 
     def start(self, n: int, timeout: float = 120.0) -> list[WorkerProc]:
         if self._creds is None:
-            self._creds = approle_files(self.admin, self.env, self.directory / "creds")
+            self._creds = approle_files(
+                self.admin, self.env, self.directory / "creds", mount=self.approle_mount
+            )
         new = []
         for _ in range(n):
             i = len(self.workers) + 1

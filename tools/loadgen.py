@@ -48,9 +48,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost"}
+# googlekey: Google's public reCAPTCHA demo site key (not a secret; the emulator takes any).
 DEFAULT_TASK = {
     "method": "userrecaptcha",
-    "googlekey": "6Le-wvkSAAAAAPBMRTvw0Q4Muexq9bi0DJwx_mJ-",
+    "googlekey": "6Le-wvkSAAAAAPBMRTvw0Q4Muexq9bi0DJwx_mJ-",  # pragma: allowlist secret
     "pageurl": "https://example.com/login",
 }
 # No proxy for loopback traffic, whatever the environment says.
