@@ -379,7 +379,8 @@ class Fleet:
         self.workers: list[WorkerProc] = []
         self._creds: tuple[Path, Path] | None = None
 
-    def start(self, n: int, timeout: float = 120.0) -> list[WorkerProc]:
+    def start(self, n: int, timeout: float = 120.0, stagger: float = 0.0) -> list[WorkerProc]:
+        """Start ``n`` more workers (``stagger`` seconds apart) and wait until each has a key."""
         if self._creds is None:
             self._creds = approle_files(
                 self.admin, self.env, self.directory / "creds", mount=self.approle_mount
@@ -400,10 +401,12 @@ class Fleet:
                 provider_url=self.provider_url,
                 **self.worker_opts,
             )
+            if new and stagger:
+                time.sleep(stagger)
             worker.spawn()
             self.workers.append(worker)
             new.append(worker)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout + stagger * n
         for worker in new:
             worker.wait_ready(max(1.0, deadline - time.monotonic()))
         return new

@@ -15,8 +15,9 @@ CLI::
 
     python -m tools.local_vault {start,stop,status,env} [--state-dir D] [--port N] [--nodes 3]
 
-``start`` and ``env`` print shell ``export`` lines for VAULT_ADDR, VAULT_CACERT and VAULT_TOKEN;
-the token only as ``$(cat .../root-token)``, never the token itself.
+``start`` and ``env`` print shell ``export`` lines for VAULT_ADDR, VAULT_CACERT and VAULT_TOKEN
+(and, for a cluster, CAPTCHA_KIT_VAULT_ADDRS: the other nodes, for the captcha_kit.vault
+modules' fail-over); the token only as ``$(cat .../root-token)``, never the token itself.
 
 HA: ``--nodes 3`` runs a raft cluster of three ``BaoNode`` processes on PORT, PORT+10, PORT+20
 (defaults ``.state/vault-ha`` and 18210; tests 18260 in ``.state/test/vault-ha``), joined with
@@ -486,20 +487,29 @@ class LocalVault:
             ) from None
 
     def env(self) -> dict[str, str]:
-        """VAULT_ADDR / VAULT_CACERT / VAULT_TOKEN for a child process (holds the token)."""
-        return {
+        """VAULT_ADDR / VAULT_CACERT / VAULT_TOKEN for a child process (holds the token); for
+        a cluster also CAPTCHA_KIT_VAULT_ADDRS, the other nodes, which the captcha_kit.vault
+        modules try when VAULT_ADDR does not answer (a killed leader)."""
+        env = {
             "VAULT_ADDR": self.addr,
             "VAULT_CACERT": str(self.ca_file),
             "VAULT_TOKEN": self.root_token(),
         }
+        if len(self.nodes) > 1:
+            env["CAPTCHA_KIT_VAULT_ADDRS"] = ",".join(self.addrs[1:])
+        return env
 
     def shell_exports(self) -> str:
         """``export`` lines for a shell; the token only as ``$(cat file)``."""
-        nodes = f"# nodes: {' '.join(self.addrs)}\n" if len(self.nodes) > 1 else ""
+        nodes = (
+            f'export CAPTCHA_KIT_VAULT_ADDRS="{",".join(self.addrs[1:])}"\n'
+            if len(self.nodes) > 1
+            else ""
+        )
         return (
-            nodes + f'export VAULT_ADDR="{self.addr}"\n'
+            f'export VAULT_ADDR="{self.addr}"\n'
             f'export VAULT_CACERT="{self.ca_file}"\n'
-            f'export VAULT_TOKEN="$(cat {self.token_file})"\n'
+            f'export VAULT_TOKEN="$(cat {self.token_file})"\n' + nodes
         )
 
     # -- lifecycle

@@ -94,3 +94,14 @@ def test_a_wrong_ca_is_not_retried(solo_vault, ha_vault):
 def test_addresses_from_url_and_urls_are_merged_without_duplicates():
     params = {"url": "https://a:1/, https://b:2", "urls": ["https://b:2", "https://c:3"]}
     assert vault_client._addresses(params) == ["https://a:1", "https://b:2", "https://c:3"]
+
+
+def test_cluster_env_names_the_other_nodes_for_fail_over(ha_vault):
+    """``local_vault env`` of a cluster exports the other nodes for the modules' fail-over,
+    and still never the token."""
+    env = ha_vault.env()
+    assert env["VAULT_ADDR"] == ha_vault.addrs[0]
+    assert env["CAPTCHA_KIT_VAULT_ADDRS"].split(",") == ha_vault.addrs[1:]
+    exports = ha_vault.shell_exports()
+    assert f'export CAPTCHA_KIT_VAULT_ADDRS="{",".join(ha_vault.addrs[1:])}"' in exports
+    assert ha_vault.root_token() not in exports
