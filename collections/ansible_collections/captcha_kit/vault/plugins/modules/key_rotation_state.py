@@ -69,7 +69,7 @@ options:
     description:
       - With C(plan), the operator confirms that the old key was revoked at the provider.
       - Refused when no rotation is pending and no new key is given; with a new key it is the
-        confirmation given up front (emergency rotation: finalize as soon as workers converged).
+        confirmation given up front (emergency rotation, finalized as soon as workers converged).
     type: bool
     default: false
   check_rights:
