@@ -156,6 +156,20 @@ class Watcher(threading.Thread):
         self.found = Secrets()
         self.stop = threading.Event()
         self.errors = 0
+        self.argv: set[bytes] = set()  # controller command lines seen while the demo ran
+        # this run's processes only (other sessions share the machine)
+        self.marks = [b"tools.demo", b"leak-worker-", b"tools.loadgen", b"rotate_unattended"]
+        self.marks += [str(demo_dir).encode(), *(f":{p}".encode() for p in WORKER_PORTS)]
+
+    def sample_argv(self) -> None:
+        """Command lines of the controller's processes (ansible-playbook, the rotation wrapper,
+        the load generator, podman exec ...): a secret must never be passed as an argument."""
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError):
+                    cmdline = (proc / "cmdline").read_bytes()
+                    if any(mark in cmdline for mark in self.marks):
+                        self.argv.add(cmdline)
 
     def learn_once(self) -> None:
         learn_vault(self.client, self.kv, self.found)
@@ -173,6 +187,7 @@ class Watcher(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
+                self.sample_argv()
                 self.learn_once()
             except Exception:  # keep watching; counted and reported
                 self.errors += 1
@@ -350,6 +365,7 @@ def test_demo_flow_leaks_no_secret(vault, vault_client, tmp_path):
     audit_start = vault.audit_log.stat().st_size
 
     watcher = Watcher(vault_client, kv, hosts, demo_dir)
+    watcher.marks.append(str(inventory).encode())
     watcher.start()
     try:
         run = demo(
@@ -384,6 +400,8 @@ def test_demo_flow_leaks_no_secret(vault, vault_client, tmp_path):
         root_loc = str(root_token_file.relative_to(REPO))
         scan.allowed.add((root_loc, vault.root_token()))
 
+        for cmdline in sorted(watcher.argv):
+            scan.scan("controller argv (sampled)", "controller /proc/*/cmdline", cmdline)
         scan.scan("demo output (ansible -vvv)", "demo stdout", run.stdout)
         scan.scan("demo output (ansible -vvv)", "demo stderr", run.stderr)
         for name in hosts:
@@ -455,7 +473,8 @@ def test_demo_flow_leaks_no_secret(vault, vault_client, tmp_path):
     assert kinds.get("api key", 0) >= 4, kinds  # dev old + new, staging, prod
     assert kinds.get("worker secret-id", 0) >= 2, kinds
     assert scan.bytes_by_source["worker journal"] > 0
-    assert scan.bytes_by_source["demo output (ansible -vvv)"] > 0
+    assert b"ESTABLISH" in run.stdout, "ansible did not run at -vvv"
+    assert any(b"ansible-playbook" in c for c in watcher.argv)
     assert audit_run_bytes > 0
     assert audit_hmac_seen, "the HMAC of the new dev key is not in the audit log of the run"
     assert len(scan.allowed_seen) >= len(hosts) + 1  # the secret-id files and the root token
