@@ -39,7 +39,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_INVENTORY = REPO / "inventories" / "local"
-ROTATE_ENV = "dev"
 LOAD_CLIENTS_PER_WORKER = 4
 
 if str(REPO) not in sys.path:
@@ -72,17 +71,19 @@ class Site:
     vault_port: int
     emulator_port: int
     verbosity: int = 0
+    rotate_env: str = "dev"
 
     @property
     def demo_dir(self) -> Path:
-        return self.vault_state.parent / "demo"
+        """Per inventory, so demos of two inventories on one Vault keep their files apart."""
+        return self.vault_state.parent / f"demo-{self.inventory.name}"
 
     @property
     def emulator_admin_port(self) -> int:
         return self.emulator_port + 1
 
     @classmethod
-    def from_inventory(cls, inventory: Path, verbosity: int = 0) -> Site:
+    def from_inventory(cls, inventory: Path, verbosity: int = 0, rotate_env: str = "dev") -> Site:
         kv = kit_vars(inventory)
         vault_url = urllib.parse.urlsplit(str(kv["captcha_kit_vault_addr"]))
         provider = urllib.parse.urlsplit(str(kv["captcha_kit_provider_url"]))
@@ -101,6 +102,7 @@ class Site:
             vault_port=vault_url.port,
             emulator_port=provider.port,
             verbosity=verbosity,
+            rotate_env=rotate_env,
         )
 
 
@@ -285,7 +287,7 @@ def ensure_keys(site: Site, client: hvac.Client, envs: list[str]) -> dict[str, s
 
 def rotator_files(site: Site, client: hvac.Client) -> tuple[Path, Path]:
     """The rotator AppRole's role-id and a fresh secret-id in 0600 files, as a scheduler has."""
-    role = f"captcha-rotator-{ROTATE_ENV}"
+    role = f"captcha-rotator-{site.rotate_env}"
     mount = kit_vars(site.inventory)["captcha_kit_approle_mount"]
     role_id = client.auth.approle.read_role_id(role, mount_point=mount)["data"]["role_id"]
     secret_id = client.auth.approle.generate_secret_id(role, mount_point=mount)["data"]
@@ -304,7 +306,7 @@ def rotator_files(site: Site, client: hvac.Client) -> tuple[Path, Path]:
 def rotate(site: Site, args: list[str]) -> tuple[int, dict[str, Any]]:
     status_file = site.demo_dir / "rotation-status.json"
     status_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "tools.rotate_unattended", "--env", ROTATE_ENV]
+    cmd = [sys.executable, "-m", "tools.rotate_unattended", "--env", site.rotate_env]
     cmd += ["-i", str(site.inventory), "--status-file", str(status_file), *args]
     rc = subprocess.run(cmd, cwd=REPO, env=ansible_env(site), check=False).returncode
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
@@ -321,7 +323,7 @@ def revoke(site: Site, key: str) -> None:
 def finish_pending_rotation(site: Site, client: hvac.Client, creds: list[str]) -> None:
     """A rerun of the demo first finishes a rotation an earlier run left pending."""
     kv = kit_vars(site.inventory)
-    path = f"{kv['captcha_kit_key_path_prefix']}/{ROTATE_ENV}"
+    path = f"{kv['captcha_kit_key_path_prefix']}/{site.rotate_env}"
     mount = kv["captcha_kit_kv_mount"]
     meta = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)["data"]
     record = meta.get("custom_metadata") or {}
@@ -384,11 +386,11 @@ def up(site: Site, load_seconds: int) -> int:
     creds = ["--role-id-file", str(role_id_file), "--secret-id-file", str(secret_id_file)]
     finish_pending_rotation(site, client, creds)
 
-    say(f"Stage a new {ROTATE_ENV} key and rotate unattended with the rotator AppRole")
+    say(f"Stage a new {site.rotate_env} key and rotate unattended with the rotator AppRole")
     new_key = secrets.token_hex(16)
     emulator_admin(site).add_key(new_key, balance=1000.0)
     kv = kit_vars(site.inventory)
-    staged = f"{kv['captcha_kit_staged_path_prefix']}/{ROTATE_ENV}"
+    staged = f"{kv['captcha_kit_staged_path_prefix']}/{site.rotate_env}"
     try:  # the mount requires check-and-set: stage on top of the staged path's last version
         cas = int(
             client.secrets.kv.v2.read_secret_metadata(
@@ -401,7 +403,7 @@ def up(site: Site, load_seconds: int) -> int:
         path=staged, secret={"api_key": new_key}, cas=cas, mount_point=kv["captcha_kit_kv_mount"]
     )
     old = client.secrets.kv.v2.read_secret_version(
-        path=f"{kv['captcha_kit_key_path_prefix']}/{ROTATE_ENV}",
+        path=f"{kv['captcha_kit_key_path_prefix']}/{site.rotate_env}",
         mount_point=kv["captcha_kit_kv_mount"],
         raise_on_deleted_version=True,
     )["data"]["data"]["api_key"]
@@ -427,7 +429,9 @@ def up(site: Site, load_seconds: int) -> int:
     summary = json.loads(load_file.read_text()) if load_file.exists() else {}
 
     say("Summary")
-    print(f"  rotation {final.get('rotation_id')} of {ROTATE_ENV}: {final.get('rotation_state')}")
+    print(
+        f"  rotation {final.get('rotation_id')} of {site.rotate_env}: {final.get('rotation_state')}"
+    )
     print(f"  put → every worker on the new version: {first_run.get('put_to_converged_seconds')} s")
     print(f"  put → revocation prompt: {first_run.get('put_to_prompt_seconds')} s")
     per_worker = json.dumps(first_run.get("worker_convergence_seconds"))
@@ -471,12 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="run the whole story and leave it running")
     p_up.add_argument("--load-seconds", type=int, default=60)
     p_up.add_argument("--ansible-verbosity", type=int, default=0, help="like -v, -vv, -vvv")
+    p_up.add_argument("--rotate-env", default="dev", help="the environment whose key is rotated")
     p_status = sub.add_parser("status", help="print each worker's /healthz")
     p_down = sub.add_parser("down", help="stop everything the demo started")
     for p in (p_up, p_status, p_down):
         p.add_argument("--inventory", type=Path, default=DEFAULT_INVENTORY)
     args = parser.parse_args(argv)
-    site = Site.from_inventory(args.inventory, getattr(args, "ansible_verbosity", 0))
+    site = Site.from_inventory(
+        args.inventory, getattr(args, "ansible_verbosity", 0), getattr(args, "rotate_env", "dev")
+    )
     if args.command == "up":
         return up(site, args.load_seconds)
     if args.command == "status":
