@@ -12,7 +12,7 @@ load on every worker, rotates the dev key unattended with the rotator AppRole (s
 confirms, and prints a summary. Everything is left running for a look around.
 
 Keys are made at run time and never printed, passed on a command line, or written outside the
-0600 files of the git-ignored state directory (``.state/demo``), which the demo deletes after use.
+0600 files of the git-ignored state directory (``.state/demo-<inventory>``), deleted after use.
 Running ``up`` again on a running demo is safe: provisioning and deployment change nothing and a
 new rotation runs.
 """
