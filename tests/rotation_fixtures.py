@@ -92,7 +92,7 @@ def _base_env(vault: LocalVault) -> dict[str, str]:
 # --------------------------------------------------------------------------- session parts
 
 
-# ``vault`` and ``vault_client`` (the test OpenBao and a root hvac client) come from conftest.py.
+# ``vault`` and ``vault_client`` (the test OpenBao and a root hvac client) come from harness.py.
 @pytest.fixture(scope="session")
 def admin(vault_client: hvac.Client) -> hvac.Client:
     return vault_client

@@ -33,7 +33,7 @@ from typing import Any
 import hvac
 import pytest
 import yaml
-from conftest import REPO, new_tag, provision_vars, random_key, run_playbook
+from harness import REPO, new_tag, provision_vars, random_key, run_playbook
 
 pytest.register_assert_rewrite("rotation_fixtures")
 from rotation_fixtures import RotEnv, run_rotation, write_inventory  # noqa: E402

@@ -41,7 +41,7 @@ from pathlib import Path
 import hvac
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN
+from harness import REPO, VENV_BIN
 
 from tools.host_image import CONTAINERS_CONF, Recipe, build
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import hvac
 import pytest
 import requests
-from conftest import REPO, TEST_VAULT_DIR, TEST_VAULT_PORT, random_key
+from harness import REPO, TEST_VAULT_DIR, TEST_VAULT_PORT, random_key
 
 from tools.local_vault import LocalVault
 

@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, new_tag, provision_vars, random_key, run_playbook
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from harness import REPO, new_tag, provision_vars, random_key, run_playbook
 
 PLAYBOOK = "playbooks/provision-vault.yml"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import new_tag, provision_vars, random_key, run_playbook
+from harness import new_tag, provision_vars, random_key, run_playbook
 
 PLAYBOOK = "playbooks/provision-vault.yml"
 

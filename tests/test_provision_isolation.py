@@ -7,7 +7,7 @@ import json
 import hvac
 import hvac.exceptions
 import pytest
-from conftest import approle_login, new_tag, provision_vars, random_key, run_playbook
+from harness import approle_login, new_tag, provision_vars, random_key, run_playbook
 
 PLAYBOOK = "playbooks/provision-vault.yml"
 ENVS = ("dev", "staging", "prod")

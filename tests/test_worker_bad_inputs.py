@@ -20,7 +20,7 @@ from pathlib import Path
 import hvac
 import pytest
 import yaml
-from conftest import new_tag, provision_vars, random_key, run_playbook
+from harness import new_tag, provision_vars, random_key, run_playbook
 
 from tools.host_image import CONTAINERS_CONF, IMAGE, Recipe, build, wait_for_systemd
 
