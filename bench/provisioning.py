@@ -62,7 +62,7 @@ def provision_envs(vault: LocalVault, n: int, tmp: Path) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| envs | first run (s) | changed | rerun (s) | changed | rerun s per env |",
+        "| envs | first run (s) | changed tasks | rerun (s) | changed tasks | rerun s per env |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
