@@ -35,12 +35,13 @@ host-deps:  ## Debian packages for the container testbed (podman, runc, mmdebstr
 image: venv host-deps  ## build the Debian systemd host image (only when its recipe changed)
 	$(BIN)/python -m tools.host_image build
 
-lint: venv  ## yamllint, ansible-lint (production), ruff, mypy
+lint: venv  ## yamllint, ansible-lint (production), ruff, mypy, detect-secrets
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint --profile production
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd solver && ../$(BIN)/mypy
+	git ls-files -z | xargs -0 $(BIN)/detect-secrets-hook --baseline .secrets.baseline
 
 test-solver: venv  ## the solver package: unit tests + integration against OpenBao and the emulator
 	cd solver && ../$(BIN)/pytest
@@ -58,6 +59,7 @@ test: lint test-solver test-playbooks test-molecule  ## everything CI runs
 
 bench: venv  ## benchmarks; results go to bench/results-*.md (see bench/README.md)
 	$(BIN)/python -m bench.solver_throughput --write-results bench/results-solver.md
+	$(BIN)/python -m bench.vault_suite --write-results bench/results-vault.md
 
 demo: venv image  ## local Vault + emulator + two workers, provision, deploy, rotate
 	$(BIN)/python -m tools.demo up
