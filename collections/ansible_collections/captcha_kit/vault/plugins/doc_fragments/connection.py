@@ -26,6 +26,19 @@ options:
     description: Request timeout in seconds.
     type: int
     default: 30
+  urls:
+    description:
+      - More addresses of the same Vault cluster (HA), tried in turn after O(url) when a node
+        does not answer, is sealed, or is a standby without an active node.
+      - Defaults to E(CAPTCHA_KIT_VAULT_ADDRS), comma separated.
+    type: list
+    elements: str
+  retry_timeout:
+    description:
+      - Seconds to keep retrying connection errors, 5xx answers and leader elections, with
+        backoff from 0.25 s to 2 s. Client errors (4xx) and TLS errors are never retried.
+      - Defaults to E(CAPTCHA_KIT_VAULT_RETRY_TIMEOUT), else 30.
+    type: float
 requirements:
   - hvac
 """
