@@ -1,0 +1,261 @@
+"""A worker restarted while Vault is down fails closed with a clear message and starts serving
+by itself once Vault is back (issue 6, item 2).
+
+Real parts: a systemd container of the kit's host image (podman, host network, the molecule
+base's platform options), deployed by ``playbooks/deploy-workers.yml`` against the faults' own
+single-node OpenBao (18294), the CaptchaAI emulator on free ports, a key made at run time.
+The Vault server is stopped, ``systemctl restart captcha-solver`` runs in the container, and
+the unit, its journal and its /healthz are watched until the server is started again.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from faultkit import SESSION, Env, assert_no_secret, provision
+from harness import run_playbook
+
+from tools.captchaai_emulator import EmulatorProcess
+from tools.host_image import CONTAINERS_CONF, IMAGE, Recipe, build, podman_env, wait_for_systemd
+from tools.loadgen import DEFAULT_TASK
+from tools.local_vault import LocalVault
+
+pytestmark = [pytest.mark.containers, pytest.mark.slow_faults]
+
+CONTAINER = "fault-worker-restart"
+PORT = 18471
+URL = f"http://127.0.0.1:{PORT}"
+UNIT = "captcha-solver.service"
+OUTAGE = 30.0  # seconds the worker is left restarted without Vault
+RECOVERY_TIMEOUT = 60.0
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["podman", *args],
+        env=podman_env(),
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+    )
+
+
+def sh(command: str, *, check: bool = True) -> subprocess.CompletedProcess:
+    return podman("exec", CONTAINER, "sh", "-c", command, check=check)
+
+
+def unit(*props: str) -> dict[str, str]:
+    out = sh(f"systemctl show {UNIT} " + " ".join(f"--property={p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def health() -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) of /healthz; (0, {}) when nothing answers."""
+    try:
+        with _OPENER.open(f"{URL}/healthz", timeout=3) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def solve() -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(  # noqa: S310 - loopback only
+        f"{URL}/solve",
+        data=json.dumps(DEFAULT_TASK).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with _OPENER.open(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def journal(since: str, pid: str = "") -> str:
+    """The unit's journal since a time (epoch seconds), only process ``pid``'s lines if given."""
+    match = f" _PID={pid}" if pid else ""
+    return sh(f"journalctl -u {UNIT}{match} --since @{since} --no-pager -o cat").stdout
+
+
+def records(text: str) -> list[dict[str, Any]]:
+    """The worker's JSON log records in a journal text (systemd's own lines skipped)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+@pytest.fixture
+def container() -> Iterator[str]:
+    build(Recipe.load())  # a no-op when the image is current
+    podman("rm", "--force", "--time", "0", CONTAINER, check=False)
+    # The molecule base's platform_defaults (.config/molecule/config.yml).
+    podman(
+        "run", "--detach", "--name", CONTAINER, "--hostname", CONTAINER,
+        "--network=host", "--systemd=always", "--cap-add=SYS_ADMIN",
+        "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--runtime=runc",
+        IMAGE, "/sbin/init",
+    )  # fmt: skip
+    try:
+        wait_for_systemd(CONTAINER)
+        yield CONTAINER
+    finally:
+        podman("rm", "--force", "--time", "0", CONTAINER, check=False)
+
+
+def inventory(vault: LocalVault, env: Env, tmp: Path) -> Path:
+    data = {
+        "all": {
+            "hosts": {
+                "localhost": {
+                    "ansible_connection": "local",
+                    "ansible_python_interpreter": sys.executable,
+                }
+            },
+            "children": {
+                "workers": {
+                    "hosts": {
+                        CONTAINER: {
+                            "ansible_connection": "containers.podman.podman",
+                            "ansible_python_interpreter": "/usr/bin/python3",
+                            "captcha_worker_env": env.name,
+                            "captcha_worker_port": PORT,
+                        }
+                    }
+                }
+            },
+            "vars": {
+                "captcha_kit_envs": [env.name],
+                "captcha_kit_vault_addr": vault.addr,
+                "captcha_kit_vault_addrs": [vault.addr],
+                "captcha_kit_vault_cacert": str(vault.ca_file),
+                "captcha_kit_refresh_interval": 2.0,
+                "captcha_kit_refresh_jitter": 0.1,
+                "captcha_kit_provider_url": env.emulator.url,
+                "captcha_worker_provider_settings": {
+                    "poll_interval": 0.5,
+                    "first_poll_delay": {"default": 0.3},
+                },
+            },
+        }
+    }
+    path = tmp / f"hosts-{secrets.token_hex(3)}.yml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_worker_restarted_while_vault_is_down_fails_closed_then_starts_by_itself(
+    solo_vault: LocalVault, emulator: EmulatorProcess, container: str, tmp_path: Path
+):
+    name = f"f{SESSION}-r{secrets.token_hex(2)}"
+    run = provision(solo_vault, [name], tmp_path / "provision")
+    assert run.rc == 0, run.output[-3000:]
+    env = Env(solo_vault, name, emulator, tmp_path)
+    deploy = run_playbook(
+        "playbooks/deploy-workers.yml",
+        vault=solo_vault,
+        inventory=inventory(solo_vault, env, tmp_path),
+        env={"CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        timeout=600,
+    )
+    assert deploy.rc == 0, deploy.failure_messages(CONTAINER)[-3000:]
+    token = solo_vault.root_token()
+    assert_no_secret(deploy.output, [env.key, token])
+    status, body = health()
+    assert status == 200, body
+    assert body["key_version"] == 1, body
+    secret_id = sh("cat /var/lib/captcha-solver/secret-id").stdout.strip()
+    assert len(secret_id) >= 16  # read to look for it below, never printed
+    secrets_ = [env.key, token, secret_id]
+
+    before = unit("NRestarts", "MainPID", "Restart")
+    assert before["Restart"] == "on-failure", before  # systemd would restart a crashed worker
+    since = sh("date +%s").stdout.strip()
+    solo_vault.stop()
+    try:
+        sh(f"systemctl restart {UNIT}")
+        restarted = time.monotonic()
+        pid = unit("MainPID")["MainPID"]
+        assert pid not in ("0", before["MainPID"]), (before, pid)
+        # Fails closed for the whole outage: never healthy, no key, solves refused. The worker
+        # does not exit either (no restart loop that StartLimitBurst would end for good): it
+        # keeps running, says why in /healthz and its journal, and retries Vault itself.
+        seen: dict[str, Any] = {}
+        states: set[str] = set()
+        while time.monotonic() - restarted < OUTAGE:
+            status, body = health()
+            assert status != 200, f"healthy without Vault: {body}"
+            assert not body.get("key_version"), body
+            if body:
+                seen = body
+            props = unit("ActiveState", "SubState", "MainPID")
+            states.add(f"{props['ActiveState']}/{props['SubState']}")
+            assert props["ActiveState"] != "failed", props
+            time.sleep(1)
+        status, refused = solve()
+        assert status == 503, (status, refused)
+        during = unit("NRestarts", "ActiveState", "SubState", "MainPID")
+        text = journal(since)
+        assert_no_secret(text, secrets_)
+        refresh = [r for r in records(journal(since, pid)) if r.get("msg") == "key refresh failed"]
+        print(
+            f"\noutage {OUTAGE:g} s: unit {sorted(states)}, NRestarts {before['NRestarts']} ->"
+            f" {during['NRestarts']}, {len(refresh)} failed key reads; first:"
+            f" {refresh[0] if refresh else None}; /healthz: {seen.get('error')}"
+        )
+        assert refresh, text[-3000:]
+        assert refresh[0]["reason"] == "startup", refresh[0]
+        assert refresh[0]["error"] == (
+            f"login: no Vault address answered (last: {solo_vault.addr}: ConnectionError)"
+        ), refresh[0]
+        assert len(refresh) >= 5, "the worker stopped retrying Vault"
+        assert seen.get("status") == "unhealthy", seen
+        assert seen.get("error") == f"vault unavailable: {refresh[0]['error']}", seen
+        assert seen.get("vault_reachable") is False, seen
+        assert states == {"active/running"}, states
+        assert during["MainPID"] == pid, during
+        assert during["NRestarts"] == before["NRestarts"], during
+    finally:
+        solo_vault.start()  # started and unsealed again
+    back = time.monotonic()
+    while True:
+        status, body = health()
+        if status == 200 and body.get("key_version") == 1:
+            break
+        assert time.monotonic() - back < RECOVERY_TIMEOUT, (status, body)
+        time.sleep(0.5)
+    recovery = time.monotonic() - back
+    assert body["status"] == "ok", body
+    assert body["vault_reachable"] is True, body
+    final = unit("NRestarts", "MainPID", "ActiveState")
+    assert final["MainPID"] == pid, "recovered through a restart, not by itself"
+    assert final["NRestarts"] == before["NRestarts"], final
+    assert final["ActiveState"] == "active", final
+    status, solved = solve()
+    assert status == 200, (status, solved)
+    assert solved.get("status") == "ok", solved
+    text = journal(since)
+    assert_no_secret(text, secrets_)
+    loaded = [r for r in records(journal(since, pid)) if r.get("msg") == "key loaded"]
+    assert [r["key_version"] for r in loaded] == [1], text[-3000:]
+    print(f"recovered {recovery:.1f} s after Vault was back; NRestarts {final['NRestarts']}")
