@@ -361,7 +361,8 @@ def test_demo_flow_leaks_no_secret(vault, vault_client, tmp_path):
     inventory = tmp_path / "inventory"
     hosts = leak_inventory(inventory, vault.addr, vault.ca_file, vault.audit_log)
     kv = yaml.safe_load((inventory / "group_vars" / "all" / "main.yml").read_text())
-    demo_dir = Path(vault.ca_file).resolve().parent.parent / "demo"
+    # tools/demo.py keeps its files per inventory: <state>/demo-<inventory dir name>
+    demo_dir = Path(vault.ca_file).resolve().parent.parent / f"demo-{inventory.name}"
     audit_start = vault.audit_log.stat().st_size
 
     watcher = Watcher(vault_client, kv, hosts, demo_dir)
@@ -470,7 +471,9 @@ def test_demo_flow_leaks_no_secret(vault, vault_client, tmp_path):
     assert run.returncode == 0, f"demo up failed (exit {run.returncode}):\n{_masked(tail, found)}"
     assert down.returncode == 0
     kinds = found.kinds()
-    assert kinds.get("api key", 0) >= 4, kinds  # dev old + new, staging, prod
+    # at least each env's key (the rotated-away dev key is destroyed by the finalize, so whether
+    # it is learnt depends on the watcher's timing; the new one is also proved by the HMAC below)
+    assert kinds.get("api key", 0) >= len(kv["captcha_kit_envs"]), kinds
     assert kinds.get("worker secret-id", 0) >= 2, kinds
     assert scan.bytes_by_source["worker journal"] > 0
     assert b"ESTABLISH" in run.stdout, "ansible did not run at -vvv"
