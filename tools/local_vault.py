@@ -40,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -84,27 +85,17 @@ def _find_bao() -> str:
 # --------------------------------------------------------------------------- TLS
 
 
-def ensure_tls(state_dir: Path) -> None:
-    """Create the kit's CA and a server certificate for 127.0.0.1/localhost unless present."""
+def new_ca(common_name: str, days: int = 1) -> tuple[Any, Any]:
+    """A self-signed EC CA: (private key, certificate). The kit's own CA, and in tests a
+    foreign CA that must be refused."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
-    ca_pem, ca_key = state_dir / "ca.pem", state_dir / "ca.key"
-    srv_pem, srv_key = state_dir / "server.pem", state_dir / "server.key"
-    if all(p.is_file() for p in (ca_pem, ca_key, srv_pem, srv_key)):
-        return
     now = dt.datetime.now(dt.UTC)
-    pem = serialization.Encoding.PEM
-
-    def key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
     ca_private = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "captcha kit local CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -112,7 +103,7 @@ def ensure_tls(state_dir: Path) -> None:
         .public_key(ca_private.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=3650))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -133,6 +124,30 @@ def ensure_tls(state_dir: Path) -> None:
         )
         .sign(ca_private, hashes.SHA256())
     )
+    return ca_private, ca_cert
+
+
+def ensure_tls(state_dir: Path) -> None:
+    """Create the kit's CA and a server certificate for 127.0.0.1/localhost unless present."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_pem, ca_key = state_dir / "ca.pem", state_dir / "ca.key"
+    srv_pem, srv_key = state_dir / "server.pem", state_dir / "server.key"
+    if all(p.is_file() for p in (ca_pem, ca_key, srv_pem, srv_key)):
+        return
+    now = dt.datetime.now(dt.UTC)
+    pem = serialization.Encoding.PEM
+
+    def key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    ca_private, ca_cert = new_ca("captcha kit local CA", days=3650)
+    ca_name = ca_cert.subject
     srv_private = ec.generate_private_key(ec.SECP256R1())
     srv_cert = (
         x509.CertificateBuilder()
