@@ -63,7 +63,7 @@ def test_bad_variables_fail_before_any_change(vault, snapshot, case, phrases):
     elif case == "malformed_ttl":
         extra["vault_provision_worker_token_ttl"] = "an hour"  # noqa: S105 - a duration
     elif case == "first_key_malformed":
-        secret_value = "not-a-key-" + random_key()
+        secret_value = "not-a-key-" + random_key()  # pragma: allowlist secret
         extra["vault_provision_first_keys"] = {envs[0]: secret_value}
     elif case == "first_key_unknown_env":
         extra["vault_provision_first_keys"] = {"elsewhere": secret_value}
