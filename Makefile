@@ -35,9 +35,10 @@ host-deps:  ## Debian packages for the container testbed (podman, runc, mmdebstr
 image: venv host-deps  ## build the Debian systemd host image (only when its recipe changed)
 	$(BIN)/python -m tools.host_image build
 
-lint: venv  ## yamllint, ansible-lint (production), ruff, mypy, detect-secrets
+lint: venv  ## yamllint, ansible-lint (production), module docs, ruff, mypy, detect-secrets
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint --profile production
+	$(BIN)/ansible-doc --metadata-dump captcha_kit.vault > /dev/null
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd solver && ../$(BIN)/mypy

@@ -9,11 +9,6 @@ from harness import new_tag, provision_vars, random_key, run_playbook
 PLAYBOOK = "playbooks/provision-vault.yml"
 
 
-def _item_name(result: dict) -> str:
-    item = result.get("item")
-    return str(item.get("name") if isinstance(item, dict) else item)
-
-
 def _policy_names(tag: str) -> list[str]:
     return [
         f"{kind}-{tag}-{env}"
@@ -93,20 +88,30 @@ def test_drift_is_shown_by_check_diff_and_repaired_by_a_normal_run(vault, vault_
 
     check = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, check=True, diff=True)
     assert check.rc == 0, check.failure_messages()
-    by_item = {_item_name(r): r for _, r in check.changed_results()}
-    assert sorted(by_item) == [f"captcha-worker-{tag}-dev", f"{tag}-staging"]
-    policy_diff = by_item[f"captcha-worker-{tag}-dev"]["diff"]
+    changed = dict(check.changed_results())
+    roles_task = "vault_provision : Configure the worker and rotator roles"
+    policies_task = "vault_provision : Write the worker, rotator and stager policies"
+    assert sorted(changed) == [roles_task, policies_task], sorted(changed)
+    policies = changed[policies_task]
+    assert [p["name"] for p in policies["policies"] if p["changed"]] == [
+        f"captcha-worker-{tag}-dev"
+    ]
+    [policy_diff] = policies["diff"]  # one diff per policy that differs
+    assert policy_diff["before_header"] == f"policy captcha-worker-{tag}-dev (current)"
     assert 'path "*"' in policy_diff["before"]
     assert f'path "kv-{tag}/data/captchaai/{tag}-dev"' in policy_diff["after"]
-    role_diff = by_item[f"{tag}-staging"]["diff"]
+    roles = changed[roles_task]
+    assert [(r["name"], r["changed_keys"]) for r in roles["roles"] if r["changed"]] == [
+        (f"captcha-worker-{tag}-staging", ["token_ttl"])
+    ]
+    [role_diff] = roles["diff"]
     assert role_diff["before"]["token_ttl"] == 7200
     assert role_diff["after"]["token_ttl"] == 3600
-    assert by_item[f"{tag}-staging"]["changed_keys"] == ["token_ttl"]
     assert snapshot(tag) == drifted, "check mode changed Vault"
 
     repair = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
     assert repair.rc == 0, repair.failure_messages()
-    assert repair.changed == 2
+    assert repair.changed == 2  # the policies task and the roles task, one item each
     policy = vault_client.sys.read_acl_policy(f"captcha-worker-{tag}-dev")["data"]["policy"]
     assert 'path "*"' not in policy
     role = vault_client.auth.approle.read_role(f"captcha-worker-{tag}-staging", mount_point=mount)

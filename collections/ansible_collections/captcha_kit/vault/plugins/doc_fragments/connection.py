@@ -6,7 +6,8 @@ from __future__ import annotations
 
 
 class ModuleDocFragment:
-    """Use with ``extends_documentation_fragment: [captcha_kit.vault.connection]``."""
+    """Use with ``extends_documentation_fragment: [captcha_kit.vault.connection]`` plus
+    ``captcha_kit.vault.connection.changes`` (check and diff mode) or ``...connection.no_diff``."""
 
     DOCUMENTATION = r"""
 options:
@@ -30,7 +31,8 @@ options:
     description:
       - More addresses of the same Vault cluster (HA), tried in turn after O(url) when a node
         does not answer, is sealed, or is a standby without an active node.
-      - Defaults to E(CAPTCHA_KIT_VAULT_ADDRS), comma separated.
+      - The addresses in E(CAPTCHA_KIT_VAULT_ADDRS) (comma separated) are always tried too,
+        after these.
     type: list
     elements: str
   retry_timeout:
@@ -41,4 +43,27 @@ options:
     type: float
 requirements:
   - hvac
+"""
+
+    # Attributes, one fragment per kind of module (the kit's modules all support check mode).
+    CHANGES = r"""
+options: {}
+attributes:
+  check_mode:
+    description: Reads and compares, reports what would change, writes nothing.
+    support: full
+  diff_mode:
+    description: Shows the settings (never a secret) before and after.
+    support: full
+"""
+
+    NO_DIFF = r"""
+options: {}
+attributes:
+  check_mode:
+    description: Reads and compares, reports what would change, writes nothing.
+    support: full
+  diff_mode:
+    description: No diff; the values handled are secrets or carry none.
+    support: none
 """

@@ -97,11 +97,9 @@ options:
     description: Timeout in seconds of provider calls.
     type: int
     default: 10
-extends_documentation_fragment: []
-notes:
-  - Connection options C(url), C(ca_cert), C(token) (never logged) and C(timeout) come from the
-    collection's C(vault_client) module_utils and default to C(VAULT_ADDR), C(VAULT_CACERT),
-    C(VAULT_TOKEN).
+extends_documentation_fragment:
+  - captcha_kit.vault.connection
+  - captcha_kit.vault.connection.no_diff
 author:
   - captcha key vault kit contributors
 """

@@ -15,11 +15,19 @@ description:
     single addresses to C(/32), sorted lists), and writes only the settings that differ.
   - Every setting is optional; an omitted setting is not managed (the server keeps its value).
   - Returns the role-id (an identifier, not a credential); never creates or returns secret-ids.
+  - With O(roles), does the same for many roles of one mount in one call (one connection and one
+    module run, much faster than a loop). Every item is checked before the first write.
 options:
   name:
-    description: Role name.
+    description: Role name. Mutually exclusive with O(roles).
     type: str
-    required: true
+  roles:
+    description:
+      - Many roles at once. Each item takes O(name) and any of the role settings below
+        (O(bind_secret_id) to O(token_type)); top-level settings are not merged into items.
+      - O(mount_point) and O(state) apply to every item.
+    type: list
+    elements: dict
   mount_point:
     description: AppRole mount path.
     type: str
@@ -75,18 +83,23 @@ options:
     description: Token type.
     type: str
     choices: [default, service, batch, default-service, default-batch]
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 extends_documentation_fragment:
   - captcha_kit.vault.connection
+  - captcha_kit.vault.connection.changes
 author:
   - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
+- name: Create the worker roles of dev and prod in one call
+  captcha_kit.vault.vault_approle_role:
+    roles:
+      - name: captcha-worker-dev
+        token_policies: [captcha-worker-dev]
+      - name: captcha-worker-prod
+        token_policies: [captcha-worker-prod]
+        token_bound_cidrs: [10.0.0.0/8]
+
 - name: Create the dev worker role
   captcha_kit.vault.vault_approle_role:
     name: captcha-worker-dev
@@ -102,21 +115,28 @@ EXAMPLES = r"""
 RETURN = r"""
 name:
   description: The role name.
-  returned: always
+  returned: with O(name)
   type: str
 role_id:
   description: The role-id (an identifier, not a secret); empty in check mode for a new role.
-  returned: when state is present
+  returned: with O(name) when state is present
   type: str
 role:
   description: The normalised settings after the run.
-  returned: when state is present
+  returned: with O(name) when state is present
   type: dict
 changed_keys:
   description: Settings that differed and were (or would be) written.
-  returned: always
+  returned: with O(name)
   type: list
   elements: str
+roles:
+  description: >-
+    With O(roles): one entry per role with RV(name), RV(changed), RV(changed_keys) and, when
+    state is present, RV(role) and RV(role_id).
+  returned: with O(roles)
+  type: list
+  elements: dict
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -160,48 +180,42 @@ def normalize(field, value):
     return value if value is not None else ""
 
 
-def main():
-    fields = {
-        "bind_secret_id": {"type": "bool"},
-        "secret_id_bound_cidrs": {"type": "list", "elements": "str"},
-        "secret_id_num_uses": {"type": "int"},
-        "secret_id_ttl": {"type": "str"},
-        "local_secret_ids": {"type": "bool"},
-        "token_ttl": {"type": "str"},
-        "token_max_ttl": {"type": "str"},
-        "token_explicit_max_ttl": {"type": "str"},
-        "token_period": {"type": "str"},
-        "token_policies": {"type": "list", "elements": "str"},
-        "token_bound_cidrs": {"type": "list", "elements": "str"},
-        "token_no_default_policy": {"type": "bool"},
-        "token_num_uses": {"type": "int"},
-        "token_type": {
-            "type": "str",
-            "choices": ["default", "service", "batch", "default-service", "default-batch"],
-        },
-    }
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(
-            name={"type": "str", "required": True},
-            mount_point={"type": "str", "default": "approle"},
-            state={"type": "str", "default": "present", "choices": ["present", "absent"]},
-            **fields,
-        ),
-        supports_check_mode=True,
-    )
-    p = module.params
-    name = p["name"]
-    mount = p["mount_point"].strip("/")
+FIELD_SPEC = {
+    "bind_secret_id": {"type": "bool"},
+    "secret_id_bound_cidrs": {"type": "list", "elements": "str"},
+    "secret_id_num_uses": {"type": "int"},
+    "secret_id_ttl": {"type": "str"},
+    "local_secret_ids": {"type": "bool"},
+    "token_ttl": {"type": "str"},
+    "token_max_ttl": {"type": "str"},
+    "token_explicit_max_ttl": {"type": "str"},
+    "token_period": {"type": "str"},
+    "token_policies": {"type": "list", "elements": "str"},
+    "token_bound_cidrs": {"type": "list", "elements": "str"},
+    "token_no_default_policy": {"type": "bool"},
+    "token_num_uses": {"type": "int"},
+    "token_type": {
+        "type": "str",
+        "choices": ["default", "service", "batch", "default-service", "default-batch"],
+    },
+}
+
+
+def desired_settings(module, item):
+    """The settings given for one role, normalised; bad values fail before any Vault call."""
     desired = {}
     for field in ALL_FIELDS:
-        if p[field] is None:
+        if item.get(field) is None:
             continue
         try:
-            desired[field] = normalize(field, p[field])
+            desired[field] = normalize(field, item[field])
         except ValueError as exc:
-            module.fail_json(msg=f"AppRole role {name}: {field}: {exc}")
+            module.fail_json(msg=f"AppRole role {item['name']}: {field}: {exc}")
+    return desired
 
-    client = get_client(module)
+
+def reconcile(module, client, mount, name, state, desired):
+    """Read, compare, write only what differs: the per-role result (with its diff)."""
     try:
         current = vault_call(
             module,
@@ -217,7 +231,7 @@ def main():
         before = {f: normalize(f, current.get(f)) for f in ALL_FIELDS if f in current}
 
     result = {"name": name, "changed": False, "changed_keys": []}
-    if p["state"] == "absent":
+    if state == "absent":
         if current is not None:
             result.update(changed=True, changed_keys=sorted(before))
             if not module.check_mode:
@@ -228,9 +242,8 @@ def main():
                     name,
                     mount_point=mount,
                 )
-        if module._diff:
-            result["diff"] = {"before": before or {}, "after": {}}
-        module.exit_json(**result)
+        result["diff"] = {"before": before or {}, "after": {}}
+        return result
 
     if current is None:
         changes = dict(desired)
@@ -245,13 +258,12 @@ def main():
     after.update(desired)
     changed = current is None or bool(changes)
     if changed and not module.check_mode:
-        payload = dict(changes)
         vault_call(
             module,
             f"write AppRole role {name} at auth/{mount}",
             client.adapter.post,
             f"/v1/auth/{mount}/role/{name}",
-            json=payload,
+            json=dict(changes),
         )
     role_id = ""
     if not (module.check_mode and current is None):
@@ -263,8 +275,54 @@ def main():
             mount_point=mount,
         )["data"]["role_id"]
     result.update(changed=changed, changed_keys=sorted(changes), role=after, role_id=role_id)
-    if module._diff:
-        result["diff"] = {"before": before or {}, "after": after}
+    result["diff"] = {
+        "before": before or {},
+        "after": after,
+        "before_header": f"auth/{mount}/role/{name} (current)",
+        "after_header": f"auth/{mount}/role/{name} (desired)",
+    }
+    return result
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=vault_argument_spec(
+            name={"type": "str"},
+            roles={
+                "type": "list",
+                "elements": "dict",
+                "options": {"name": {"type": "str", "required": True}, **FIELD_SPEC},
+            },
+            mount_point={"type": "str", "default": "approle"},
+            state={"type": "str", "default": "present", "choices": ["present", "absent"]},
+            **FIELD_SPEC,
+        ),
+        mutually_exclusive=[("name", "roles"), *(("roles", field) for field in FIELD_SPEC)],
+        required_one_of=[("name", "roles")],
+        supports_check_mode=True,
+    )
+    p = module.params
+    mount = p["mount_point"].strip("/")
+    batch = p["roles"] is not None
+    items = p["roles"] if batch else [{f: p[f] for f in ("name", *FIELD_SPEC)}]
+    names = [item["name"] for item in items]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        module.fail_json(msg=f"roles: each name once; repeated: {', '.join(repeated)}")
+    wanted = [(item["name"], desired_settings(module, item)) for item in items]
+
+    client = get_client(module)
+    results = [reconcile(module, client, mount, name, p["state"], d) for name, d in wanted]
+    changed = any(r["changed"] for r in results)
+    diffs = [r.pop("diff") for r in results]
+    if batch:
+        result = {"changed": changed, "roles": results}
+        diff = [d for d, r in zip(diffs, results, strict=True) if r["changed"]]
+    else:
+        result = dict(results[0])
+        diff = diffs[0]
+    if module._diff and diff:
+        result["diff"] = diff
     module.exit_json(**result)
 
 

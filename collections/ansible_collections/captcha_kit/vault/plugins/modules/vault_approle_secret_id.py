@@ -73,13 +73,9 @@ options:
     type: str
     choices: [present, absent]
     default: present
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
 extends_documentation_fragment:
   - captcha_kit.vault.connection
+  - captcha_kit.vault.connection.no_diff
 author:
   - captcha key vault kit contributors
 """

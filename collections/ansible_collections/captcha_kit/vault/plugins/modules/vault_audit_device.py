@@ -41,13 +41,9 @@ options:
     description: Audit devices are managed outside the kit (server config); only check.
     type: bool
     default: false
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 extends_documentation_fragment:
   - captcha_kit.vault.connection
+  - captcha_kit.vault.connection.changes
 author:
   - captcha key vault kit contributors
 """

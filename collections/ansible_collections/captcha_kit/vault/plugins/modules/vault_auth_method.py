@@ -25,13 +25,9 @@ options:
   description:
     description: Description of the auth method. Omitted means not managed.
     type: str
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 extends_documentation_fragment:
   - captcha_kit.vault.connection
+  - captcha_kit.vault.connection.changes
 author:
   - captcha key vault kit contributors
 """

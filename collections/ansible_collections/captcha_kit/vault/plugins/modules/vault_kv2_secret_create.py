@@ -28,13 +28,9 @@ options:
     description: Fields of the secret. Never logged or returned.
     type: dict
     required: true
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 extends_documentation_fragment:
   - captcha_kit.vault.connection
+  - captcha_kit.vault.connection.changes
 author:
   - captcha key vault kit contributors
 """

@@ -44,13 +44,9 @@ options:
   delete_version_after:
     description: KV v2 - delete versions after this duration (C(0) = never). Omitted = not managed.
     type: str
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
 extends_documentation_fragment:
   - captcha_kit.vault.connection
+  - captcha_kit.vault.connection.changes
 author:
   - captcha key vault kit contributors
 """

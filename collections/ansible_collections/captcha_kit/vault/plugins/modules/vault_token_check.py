@@ -23,13 +23,9 @@ options:
         examples. C(root) satisfies everything; C(deny) satisfies nothing.
     type: dict
     default: {}
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
 extends_documentation_fragment:
   - captcha_kit.vault.connection
+  - captcha_kit.vault.connection.no_diff
 author:
   - captcha key vault kit contributors
 """
