@@ -10,7 +10,7 @@ Connection
         ``url`` (default ``$VAULT_ADDR``), ``ca_cert`` (default ``$VAULT_CACERT``; a path, or
         omitted to use the system CAs), ``token`` (default ``$VAULT_TOKEN``, ``no_log``),
         ``timeout`` (seconds, default 30), ``urls`` (more addresses of the same Vault cluster, tried
-        in turn; default ``$CAPTCHA_KIT_VAULT_ADDRS``, comma separated), ``retry_timeout``
+        in turn; ``$CAPTCHA_KIT_VAULT_ADDRS``, comma separated, always added), ``retry_timeout``
         (seconds, default ``$CAPTCHA_KIT_VAULT_RETRY_TIMEOUT`` or 30). Pass the result to
         ``AnsibleModule(argument_spec=...)``.
 
@@ -103,11 +103,7 @@ def vault_argument_spec(**extra):
         "ca_cert": {"type": "path", "fallback": (env_fallback, ["VAULT_CACERT"])},
         "token": {"type": "str", "no_log": True, "fallback": (env_fallback, ["VAULT_TOKEN"])},
         "timeout": {"type": "int", "default": 30},
-        "urls": {
-            "type": "list",
-            "elements": "str",
-            "fallback": (env_fallback, ["CAPTCHA_KIT_VAULT_ADDRS"]),
-        },
+        "urls": {"type": "list", "elements": "str"},
         "retry_timeout": {
             "type": "float",
             "fallback": (env_fallback, ["CAPTCHA_KIT_VAULT_RETRY_TIMEOUT"]),
@@ -161,9 +157,11 @@ def _split_addrs(value):
 
 
 def _addresses(params):
-    """``url`` (may itself be comma separated) then ``urls``, without duplicates."""
+    """``url`` (may itself be comma separated), ``urls``, then $CAPTCHA_KIT_VAULT_ADDRS (an
+    operator's extra nodes, always added), without duplicates."""
     seen = []
-    for addr in _split_addrs(params.get("url")) + _split_addrs(params.get("urls")):
+    extra = _split_addrs(os.environ.get("CAPTCHA_KIT_VAULT_ADDRS"))
+    for addr in _split_addrs(params.get("url")) + _split_addrs(params.get("urls")) + extra:
         if addr not in seen:
             seen.append(addr)
     return seen
