@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from captcha_solver.cli import EX_CONFIG, main
+from captcha_solver.cli import EX_CONFIG, EX_TEMPFAIL, main
 
 from .helpers import free_port
 
@@ -18,6 +18,7 @@ addrs = ["https://127.0.0.1:1"]
 role_id_file = "{role}"
 secret_id_file = "{tmp_path / "state" / "secret-id"}"
 wrapped_secret_id_file = "{tmp_path / "state" / "secret-id.wrapped"}"
+{extra.get("vault_extra", "")}
 [provider]
 url = "http://127.0.0.1:1"
 [server]
@@ -60,3 +61,22 @@ def test_console_entry_point_help():
     ).stdout
     for command in ("serve", "status", "solve", "check-config"):
         assert command in out
+
+
+def test_serve_without_a_key_by_the_startup_timeout_exits_75(tmp_path):
+    """No Vault answering (a closed port): ``serve`` fails closed and exits 75 (EX_TEMPFAIL)
+    with the Vault error, so that systemd's Restart=on-failure starts it again."""
+    path = _config(tmp_path, port=free_port(), vault_extra="startup_timeout = 1.0\nretries = 1")
+    (tmp_path / "state" / "secret-id").write_text("s\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "captcha_solver.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == EX_TEMPFAIL, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "captcha-solver: no key from Vault within 1s of start: vault unavailable: login:"
+        " no Vault address answered (last: https://127.0.0.1:1: ConnectionError)"
+    )

@@ -6,7 +6,7 @@ import stat
 import aiohttp
 import pytest
 
-from captcha_solver.service import Service, parse_solve_request
+from captcha_solver.service import Service, StartupTimeout, parse_solve_request
 from captcha_solver.vault import KvSecret, WrappingTokenError
 
 from .helpers import FakeProvider, FakeVault, make_config, new_key, serve_fake_provider
@@ -244,3 +244,51 @@ def test_replayed_wrapping_token_found_later_stops_the_service(tmp_path):
     with pytest.raises(WrappingTokenError):
         asyncio.run(asyncio.wait_for(service.serve_forever(), 10))
     assert service.draining
+
+
+def test_no_key_within_the_startup_timeout_stops_the_service(tmp_path):
+    """Vault down from the start: /healthz says why while it retries; after
+    ``vault.startup_timeout`` serve() raises StartupTimeout (CLI: exit 75, systemd restarts)."""
+    vault = FakeSession({"api_key": new_key()}, down=True)
+    cfg = make_config(tmp_path, vault__startup_timeout=0.6)
+    service = Service(cfg, vault=vault)
+    seen: list[dict] = []
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(service.serve_forever())
+        await asyncio.sleep(0.3)
+        seen.append(service.health()[0])
+        await asyncio.wait_for(serving, 10)
+
+    with pytest.raises(StartupTimeout) as caught:
+        asyncio.run(main())
+    assert str(caught.value) == (
+        "no key from Vault within 0.6s of start:"
+        " vault unavailable: read: no Vault address answered (fake)"
+    )
+    assert seen[0]["status"] == "unhealthy"
+    assert seen[0]["error"] == "vault unavailable: read: no Vault address answered (fake)"
+    assert vault.reads >= 3  # it kept retrying until the deadline
+    assert service.draining
+
+
+def test_startup_timeout_does_not_apply_once_a_key_is_loaded(tmp_path):
+    """A key read at start: a later Vault outage never trips the startup deadline."""
+    vault = FakeSession({"api_key": new_key()})
+    cfg = make_config(tmp_path, vault__startup_timeout=0.3)
+    service = Service(cfg, vault=vault)
+
+    async def main() -> dict:
+        serving = asyncio.ensure_future(service.serve_forever())
+        await asyncio.sleep(0.2)
+        vault.down = True
+        await asyncio.sleep(0.8)
+        health = service.health()[0]
+        service.request_stop()
+        await asyncio.wait_for(serving, 10)
+        return health
+
+    health = asyncio.run(main())
+    assert health["key_version"] == 1
+    assert health["status"] == "degraded"
+    assert service.fatal is None

@@ -32,16 +32,19 @@ def main():
     host, port, env, service, timeout = sys.argv[1:6]
     url = f"http://{host}:{port}/healthz"
     deadline = time.monotonic() + float(timeout)
+    own = None  # the worker's own last answer: kept while it restarts (exit 75, no key yet)
     while True:
         last = health(url)
-        if last.get("env") == env and last.get("key_version") is not None:
-            print(json.dumps({"ready": True, "health": last, "state": "active"}))
-            return
+        if last.get("env") == env:
+            own = last
+            if last.get("key_version") is not None:
+                print(json.dumps({"ready": True, "health": last, "state": "active"}))
+                return
         state = subprocess.run(
             ["systemctl", "is-active", service], capture_output=True, text=True, check=False
         ).stdout.strip()
         if state == "failed" or time.monotonic() > deadline:
-            print(json.dumps({"ready": False, "health": last, "state": state}))
+            print(json.dumps({"ready": False, "health": own or last, "state": state}))
             return
         time.sleep(1)
 

@@ -1,7 +1,9 @@
 """``captcha-solver {serve,status,solve,check-config} --config PATH``.
 
-Exit status: 0 ok; 1 failure (unhealthy, solve failed); 2 usage; 78 (EX_CONFIG) for a bad
-configuration and for a used or expired wrapping token (possible tampering).
+Exit status: 0 ok; 1 failure (unhealthy, solve failed); 2 usage; 75 (EX_TEMPFAIL) when
+``serve`` read no key from Vault within ``vault.startup_timeout`` (a restart may succeed);
+78 (EX_CONFIG) for a bad configuration and for a used or expired wrapping token (possible
+tampering; a restart cannot fix it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .secret import REGISTRY
 
 EX_OK = 0
 EX_FAIL = 1
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 log = logging.getLogger("captcha_solver")
@@ -140,7 +143,7 @@ def cmd_solve(cfg: Config, method: str, raw_params: Sequence[str], timeout: floa
 
 
 def cmd_serve(cfg: Config) -> int:
-    from .service import Service  # imported here: the light commands need no aiohttp/hvac
+    from .service import Service, StartupTimeout  # the light commands need no aiohttp/hvac
     from .vault import WrappingTokenError
 
     async def run() -> None:
@@ -152,6 +155,9 @@ def cmd_serve(cfg: Config) -> int:
         log.critical("refusing to start: %s", exc)
         print(f"captcha-solver: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except StartupTimeout as exc:  # fail closed; the supervisor starts us again
+        print(f"captcha-solver: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except OSError as exc:  # e.g. the port is taken
         log.critical("cannot start: %s", exc)
         return EX_FAIL

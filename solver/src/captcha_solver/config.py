@@ -55,6 +55,9 @@ class VaultConfig:
     refresh_interval: float = 300.0
     refresh_jitter: float = 0.1
     max_staleness: float = 3600.0
+    # > 0: no key read within this many seconds of start -> exit 75 (EX_TEMPFAIL) so that the
+    # supervisor (systemd) restarts the worker; 0: keep running keyless and keep retrying.
+    startup_timeout: float = 0.0
     timeout: float = 5.0
     retries: int = 3
     retry_delay: float = 0.5
@@ -246,6 +249,7 @@ _SCHEMA: dict[str, dict[str, Parser]] = {
         "refresh_interval": _float_in(0.0, lo_open=True),
         "refresh_jitter": _float_in(0.0, 0.9),
         "max_staleness": _float_in(0.0),
+        "startup_timeout": _float_in(0.0),
         "timeout": _float_in(0.0, lo_open=True),
         "retries": _int_in(1, 100),
         "retry_delay": _float_in(0.0),

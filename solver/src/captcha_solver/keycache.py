@@ -402,6 +402,11 @@ class KeyCache:
     def vault_reachable(self) -> bool:
         return self._vault_reachable
 
+    @property
+    def last_error(self) -> str | None:
+        """Why the last Vault read failed (None after a successful one)."""
+        return self._last_error
+
     def key_age_seconds(self) -> float | None:
         """Seconds since the current key version was written to Vault (or first loaded)."""
         if self._keyset is None:

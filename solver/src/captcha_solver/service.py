@@ -53,6 +53,10 @@ def _error(code: str, kind: str, message: str, status: int) -> web.Response:
     )
 
 
+class StartupTimeout(Exception):
+    """No key could be read from Vault within ``vault.startup_timeout`` of the start."""
+
+
 class VaultSession(Protocol):
     """What the service needs from :class:`~captcha_solver.vault.VaultClient`."""
 
@@ -82,6 +86,8 @@ class Service:
         self._stop = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._token_task: asyncio.Task[None] | None = None
+        self._startup_task: asyncio.Task[None] | None = None
+        self._started_at = 0.0
         self._register_gauges()
 
     # ------------------------------------------------------------------ metrics
@@ -209,8 +215,30 @@ class Service:
                 self.metrics.inc("vault_errors_total", kind="unexpected")
                 log.exception("vault token upkeep failed unexpectedly")
 
+    async def _startup_deadline(self) -> None:
+        """Fail closed at start: no key within ``vault.startup_timeout`` seconds -> stop, exit
+        75 (the supervisor restarts the worker). Until then /healthz says why; the loop retries."""
+        timeout = self.cfg.vault.startup_timeout
+        loop = asyncio.get_running_loop()
+        deadline = self._started_at + timeout
+        while self.keys.key_version is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                reason = self.keys.last_error or "no key loaded from Vault yet"
+                log.critical(
+                    "no key from Vault within the startup timeout; exiting so that the"
+                    " supervisor retries",
+                    extra={"startup_timeout": timeout, "error": reason},
+                )
+                self._fatal(
+                    StartupTimeout(f"no key from Vault within {timeout:g}s of start: {reason}")
+                )
+                return
+            await asyncio.sleep(min(0.25, remaining))
+
     async def start(self) -> None:
         """Unwrap the secret-id (fatal if replayed), start the loops and the HTTP sites."""
+        self._started_at = asyncio.get_running_loop().time()
         try:
             await asyncio.to_thread(self.vault.unwrap_secret_id)
         except WrappingTokenError:
@@ -234,6 +262,10 @@ class Service:
         # failed first read is not fatal: /healthz says why and the loop keeps trying.
         await self.keys.refresh("startup")
         self.keys.start(read_first=False)
+        if self.cfg.vault.startup_timeout > 0 and self.keys.key_version is None:
+            self._startup_task = asyncio.create_task(
+                self._startup_deadline(), name="startup-deadline"
+            )
         log.info(
             "captcha-solver serving",
             extra={"env": self.cfg.env, "host": server.host, "port": server.port},
@@ -272,6 +304,10 @@ class Service:
             )
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._startup_task is not None:
+            self._startup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._startup_task
         if self._token_task is not None:
             self._token_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
