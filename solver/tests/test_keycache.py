@@ -269,3 +269,19 @@ def test_unexpected_vault_error_does_not_kill_the_refresh_loop(tmp_path):
 
     asyncio.run(scenario())
     assert cache.current_key() == Secret(key)
+
+
+def test_refresh_delay_is_spread_by_the_jitter(tmp_path):
+    """Each wait is interval x (1 +- jitter): within the bounds, and not all the same (so a fleet
+    started together does not read Vault in lockstep)."""
+    cache = _cache(tmp_path, FakeVault({"api_key": new_key()}), vault__refresh_interval=100.0)
+    delays = [cache._next_delay() for _ in range(200)]
+    assert all(90.0 <= d <= 110.0 for d in delays), (min(delays), max(delays))
+    assert max(delays) - min(delays) > 10.0, (min(delays), max(delays))
+    still = _cache(
+        tmp_path,
+        FakeVault({"api_key": new_key()}),
+        vault__refresh_interval=100.0,
+        vault__refresh_jitter=0.0,
+    )
+    assert {still._next_delay() for _ in range(20)} == {100.0}

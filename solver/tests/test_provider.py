@@ -1,6 +1,7 @@
 import asyncio
 
 import pytest
+from aiohttp import web
 
 from captcha_solver.metrics import new_metrics
 from captcha_solver.provider import (
@@ -14,7 +15,7 @@ from captcha_solver.provider import (
 )
 from captcha_solver.secret import Secret
 
-from .helpers import FakeProvider, make_config, new_key, serve_fake_provider
+from .helpers import FakeProvider, free_port, make_config, new_key, serve_fake_provider
 
 
 @pytest.mark.parametrize(
@@ -147,3 +148,41 @@ def test_unknown_key_and_network_error(tmp_path):
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_request_timeout_is_a_retryable_error(tmp_path):
+    """A provider that does not answer within ``request_timeout``: the call gives up then
+    (not at the task timeout) with a retryable TIMEOUT that names no key."""
+    key = new_key()
+
+    async def stall(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="OK|1")
+
+    async def scenario() -> tuple[ProviderError, float]:
+        app = web.Application()
+        app.router.add_post("/in.php", stall)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        cfg = make_config(
+            tmp_path, provider__url=f"http://127.0.0.1:{port}", provider__request_timeout=0.3
+        )
+        client = ProviderClient(cfg.provider, new_metrics())
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            with pytest.raises(ProviderError) as err:
+                await client.submit(Secret(key), "base64", {"body": "x"})
+            return err.value, loop.time() - started
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    error, took = asyncio.run(scenario())
+    assert error.code == "TIMEOUT"
+    assert error.kind is ErrorKind.RETRYABLE
+    assert "0.3s" in str(error)
+    assert key not in str(error)
+    assert took < 2.0, took  # gave up at the request timeout, not after the stalled answer

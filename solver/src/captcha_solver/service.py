@@ -200,11 +200,12 @@ class Service:
     async def _token_keeper(self) -> None:
         """Renew the Vault token before it expires (log in again when renewal fails)."""
         while True:
-            wait = (
-                self.vault.seconds_until_renewal()
-                if self.vault.has_token
-                else self.cfg.vault.refresh_interval
-            )
+            if not self.vault.has_token:
+                # The refresh loop logs in first; look again soon (not a refresh interval
+                # later, or a token shorter than the interval would never be renewed).
+                await asyncio.sleep(min(1.0, self.cfg.vault.refresh_interval))
+                continue
+            wait = self.vault.seconds_until_renewal()
             await asyncio.sleep(min(max(wait, 0.05), self.cfg.vault.refresh_interval))
             try:
                 await asyncio.to_thread(self.vault.ensure_token)

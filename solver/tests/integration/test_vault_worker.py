@@ -126,7 +126,50 @@ def test_token_renewal_and_relogin(vault, worker_factory):
     assert len(logins) >= 2  # initial + at least one re-login at max TTL
     assert any(r["msg"] == "vault token renewed" for r in records)
     assert not any(r["msg"] == "key refresh failed" for r in records)
-    assert not any(r["msg"] == "token renewal failed, logging in again" for r in records)
+    assert not any(r["msg"].startswith("token renewal failed") for r in records)
+
+
+def _token_accessors_of(w) -> list[str]:
+    """Accessors of the tokens the worker's AppRole holds (looked up with the admin token)."""
+    found = []
+    for accessor in w.admin.auth.token.list_accessors()["data"]["keys"]:
+        meta = w.admin.auth.token.lookup_accessor(accessor)["data"].get("meta") or {}
+        if meta.get("role_name") == w.name:
+            found.append(accessor)
+    return found
+
+
+def test_refused_token_renewal_logs_in_again(vault, worker_factory):
+    """The worker's token revoked behind its back: the next renewal is refused, the worker logs
+    in afresh with its secret-id and its next read works (same process, no failed read)."""
+    w = worker_factory(vault, token_ttl=6)  # renewal due 4 s after login
+    w.start(vault={"refresh_interval": 300.0})
+    [accessor] = _token_accessors_of(w)
+    w.admin.auth.token.revoke_accessor(accessor)
+
+    def relogged() -> bool:
+        msgs = [r["msg"] for r in w.log_records()]
+        refused = [i for i, m in enumerate(msgs) if m.startswith("token renewal failed")]
+        return bool(refused) and "vault login ok" in msgs[refused[0] :]
+
+    deadline = time.monotonic() + 15
+    while not relogged():
+        assert time.monotonic() < deadline, w.log_tail()
+        time.sleep(0.2)
+    new_accessors = _token_accessors_of(w)
+    assert new_accessors
+    assert accessor not in new_accessors
+    new = new_key()
+    w.emulator.admin.add_key(new)
+    assert w.write_key(new) == 2
+    w.signal(signal.SIGHUP)
+    health = w.wait_health(lambda h: h["key_version"] == 2, within=5)
+    assert health["status"] == "ok", health
+    records = w.log_records()
+    assert not any(r["msg"] == "key refresh failed" for r in records)
+    assert not any(r["msg"].startswith("vault read forbidden") for r in records)
+    assert w.proc is not None
+    assert w.proc.poll() is None
 
 
 def test_wrapped_secret_id_unwrapped_once(vault, worker_factory):
