@@ -142,3 +142,23 @@ def test_emergency_rotation_revoke_first_then_one_shot_with_confirmation(
     assert rot_env.metadata()["versions"][str(before)]["destroyed"] is True
     assert {w.health()["key_version"] for w in workers} == {before + 1}
     assert {w.health()["status"] for w in workers} == {"ok"}
+
+
+def test_run_without_a_terminal_never_blocks_at_the_prompt(rot_env: RotEnv):
+    """No TTY and no mode variable (a scheduler that forgot key_rotation_unattended): the
+    confirmation prompt does not wait; the run stops at awaiting_revocation all the same."""
+    inv = write_inventory(
+        rot_env, [], {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 1}
+    )
+    new = new_key()
+    rot_env.secrets.append(new)
+    rot_env.emulator.admin.add_key(new)
+
+    run = run_rotation(
+        rot_env, inv, {"key_rotation_new_key": new}, token=rot_env.rotator_token(), timeout=120
+    )
+
+    assert run.rc == 0, run.output[-3000:]
+    assert run.status["outcome"] == "awaiting_revocation"
+    assert rot_env.record()["rotation_state"] == "awaiting_revocation"
+    assert rot_env.current_key() == new

@@ -1,0 +1,89 @@
+"""captcha_worker on a real systemd host that already runs a worker (deployed once for the
+module, each test leaves it healthy): Vault unreachable from the host fails the play before any
+change and the worker keeps running; a config change restarts the worker (the handler) and
+keeps its secret-id. When a secret-id is re-issued: tests/test_secret_id_plan.py (the decision)
+and molecule captcha_worker (delivery on first deploy and forced rotation).
+
+Real parts: a container of the kit's host image (tests/worker_host.py), the test OpenBao,
+ansible-playbook with playbooks/deploy-workers.yml.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from worker_host import Deployment, Host, deploy, free_port, make_deployment, worker_container
+
+from tools.host_image import IMAGE, Recipe, build
+
+pytestmark = pytest.mark.containers
+
+ACCESSOR_FILE = "/var/lib/captcha-solver/secret-id.accessor"
+CONFIG = "/etc/captcha-solver/config.toml"
+
+
+@pytest.fixture(scope="module")
+def deployed(vault, tmp_path_factory) -> Iterator[tuple[Host, Deployment]]:
+    build(Recipe.load())
+    with worker_container(IMAGE, "kit-lifecycle") as host:
+        deployment = make_deployment(vault, host, tmp_path_factory.mktemp("lifecycle"))
+        first = deploy(vault, deployment)
+        assert first.rc == 0, first.failure_messages(host.name)[-3000:]
+        yield host, deployment
+
+
+def _plan(result, host: Host) -> str:
+    [msg] = [
+        r["msg"]
+        for n, r in result.task_results(host.name)
+        if n == "captcha_worker : Report the secret-id plan"
+    ]
+    return str(msg)
+
+
+def test_vault_unreachable_from_host_fails_and_the_running_worker_keeps_running(
+    vault, deployed: tuple[Host, Deployment]
+):
+    """With a Vault address the host cannot reach, the play fails before touching the host:
+    the worker deployed before keeps running (same PID, same config, still healthy)."""
+    host, deployment = deployed
+    pid = host.main_pid()
+    config_before = host.sh(f"sha256sum {CONFIG}").stdout
+
+    dead = f"https://127.0.0.1:{free_port()}"
+    result = deploy(vault, deployment, captcha_kit_vault_addrs=[dead])
+    assert result.rc != 0
+    message = result.failure_messages(host.name)
+    assert "Vault is unreachable from" in message
+    assert dead in message
+    assert "keeps running" in message
+    assert result.count("changed", host.name) == 0
+    assert host.main_pid() == pid
+    assert host.sh(f"sha256sum {CONFIG}").stdout == config_before
+    health = host.health(deployment.port(host))
+    assert health["env"] == deployment.dev
+    assert health["key_version"] == 1
+
+
+def test_config_change_restarts_the_worker_and_keeps_its_secret_id(
+    vault, deployed: tuple[Host, Deployment]
+):
+    """A changed setting rewrites the config and restarts the worker (new PID), which comes
+    back with its key; the secret-id is kept (the plan says so, the accessor is unchanged)."""
+    host, deployment = deployed
+    pid = host.main_pid()
+    accessor = host.sh(f"cat {ACCESSOR_FILE}").stdout.strip()
+
+    changed = deploy(vault, deployment, captcha_worker_max_staleness=1800)
+
+    assert changed.rc == 0, changed.failure_messages(host.name)[-3000:]
+    assert "max_staleness = 1800.0" in host.sh(f"cat {CONFIG}").stdout
+    assert host.main_pid() != pid, "the config changed but the worker was not restarted"
+    assert "the host's secret-id is valid" in _plan(changed, host)
+    assert "keeping it" in _plan(changed, host)
+    assert host.sh(f"cat {ACCESSOR_FILE}").stdout.strip() == accessor
+    health = host.health(deployment.port(host))
+    assert health["env"] == deployment.dev
+    assert health["key_version"] == 1
+    assert health["status"] == "ok"

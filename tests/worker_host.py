@@ -1,0 +1,175 @@
+"""A worker host for the playbook suites: a systemd container of the kit's host image (podman,
+host network, SYS_ADMIN) and a deployment of its own names in the test Vault."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from harness import new_tag, provision_vars, random_key, run_playbook
+
+from tools.host_image import CONTAINERS_CONF, wait_for_systemd
+
+PLAYBOOK = "playbooks/deploy-workers.yml"
+PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+# Host paths the role creates; none of them may appear when it fails validation.
+ROLE_PATHS = (
+    "/etc/captcha-solver",
+    "/opt/captcha-solver",
+    "/var/lib/captcha-solver",
+    "/etc/systemd/system/captcha-solver.service",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Host:
+    """A worker host: a systemd container on the host network."""
+
+    name: str
+
+    def sh(self, command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["podman", "exec", self.name, "sh", "-c", command],
+            env=PODMAN_ENV,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def exists(self, path: str) -> bool:
+        return self.sh(f"test -e {path}", check=False).returncode == 0
+
+    def role_footprint(self) -> dict[str, bool]:
+        """Which of the role's paths and its user exist."""
+        state = {path: self.exists(path) for path in ROLE_PATHS}
+        state["user"] = self.sh("getent passwd captcha-solver", check=False).returncode == 0
+        return state
+
+    def main_pid(self) -> int:
+        out = self.sh("systemctl show --property=MainPID --value captcha-solver.service")
+        return int(out.stdout.strip())
+
+    def health(self, port: int) -> dict:
+        """The worker's /healthz, asked on the host's loopback."""
+        return json.loads(
+            self.sh(
+                "python3 -c 'import urllib.request;"
+                f'print(urllib.request.urlopen("http://127.0.0.1:{port}/healthz").read().decode())\''
+            ).stdout
+        )
+
+
+@contextmanager
+def worker_container(image: str, prefix: str = "kit-worker") -> Iterator[Host]:
+    """A fresh systemd container, removed afterwards."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    subprocess.run(
+        [
+            "podman", "run", "--detach", "--name", name, "--hostname", name,
+            "--network=host", "--systemd=always", "--cap-add=SYS_ADMIN", image,
+        ],
+        env=PODMAN_ENV, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_systemd(name)
+        yield Host(name)
+    finally:
+        subprocess.run(
+            ["podman", "rm", "--force", "--time", "0", name],
+            env=PODMAN_ENV, check=False, capture_output=True,
+        )  # fmt: skip
+
+
+@dataclass
+class Deployment:
+    """Inventory and extra vars for one worker host against names of its own in Vault."""
+
+    tag: str
+    inventory: Path
+    provision: dict
+
+    @property
+    def dev(self) -> str:
+        return f"{self.tag}-dev"
+
+    def port(self, host: Host) -> int:
+        hosts = yaml.safe_load(self.inventory.read_text())["all"]["children"]["workers"]["hosts"]
+        return int(hosts[host.name]["captcha_worker_port"])
+
+
+def make_deployment(vault, host: Host, directory: Path) -> Deployment:
+    """`<tag>-dev` provisioned with a first key; `<tag>-staging` known but not provisioned."""
+    tag = new_tag("w")
+    envs = [f"{tag}-dev", f"{tag}-staging", f"{tag}-prod"]
+    provision = provision_vars(
+        vault,
+        tag,
+        vault_provision_envs=[f"{tag}-dev"],
+        vault_provision_first_keys={f"{tag}-dev": random_key()},
+    )
+    result = run_playbook("playbooks/provision-vault.yml", vault=vault, extra_vars=provision)
+    assert result.rc == 0, result.failure_messages()
+    inventory = {
+        "all": {
+            "hosts": {
+                "localhost": {
+                    "ansible_connection": "local",
+                    "ansible_python_interpreter": sys.executable,
+                }
+            },
+            "children": {
+                "workers": {
+                    "hosts": {
+                        host.name: {
+                            "ansible_connection": "containers.podman.podman",
+                            "ansible_python_interpreter": "/usr/bin/python3",
+                            "captcha_worker_env": f"{tag}-dev",
+                            "captcha_worker_port": free_port(),
+                        }
+                    }
+                }
+            },
+            "vars": {
+                "captcha_kit_envs": envs,
+                "captcha_kit_vault_addr": vault.addr,
+                "captcha_kit_vault_addrs": [vault.addr],
+                "captcha_kit_vault_cacert": str(vault.ca_file),
+                "captcha_kit_kv_mount": f"kv-{tag}",
+                "captcha_kit_key_path_prefix": "captchaai",
+                "captcha_kit_approle_mount": f"approle-{tag}",
+                "captcha_kit_refresh_interval": 30,
+                "captcha_kit_refresh_jitter": 0.1,
+                "captcha_kit_provider_url": "http://127.0.0.1:18350",
+            },
+        }
+    }
+    path = directory / "hosts.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    return Deployment(tag, path, provision)
+
+
+def deploy(vault, deployment: Deployment, **extra):
+    return run_playbook(
+        PLAYBOOK,
+        vault=vault,
+        inventory=deployment.inventory,
+        extra_vars=extra or None,
+        env={"CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        timeout=600,
+    )
