@@ -199,6 +199,8 @@ class BaoNode:
     audit_log: Path
     retry_join: tuple[str, ...] = ()  # other nodes' API addresses (HA cluster)
     ha: bool = False  # one of several nodes: reads are forwarded to the active node
+    # Allow audit devices through the API as HashiCorp Vault does (OpenBao's default refuses).
+    api_audit: bool = False
 
     @property
     def addr(self) -> str:
@@ -229,6 +231,7 @@ class BaoNode:
             "disable_mlock = true\n"
             # Standbys would answer reads from their own (possibly lagging) copy otherwise.
             f"{'disable_standby_reads = true' if self.ha else ''}\n"
+            f"{'unsafe_allow_api_audit_creation = true' if self.api_audit else ''}\n"
             f'api_addr = "{self.addr}"\n'
             f'cluster_addr = "https://{HOST}:{self.cluster_port}"\n'
             'storage "raft" {\n'
@@ -426,7 +429,8 @@ class LocalVault:
     """The kit's local OpenBao server in ``state_dir``: one raft node on ``port`` (the default),
     or with ``nodes`` > 1 a raft HA cluster on ``port``, ``port + port_step``, ... (cluster port
     = API port + 1), node files in ``state_dir/node<i>/``, CA, keys, token and audit log shared
-    in ``state_dir``."""
+    in ``state_dir``. ``api_audit`` lets the API enable audit devices, as HashiCorp Vault does
+    (OpenBao refuses by default: audit devices are declared in its config)."""
 
     def __init__(
         self,
@@ -434,6 +438,7 @@ class LocalVault:
         port: int = DEFAULT_PORT,
         nodes: int = 1,
         port_step: int = 10,
+        api_audit: bool = False,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.port = port
@@ -447,6 +452,7 @@ class LocalVault:
                     api_port=port,
                     cluster_port=port + 1,
                     audit_log=audit_log,
+                    api_audit=api_audit,
                 )
             ]
             return
@@ -462,6 +468,7 @@ class LocalVault:
                 audit_log=audit_log,
                 retry_join=tuple(a for a in addrs if a != addrs[i]),
                 ha=True,
+                api_audit=api_audit,
             )
             for i, p in enumerate(ports)
         ]
