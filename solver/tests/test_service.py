@@ -1,5 +1,6 @@
 import asyncio
 import json
+import logging
 import os
 import stat
 
@@ -292,3 +293,47 @@ def test_startup_timeout_does_not_apply_once_a_key_is_loaded(tmp_path):
     assert health["key_version"] == 1
     assert health["status"] == "degraded"
     assert service.fatal is None
+
+
+def test_sigterm_abandons_tasks_still_in_flight_after_the_grace(tmp_path, caplog):
+    """Tasks the provider never finishes do not hold the shutdown: after ``shutdown_grace`` the
+    service stops anyway (long before the tasks' own timeout) and says so in its log."""
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=10_000)  # never ready
+    vault = FakeSession({"api_key": key})
+
+    async def body(service, http, base):
+        async def one():
+            try:
+                async with http.post(
+                    f"{base}/solve", json={"method": "userrecaptcha", **PARAMS}
+                ) as r:
+                    return r.status
+            except aiohttp.ClientError as exc:
+                return type(exc).__name__
+
+        tasks = [asyncio.create_task(one()) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        assert service.dispatcher.in_flight == 3
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await service.shutdown()
+        took = loop.time() - started
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return took, answers
+
+    caplog.set_level(logging.WARNING, logger="captcha_solver.service")
+    took, answers = asyncio.run(
+        _with_service(
+            tmp_path,
+            fake,
+            vault,
+            body,
+            server__shutdown_grace=0.5,
+            provider__task_timeout=60.0,
+        )
+    )
+    assert took < 10.0, took  # bounded by the 0.5 s grace: not the 60 s task timeout, nor
+    # aiohttp's own 60 s wait for open requests (systemd would SIGKILL at TimeoutStopSec=35)
+    assert all(a != 200 for a in answers), answers
+    assert "grace period over, abandoning tasks" in caplog.messages

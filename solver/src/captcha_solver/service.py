@@ -250,7 +250,11 @@ class Service:
         await self.provider.start()
         self.dispatcher.start()
         self._token_task = asyncio.create_task(self._token_keeper(), name="token-keeper")
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # shutdown() already gave tasks in flight shutdown_grace to finish: the HTTP server
+        # must not hold abandoned requests for aiohttp's default 60 s on top of that.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await self._runner.setup()
         server = self.cfg.server
         await web.TCPSite(self._runner, server.host, server.port).start()
