@@ -16,9 +16,7 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,8 +35,9 @@ from harness import REPO, new_tag, provision_vars, random_key, run_playbook
 
 pytest.register_assert_rewrite("rotation_fixtures")
 from rotation_fixtures import RotEnv, run_rotation, write_inventory  # noqa: E402
+from worker_host import Host, free_port, worker_container  # noqa: E402
 
-from tools.host_image import CONTAINERS_CONF, IMAGE, Recipe, build, wait_for_systemd  # noqa: E402
+from tools.host_image import CONTAINERS_CONF, IMAGE, Recipe, build  # noqa: E402
 
 pytest_plugins = ("rotation_fixtures",)
 
@@ -46,19 +45,6 @@ CATALOGUE = REPO / "docs" / "bad-inputs.md"
 WRAPPER = REPO / "tools" / "rotate-unattended"
 SOLVER = Path(sys.executable).parent / "captcha-solver"
 DEPLOY = "playbooks/deploy-workers.yml"
-PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
-ROLE_PATHS = (
-    "/etc/captcha-solver",
-    "/opt/captcha-solver",
-    "/var/lib/captcha-solver",
-    "/etc/systemd/system/captcha-solver.service",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- rotate-key
@@ -245,7 +231,7 @@ def _worker_files(we: WorkerEnv, tmp: Path, *, addr: str | None = None) -> Worke
         tmp / "role-id",
         state / "secret-id",
         state / "secret-id.wrapped",
-        _free_port(),
+        free_port(),
     )
     files.role_id.write_text(we.role_id + "\n")
     files.config.write_text(
@@ -262,7 +248,7 @@ key_path = "captchaai/{we.env}"
 refresh_interval = 30.0
 retries = 1
 [provider]
-url = "http://127.0.0.1:{_free_port()}"
+url = "http://127.0.0.1:{free_port()}"
 [server]
 host = "127.0.0.1"
 port = {files.port}
@@ -426,46 +412,12 @@ def test_worker_missing_role_id_file_is_unhealthy_and_keeps_the_secret_id(
 # --------------------------------------------------------------------------- deploy-workers
 
 
-@dataclass
-class Host:
-    name: str
-
-    def sh(self, command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["podman", "exec", self.name, "sh", "-c", command],
-            env=PODMAN_ENV,
-            capture_output=True,
-            text=True,
-            check=check,
-            timeout=120,
-        )
-
-    def footprint(self) -> dict[str, bool]:
-        state = {p: self.sh(f"test -e {p}", check=False).returncode == 0 for p in ROLE_PATHS}
-        state["user"] = self.sh("getent passwd captcha-solver", check=False).returncode == 0
-        return state
-
-
 @pytest.fixture(scope="module")
 def host() -> Iterator[Host]:
     """One fresh systemd worker container for every deploy case of this module."""
     build(Recipe.load())
-    name = f"kit-catalogue-{secrets.token_hex(3)}"
-    subprocess.run(
-        [
-            "podman", "run", "--detach", "--name", name, "--hostname", name,
-            "--network=host", "--systemd=always", "--cap-add=SYS_ADMIN", IMAGE,
-        ],
-        env=PODMAN_ENV, check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    try:
-        wait_for_systemd(name)
-        yield Host(name)
-    finally:
-        subprocess.run(
-            ["podman", "rm", "--force", "--time", "0", name],
-            env=PODMAN_ENV, check=False, capture_output=True,
-        )  # fmt: skip
+    with worker_container(IMAGE, "kit-catalogue") as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
@@ -486,7 +438,7 @@ def deploy_inventory(worker_env: WorkerEnv, host: Host, tmp_path_factory) -> Pat
                             "ansible_connection": "containers.podman.podman",
                             "ansible_python_interpreter": "/usr/bin/python3",
                             "captcha_worker_env": we.env,
-                            "captcha_worker_port": _free_port(),
+                            "captcha_worker_port": free_port(),
                         }
                     }
                 }
@@ -552,7 +504,7 @@ def test_deploy_bad_variable_fails_before_any_change(
         missing = tmp_path / "no-ca.pem"
         extra = {"captcha_kit_vault_cacert": str(missing)}
         expected = CA_MSG.format(got=missing)
-    before = host.footprint()
+    before = host.role_footprint()
     accessors = worker_env.accessors()
     result = run_playbook(
         DEPLOY,
@@ -566,7 +518,7 @@ def test_deploy_bad_variable_fails_before_any_change(
     messages = [str(r.get("msg", "")) for _, r in result.failed_results(host.name)]
     assert messages == [expected], messages
     assert result.count("changed", host.name) == 0
-    assert host.footprint() == before
+    assert host.role_footprint() == before
     assert not any(before.values())
     assert worker_env.accessors() == accessors
 

@@ -95,14 +95,21 @@ def test_check_mode_shows_the_plan_and_changes_nothing(rot_env: RotEnv, start_wo
     assert rot_env.current_key() == rot_env.old_key
 
 
-def test_no_workers_fixed_wait_mode_waits_the_window(rot_env: RotEnv):
-    """The no-poll mode never contacts workers and waits interval x (1 + jitter) + margin."""
+def _fixed_wait_rotation(rot_env: RotEnv):
+    """An inventory without workers in the no-poll mode (1 s margin) and a new key the
+    provider knows."""
     inv = write_inventory(
         rot_env, [], {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 1}
     )
     new = new_key()
     rot_env.secrets.append(new)
     rot_env.emulator.admin.add_key(new)
+    return inv, new
+
+
+def test_no_workers_fixed_wait_mode_waits_the_window(rot_env: RotEnv):
+    """The no-poll mode never contacts workers and waits interval x (1 + jitter) + margin."""
+    inv, new = _fixed_wait_rotation(rot_env)
 
     run = run_rotation(
         rot_env,
@@ -147,12 +154,7 @@ def test_emergency_rotation_revoke_first_then_one_shot_with_confirmation(
 def test_run_without_a_terminal_never_blocks_at_the_prompt(rot_env: RotEnv):
     """No TTY and no mode variable (a scheduler that forgot key_rotation_unattended): the
     confirmation prompt does not wait; the run stops at awaiting_revocation all the same."""
-    inv = write_inventory(
-        rot_env, [], {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 1}
-    )
-    new = new_key()
-    rot_env.secrets.append(new)
-    rot_env.emulator.admin.add_key(new)
+    inv, new = _fixed_wait_rotation(rot_env)
 
     run = run_rotation(
         rot_env, inv, {"key_rotation_new_key": new}, token=rot_env.rotator_token(), timeout=120

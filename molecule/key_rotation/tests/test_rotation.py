@@ -138,6 +138,14 @@ def _rotate(inventory_dir: Path, files: list[Path], *args: str) -> tuple[int, st
     return proc.returncode, proc.stdout + proc.stderr, json.loads(status_file.read_text())
 
 
+def _sighup_reads(port: int) -> float:
+    """How many key reads the worker made because of a reload (SIGHUP), from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    prefix = 'captcha_solver_key_refreshes_total{reason="sighup",result="ok"} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def _stage(admin: hvac.Client, key: Secret) -> None:
     tok = admin.auth.token.create(policies=[f"captcha-stager-{ENV}"], ttl="10m")["auth"]
     server = testbed.vault()
@@ -159,6 +167,7 @@ def test_unattended_rotation_under_load_with_confirmation(inventory, admin, rota
     testbed.emulator_admin().add_key(new_key.reveal(), balance=100.0)
     _stage(admin, new_key)
     secrets_ = [old_key.reveal(), new_key.reveal(), secret_id.reveal()]
+    nudged_before = {name: _sighup_reads(port) for name, port in ports.items()}
 
     with Load(list(ports.values())) as load:
         time.sleep(3)
@@ -207,3 +216,8 @@ def test_unattended_rotation_under_load_with_confirmation(inventory, admin, rota
     assert "old key rejected by the provider: True" in done["message"]
     for port in ports.values():
         assert _healthz(port)["key_version"] == old_version + 1
+    # The nudge reached every worker: each read the key again on SIGHUP (systemctl reload).
+    assert all(_sighup_reads(port) > nudged_before[name] for name, port in ports.items()), (
+        nudged_before,
+        {name: _sighup_reads(port) for name, port in ports.items()},
+    )
