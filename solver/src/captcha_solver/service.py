@@ -284,7 +284,8 @@ class Service:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
 
     def _fatal(self, exc: Exception) -> None:
-        """An error no retry can fix (a replayed wrapping token): stop, and let serve() raise."""
+        """Stop, and let serve() raise: a replayed wrapping token, or no key by the startup
+        timeout (the CLI maps them to exit 78 and 75)."""
         self.fatal = exc
         self.request_stop()
 
