@@ -35,7 +35,7 @@ from harness import REPO, new_tag, provision_vars, random_key, run_playbook
 
 pytest.register_assert_rewrite("rotation_fixtures")
 from rotation_fixtures import RotEnv, run_rotation, write_inventory  # noqa: E402
-from worker_host import Host, free_port, worker_container  # noqa: E402
+from worker_host import Host, free_port, worker_container, worker_inventory  # noqa: E402
 
 from tools.host_image import CONTAINERS_CONF, IMAGE, Recipe, build  # noqa: E402
 
@@ -423,40 +423,15 @@ def host() -> Iterator[Host]:
 @pytest.fixture(scope="module")
 def deploy_inventory(worker_env: WorkerEnv, host: Host, tmp_path_factory) -> Path:
     we = worker_env
-    inventory = {
-        "all": {
-            "hosts": {
-                "localhost": {
-                    "ansible_connection": "local",
-                    "ansible_python_interpreter": sys.executable,
-                }
-            },
-            "children": {
-                "workers": {
-                    "hosts": {
-                        host.name: {
-                            "ansible_connection": "containers.podman.podman",
-                            "ansible_python_interpreter": "/usr/bin/python3",
-                            "captcha_worker_env": we.env,
-                            "captcha_worker_port": free_port(),
-                        }
-                    }
-                }
-            },
-            "vars": {
-                "captcha_kit_envs": [we.env],
-                "captcha_kit_vault_addr": we.addr,
-                "captcha_kit_vault_addrs": [we.addr],
-                "captcha_kit_vault_cacert": str(we.ca_file),
-                "captcha_kit_kv_mount": we.kv_mount,
-                "captcha_kit_key_path_prefix": "captchaai",
-                "captcha_kit_approle_mount": we.mount,
-                "captcha_kit_refresh_interval": 30,
-                "captcha_kit_refresh_jitter": 0.1,
-                "captcha_kit_provider_url": "http://127.0.0.1:18350",
-            },
-        }
-    }
+    inventory = worker_inventory(
+        host,
+        we.env,
+        envs=[we.env],
+        vault_addr=we.addr,
+        ca_file=we.ca_file,
+        kv_mount=we.kv_mount,
+        approle_mount=we.mount,
+    )
     path = tmp_path_factory.mktemp("catalogue-inv") / "hosts.yml"
     path.write_text(yaml.safe_dump(inventory))
     return path

@@ -113,19 +113,19 @@ class Deployment:
         return int(hosts[host.name]["captcha_worker_port"])
 
 
-def make_deployment(vault, host: Host, directory: Path) -> Deployment:
-    """`<tag>-dev` provisioned with a first key; `<tag>-staging` known but not provisioned."""
-    tag = new_tag("w")
-    envs = [f"{tag}-dev", f"{tag}-staging", f"{tag}-prod"]
-    provision = provision_vars(
-        vault,
-        tag,
-        vault_provision_envs=[f"{tag}-dev"],
-        vault_provision_first_keys={f"{tag}-dev": random_key()},
-    )
-    result = run_playbook("playbooks/provision-vault.yml", vault=vault, extra_vars=provision)
-    assert result.rc == 0, result.failure_messages()
-    inventory = {
+def worker_inventory(
+    host: Host,
+    env: str,
+    *,
+    envs: list[str],
+    vault_addr: str,
+    ca_file: Path,
+    kv_mount: str,
+    approle_mount: str,
+) -> dict:
+    """An inventory of the controller (local) and one worker container of ``env`` on a free
+    loopback port, with the kit's shared settings for the given Vault names."""
+    return {
         "all": {
             "hosts": {
                 "localhost": {
@@ -139,7 +139,7 @@ def make_deployment(vault, host: Host, directory: Path) -> Deployment:
                         host.name: {
                             "ansible_connection": "containers.podman.podman",
                             "ansible_python_interpreter": "/usr/bin/python3",
-                            "captcha_worker_env": f"{tag}-dev",
+                            "captcha_worker_env": env,
                             "captcha_worker_port": free_port(),
                         }
                     }
@@ -147,18 +147,41 @@ def make_deployment(vault, host: Host, directory: Path) -> Deployment:
             },
             "vars": {
                 "captcha_kit_envs": envs,
-                "captcha_kit_vault_addr": vault.addr,
-                "captcha_kit_vault_addrs": [vault.addr],
-                "captcha_kit_vault_cacert": str(vault.ca_file),
-                "captcha_kit_kv_mount": f"kv-{tag}",
+                "captcha_kit_vault_addr": vault_addr,
+                "captcha_kit_vault_addrs": [vault_addr],
+                "captcha_kit_vault_cacert": str(ca_file),
+                "captcha_kit_kv_mount": kv_mount,
                 "captcha_kit_key_path_prefix": "captchaai",
-                "captcha_kit_approle_mount": f"approle-{tag}",
+                "captcha_kit_approle_mount": approle_mount,
                 "captcha_kit_refresh_interval": 30,
                 "captcha_kit_refresh_jitter": 0.1,
                 "captcha_kit_provider_url": "http://127.0.0.1:18350",
             },
         }
     }
+
+
+def make_deployment(vault, host: Host, directory: Path) -> Deployment:
+    """`<tag>-dev` provisioned with a first key; `<tag>-staging` known but not provisioned."""
+    tag = new_tag("w")
+    envs = [f"{tag}-dev", f"{tag}-staging", f"{tag}-prod"]
+    provision = provision_vars(
+        vault,
+        tag,
+        vault_provision_envs=[f"{tag}-dev"],
+        vault_provision_first_keys={f"{tag}-dev": random_key()},
+    )
+    result = run_playbook("playbooks/provision-vault.yml", vault=vault, extra_vars=provision)
+    assert result.rc == 0, result.failure_messages()
+    inventory = worker_inventory(
+        host,
+        f"{tag}-dev",
+        envs=envs,
+        vault_addr=vault.addr,
+        ca_file=vault.ca_file,
+        kv_mount=f"kv-{tag}",
+        approle_mount=f"approle-{tag}",
+    )
     path = directory / "hosts.yml"
     path.write_text(yaml.safe_dump(inventory))
     return Deployment(tag, path, provision)
