@@ -1,7 +1,7 @@
 """Leak scan: the whole demo flow at ansible -vvv, then every place a secret could end up.
 
 The demo (``python -m tools.demo up``) runs on a throw-away copy of ``inventories/local`` with the
-test ports: the shared test OpenBao (https://127.0.0.1:18250), the emulator on 18350/18351 and two
+test ports: the shared test OpenBao (https://127.0.0.1:18250), the emulator on 18380/18381 and two
 worker containers of its own. While it runs, and after it, the test learns the secret values
 without printing them: every version of every key and staged key (read with the root token, also
 while the demo runs, because the rotation destroys the old version), the workers' secret-ids
@@ -43,10 +43,12 @@ import pytest
 import yaml
 from harness import REPO, VENV_BIN
 
-from tools.host_image import CONTAINERS_CONF, Recipe, build
+from tools.host_image import CONTAINERS_CONF, DEFAULT_SSH_KEY, Recipe, build
 
-WORKER_PORTS = (18461, 18462)
-EMULATOR_PORT = 18350
+# Ports of its own (docs/interfaces.md), so the scan runs beside the molecule scenarios.
+WORKER_PORTS = (18481, 18482)
+SSH_PORTS = (18491, 18492)
+EMULATOR_PORT = 18380
 LOAD_SECONDS = 20
 TOKEN_RE = re.compile(rb"(?<![A-Za-z0-9_.])(?:hvs|s)\.[A-Za-z0-9]{24}(?![A-Za-z0-9])")
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
@@ -299,6 +301,8 @@ def leak_inventory(dest: Path, vault_addr: str, ca_file: Path, audit_log: Path) 
                 same_env = sum(n.startswith(f"leak-worker-{env}-") for n in names)
                 new = f"leak-worker-{env}-{same_env + 1}"
                 old_vars["captcha_worker_port"] = WORKER_PORTS[len(names)]
+                old_vars["ansible_port"] = SSH_PORTS[len(names)]
+                old_vars["ansible_ssh_private_key_file"] = str(DEFAULT_SSH_KEY)
                 (dest / "host_vars" / f"{old}.yml").unlink()
                 (dest / "host_vars" / f"{new}.yml").write_text(
                     "---\n" + yaml.safe_dump(old_vars, sort_keys=False)
@@ -355,7 +359,7 @@ def test_scanner_finds_planted_values_and_reports_them_masked():
 def test_demo_flow_leaks_no_secret(vault, vault_client, tmp_path):
     """Run the demo at -vvv; no API key, secret-id, wrapping token or Vault token may be found
     anywhere but a worker's own 0600 secret-id file and the test Vault's 0600 root-token file."""
-    for port in WORKER_PORTS:
+    for port in (*WORKER_PORTS, *SSH_PORTS, EMULATOR_PORT, EMULATOR_PORT + 1):
         assert _port_free(port), f"port {port} is taken: another leak scan running?"
     build(Recipe.load())
     inventory = tmp_path / "inventory"

@@ -1,5 +1,6 @@
 """A worker host for the playbook suites: a systemd container of the kit's host image (podman,
-host network, SYS_ADMIN) and a deployment of its own names in the test Vault."""
+host network, SYS_ADMIN) that Ansible reaches over SSH as `deploy` with become, as production
+inventories do, and a deployment of its own names in the test Vault."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 from harness import new_tag, provision_vars, random_key, run_playbook
 
-from tools.host_image import CONTAINERS_CONF, wait_for_systemd
+from tools.host_image import CONTAINERS_CONF, remove_host, ssh_host_vars, start_host
 
 PLAYBOOK = "playbooks/deploy-workers.yml"
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
@@ -38,9 +39,11 @@ def free_port() -> int:
 
 @dataclass
 class Host:
-    """A worker host: a systemd container on the host network."""
+    """A worker host: a systemd container on the host network, sshd on ``ssh_port``. The
+    suites inspect it as root through `podman exec`; Ansible reaches it over SSH."""
 
     name: str
+    ssh_port: int = 0
 
     def sh(self, command: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -77,23 +80,14 @@ class Host:
 
 @contextmanager
 def worker_container(image: str, prefix: str = "kit-worker") -> Iterator[Host]:
-    """A fresh systemd container, removed afterwards."""
+    """A fresh systemd container reachable over SSH, removed afterwards."""
     name = f"{prefix}-{secrets.token_hex(3)}"
-    subprocess.run(
-        [
-            "podman", "run", "--detach", "--name", name, "--hostname", name,
-            "--network=host", "--systemd=always", "--cap-add=SYS_ADMIN", image,
-        ],
-        env=PODMAN_ENV, check=True, capture_output=True, text=True,
-    )  # fmt: skip
+    port = free_port()
     try:
-        wait_for_systemd(name)
-        yield Host(name)
+        start_host(name, ssh_port=port, image=image)
+        yield Host(name, port)
     finally:
-        subprocess.run(
-            ["podman", "rm", "--force", "--time", "0", name],
-            env=PODMAN_ENV, check=False, capture_output=True,
-        )  # fmt: skip
+        remove_host(name)
 
 
 @dataclass
@@ -137,8 +131,7 @@ def worker_inventory(
                 "workers": {
                     "hosts": {
                         host.name: {
-                            "ansible_connection": "containers.podman.podman",
-                            "ansible_python_interpreter": "/usr/bin/python3",
+                            **ssh_host_vars(host.ssh_port),
                             "captcha_worker_env": env,
                             "captcha_worker_port": free_port(),
                         }

@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tools.captchaai_emulator import EmulatorAdmin  # noqa: E402
+from tools.host_image import start_host  # noqa: E402
 from tools.local_vault import LocalVault  # noqa: E402
 
 
@@ -123,6 +124,7 @@ def load_inventory(inventory: Path) -> dict[str, dict[str, Any]]:
         workers[name] = {
             "env": host_vars["captcha_worker_env"],
             "port": int(host_vars["captcha_worker_port"]),
+            "ssh_port": int(host_vars["ansible_port"]),
         }
     return workers
 
@@ -177,39 +179,10 @@ def start_emulator(site: Site) -> None:
         time.sleep(0.1)
 
 
-def platform_defaults() -> dict[str, Any]:
-    """The container settings of the molecule base: one source for demo and tests."""
-    base = yaml.safe_load((REPO / ".config" / "molecule" / "config.yml").read_text())
-    return dict(base["driver"]["platform_defaults"])
-
-
-def start_containers(names: list[str]) -> None:
-    pd = platform_defaults()
-    for name in names:
-        state = subprocess.run(
-            ["podman", "container", "inspect", "--format", "{{.State.Running}}", name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if state.returncode == 0 and state.stdout.strip() == "true":
-            continue
-        if state.returncode == 0:
-            subprocess.run(["podman", "rm", "-f", name], check=True, capture_output=True)
-        argv = ["podman", "run", "-d", "--name", name, "--hostname", name]
-        argv += [f"--network={pd['network']}", f"--systemd={pd['systemd']}"]
-        argv += [f"--cap-add={cap}" for cap in pd.get("capabilities", [])]
-        argv += [f"--ulimit={u}" for u in pd.get("ulimits", [])]
-        argv += list(pd.get("extra_opts", []))
-        argv += ["--label", "owner=captcha-kit-demo", pd["image"], pd["command"]]
-        subprocess.run(argv, check=True, capture_output=True)
-    wait = ["timeout", str(pd.get("boot_timeout", 120)), "systemctl", "is-system-running", "--wait"]
-    for name in names:
-        subprocess.run(
-            ["podman", "exec", name, *wait],
-            check=False,
-            capture_output=True,
-        )
+def start_containers(workers: Mapping[str, Mapping[str, Any]]) -> None:
+    """Start (or reuse) each worker host, reachable over SSH on its inventory port."""
+    for name, w in workers.items():
+        start_host(name, ssh_port=w["ssh_port"], labels={"owner": "captcha-kit-demo"})
 
 
 @contextmanager
@@ -363,7 +336,7 @@ def up(site: Site, load_seconds: int) -> int:
     ensure_keys(site, client, envs)
 
     say(f"Start the worker containers: {', '.join(workers)}")
-    start_containers(list(workers))
+    start_containers(workers)
 
     say("Deploy the solver workers (playbooks/deploy-workers.yml)")
     playbook(site, "deploy-workers.yml", env=admin_env)

@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ SUITE = "bookworm"
 VARIANT = "apt"
 LABEL = "io.captcha-kit.recipe-sha256"
 # Bump when the build procedure changes in a way the recipe files do not show.
-RECIPE_REVISION = "2"
+RECIPE_REVISION = "3"
 
 DEFAULT_SOURCES = (
     Path("/etc/apt/sources.list.d/debian.sources"),
@@ -42,6 +43,10 @@ DEFAULT_SOURCES = (
 )
 DEFAULT_CA_DIR = Path("/usr/local/share/ca-certificates")
 HOOK_DIR = Path("/usr/share/mmdebstrap/hooks/merged-usr")
+REPO_ROOT = TOOLS_DIR.parent
+# Ansible's user on every host: SSH key only, passwordless sudo (customize.sh), as in production.
+SSH_USER = "deploy"
+DEFAULT_SSH_KEY = REPO_ROOT / ".state" / "ssh" / "id_ed25519"
 
 
 class HostImageError(RuntimeError):
@@ -255,6 +260,106 @@ def wait_for_systemd(container: str, timeout: float = 120) -> str:
     )
 
 
+def ssh_key(path: Path = DEFAULT_SSH_KEY) -> Path:
+    """The controller's private key for the hosts' `deploy` user: ed25519, made once, 0600."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        res = subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "captcha-kit", "-f", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise HostImageError(f"ssh-keygen failed: {res.stderr.strip()}")
+    return path
+
+
+def _wait_sshd(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                if sock.recv(4).startswith(b"SSH-"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise HostImageError(f"sshd did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def enable_ssh(container: str, port: int, public_key: str, timeout: float = 30) -> None:
+    """Give a booted host its sshd port (127.0.0.1 only) and `deploy`'s authorized key."""
+    script = (
+        "set -e\n"
+        "install -m 0600 -o deploy -g deploy /dev/stdin /home/deploy/.ssh/authorized_keys\n"
+        f"printf 'Port %s\\n' {int(port)} >/etc/ssh/captcha-kit/port.conf.new\n"
+        "mv /etc/ssh/captcha-kit/port.conf.new /etc/ssh/captcha-kit/port.conf\n"
+        "systemctl restart ssh.service\n"
+    )
+    res = _run(
+        ["podman", "exec", "-i", container, "sh", "-c", script],
+        input=public_key,
+        capture_output=True,
+    )
+    if res.returncode != 0:
+        raise HostImageError(f"sshd in {container} did not start: {res.stderr.strip()}")
+    _wait_sshd(port, timeout)
+
+
+def start_host(
+    name: str,
+    *,
+    ssh_port: int,
+    key: Path = DEFAULT_SSH_KEY,
+    image: str = IMAGE,
+    labels: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> None:
+    """Start a worker host: a systemd container of the image on the host network, booted, with
+    sshd on 127.0.0.1:``ssh_port`` for ``deploy`` (key ``key``). A running host is reused."""
+    running = _run(
+        ["podman", "container", "inspect", "--format", "{{.State.Running}}", name],
+        capture_output=True,
+    )
+    if running.returncode == 0 and running.stdout.strip() != "true":
+        _run(["podman", "rm", "--force", "--time", "0", name], capture_output=True)
+    if running.returncode != 0 or running.stdout.strip() != "true":
+        argv = ["podman", "run", "--detach", "--name", name, "--hostname", name]
+        argv += ["--add-host", f"{name}:127.0.0.1"]  # sudo resolves its own host name
+        argv += ["--network=host", "--systemd=always", "--cap-add=SYS_ADMIN"]
+        for label, value in (labels or {}).items():
+            argv += ["--label", f"{label}={value}"]
+        res = _run([*argv, image, "/sbin/init"], capture_output=True)
+        if res.returncode != 0:
+            raise HostImageError(f"podman run {name} failed: {res.stderr.strip()}")
+    wait_for_systemd(name, timeout=timeout)
+    public_key = Path(f"{ssh_key(key)}.pub").read_text()
+    enable_ssh(name, ssh_port, public_key)
+
+
+def ssh_host_vars(ssh_port: int, key: Path = DEFAULT_SSH_KEY) -> dict[str, object]:
+    """Inventory variables that reach a host of ``start_host`` the way production does: SSH as
+    the unprivileged ``deploy`` user, ``become`` for root (pipelining and ControlPersist come
+    from ansible.cfg). Host keys are made per container, so none is remembered."""
+    return {
+        "ansible_connection": "ssh",
+        "ansible_host": "127.0.0.1",
+        "ansible_port": ssh_port,
+        "ansible_user": SSH_USER,
+        "ansible_become": True,
+        "ansible_ssh_private_key_file": str(key),
+        "ansible_ssh_common_args": "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no",
+        "ansible_python_interpreter": "/usr/bin/python3",
+    }
+
+
+def remove_host(name: str) -> None:
+    """Remove a host container (gone already is fine)."""
+    _run(["podman", "rm", "--force", "--time", "0", name], capture_output=True)
+
+
 def smoke(image: str = IMAGE, timeout: int = 120) -> str:
     """Boot a throw-away container (host network, SYS_ADMIN) and wait for systemd.
 
@@ -296,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="say whether the local image matches the recipe")
     sub.add_parser("smoke", help="boot a container with host network and wait for systemd")
     sub.add_parser("hash", help="print the recipe hash")
+    p_start = sub.add_parser("start", help="start (or reuse) a host reachable over SSH")
+    p_start.add_argument("name")
+    p_start.add_argument("--ssh-port", type=int, required=True)
+    p_start.add_argument("--key", type=Path, default=DEFAULT_SSH_KEY, help="made if missing")
+    p_start.add_argument("--label", action="append", default=[], help="KEY=VALUE container label")
+    p_start.add_argument("--timeout", type=float, default=120)
+    p_rm = sub.add_parser("rm", help="remove host containers")
+    p_rm.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
 
     try:
@@ -313,6 +426,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{IMAGE}: {'missing' if label is None else 'stale'} (recipe {digest[:12]})")
                 return 1
+        elif args.command == "start":
+            labels = dict(item.split("=", 1) for item in args.label)
+            start_host(
+                args.name, ssh_port=args.ssh_port, key=args.key, labels=labels, timeout=args.timeout
+            )
+            print(f"{args.name}: {SSH_USER}@127.0.0.1:{args.ssh_port}")
+        elif args.command == "rm":
+            for name in args.names:
+                remove_host(name)
         elif args.command == "smoke":
             print(f"systemd in {IMAGE}: {smoke()}")
     except HostImageError as exc:

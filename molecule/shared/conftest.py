@@ -3,8 +3,9 @@
 The base config (``.config/molecule/config.yml``) loads this module into pytest with
 ``-p conftest`` (``PYTHONPATH`` points here), so scenarios keep no conftest of their own.
 
-* Hosts are reached with testinfra's podman backend (``podman exec``) instead of going through
-  Ansible: the molecule inventory only names them.
+* The playbooks reach the instances over SSH as ``deploy`` with become (as production does);
+  the checks reach them as root with testinfra's podman backend (``podman exec``), which is
+  faster than going through Ansible: the molecule inventory only names them.
 * ``host_vars`` gives the inventory variables of the host under test (group and host vars of the
   scenario's inventory, unrendered).
 * ``secret_probe`` searches a host for secret values without the value ever being on a command
@@ -70,12 +71,9 @@ def molecule_inventory() -> dict[str, Any]:
 
 
 def _podman_hosts(inventory: dict[str, Any]) -> list[str]:
+    """The scenario's instances: every host but the controller (localhost)."""
     hostvars = inventory.get("_meta", {}).get("hostvars", {})
-    return sorted(
-        name
-        for name, hv in hostvars.items()
-        if str(hv.get("ansible_connection", "")).endswith("podman")
-    )
+    return sorted(name for name in hostvars if name != "localhost")
 
 
 def pytest_configure(config: pytest.Config) -> None:

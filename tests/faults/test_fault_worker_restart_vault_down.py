@@ -1,8 +1,8 @@
 """A worker restarted while Vault is down fails closed with a clear message, systemd retries it,
 and it serves once Vault is back (issue 6, item 2).
 
-Real parts: a systemd container of the kit's host image (podman, host network, the molecule
-base's platform options), deployed by ``playbooks/deploy-workers.yml`` against the faults' own
+Real parts: a systemd container of the kit's host image (podman, host network), reached over
+SSH as `deploy` with become and deployed by ``playbooks/deploy-workers.yml`` against the faults' own
 single-node OpenBao (18294), the CaptchaAI emulator on free ports, a key made at run time.
 The Vault server is stopped, ``systemctl restart captcha-solver`` runs in the container, and
 the unit, its journal and its /healthz are watched until the server is started again: each
@@ -29,7 +29,15 @@ from faultkit import SESSION, Env, assert_no_secret, provision
 from harness import run_playbook
 
 from tools.captchaai_emulator import EmulatorProcess
-from tools.host_image import CONTAINERS_CONF, IMAGE, Recipe, build, podman_env, wait_for_systemd
+from tools.host_image import (
+    CONTAINERS_CONF,
+    Recipe,
+    build,
+    podman_env,
+    remove_host,
+    ssh_host_vars,
+    start_host,
+)
 from tools.loadgen import DEFAULT_TASK
 from tools.local_vault import LocalVault
 
@@ -37,6 +45,7 @@ pytestmark = [pytest.mark.containers, pytest.mark.slow_faults]
 
 CONTAINER = "fault-worker-restart"
 PORT = 18471
+SSH_PORT = 18472
 URL = f"http://127.0.0.1:{PORT}"
 UNIT = "captcha-solver.service"
 OUTAGE = 30.0  # seconds the worker is left restarted without Vault
@@ -111,19 +120,12 @@ def records(text: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def container() -> Iterator[str]:
     build(Recipe.load())  # a no-op when the image is current
-    podman("rm", "--force", "--time", "0", CONTAINER, check=False)
-    # The molecule base's platform_defaults (.config/molecule/config.yml).
-    podman(
-        "run", "--detach", "--name", CONTAINER, "--hostname", CONTAINER,
-        "--network=host", "--systemd=always", "--cap-add=SYS_ADMIN",
-        "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--runtime=runc",
-        IMAGE, "/sbin/init",
-    )  # fmt: skip
+    remove_host(CONTAINER)
     try:
-        wait_for_systemd(CONTAINER)
+        start_host(CONTAINER, ssh_port=SSH_PORT)
         yield CONTAINER
     finally:
-        podman("rm", "--force", "--time", "0", CONTAINER, check=False)
+        remove_host(CONTAINER)
 
 
 def inventory(vault: LocalVault, env: Env, tmp: Path) -> Path:
@@ -139,8 +141,7 @@ def inventory(vault: LocalVault, env: Env, tmp: Path) -> Path:
                 "workers": {
                     "hosts": {
                         CONTAINER: {
-                            "ansible_connection": "containers.podman.podman",
-                            "ansible_python_interpreter": "/usr/bin/python3",
+                            **ssh_host_vars(SSH_PORT),
                             "captcha_worker_env": env.name,
                             "captcha_worker_port": PORT,
                         }

@@ -26,6 +26,36 @@ for unit in \
   ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
 
+# Ansible logs in as `deploy` (SSH key only) and becomes root with sudo, as production
+# inventories do. The key is made at run time and given to each host when it starts.
+chroot "$root" useradd --create-home --shell /bin/bash deploy
+install -d -m 0700 "$root/home/deploy/.ssh"
+chroot "$root" chown deploy:deploy /home/deploy/.ssh
+printf 'deploy ALL=(ALL:ALL) NOPASSWD: ALL\n' >"$root/etc/sudoers.d/deploy"
+chmod 0440 "$root/etc/sudoers.d/deploy"
+
+# sshd: loopback only, keys only, only `deploy`; each host gets its own port when it starts
+# (tools/host_image.py writes /etc/ssh/captcha-kit/port.conf), so sshd waits for that file.
+cat >"$root/etc/ssh/sshd_config.d/10-captcha-kit.conf" <<'CONF'
+Include /etc/ssh/captcha-kit/*.conf
+ListenAddress 127.0.0.1
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+AllowUsers deploy
+CONF
+install -d -m 0755 "$root/etc/ssh/captcha-kit" "$root/etc/systemd/system/ssh.service.d"
+cat >"$root/etc/systemd/system/ssh.service.d/captcha-kit.conf" <<'CONF'
+[Unit]
+ConditionPathExists=/etc/ssh/captcha-kit/port.conf
+[Service]
+# Host keys are made per host at its first start, not shared by every host of the image.
+ExecStartPre=
+ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
+CONF
+rm -f "$root"/etc/ssh/ssh_host_*
+
 # No package cache in the image.
 rm -f "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin
 # (tools/host_image.py dates /var/lib/apt/lists at the epoch after mmdebstrap cleans it.)
