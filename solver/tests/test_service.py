@@ -170,6 +170,8 @@ def test_sigterm_drain_finishes_in_flight(tmp_path):
             assert (await r.json())["error"] == "shutting down"
         async with http.post(f"{base}/solve", json={"method": "userrecaptcha", **PARAMS}) as r:
             assert r.status == 503
+            assert (await r.json())["error"]["code"] == "SHUTTING_DOWN"
+            assert r.headers["Retry-After"] == "1"  # a client retries (on the restarted worker)
         statuses = await asyncio.gather(*tasks)
         await drain
         return statuses

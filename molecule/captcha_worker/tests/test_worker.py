@@ -138,6 +138,18 @@ def test_unit_is_enabled_and_active(host):
     assert service.is_running
 
 
+def test_unit_restarts_a_worker_killed_by_a_signal(host):
+    """systemd counts death by SIGHUP/SIGINT/SIGTERM/SIGPIPE as a clean stop and would leave
+    the unit inactive under Restart=on-failure; the unit forces a restart for them (a stop
+    asked through systemctl is still final)."""
+    forced = host.check_output(
+        f"systemctl show --property=RestartForceExitStatus --value {SERVICE}"
+    ).split()
+    assert {"SIGHUP", "SIGINT", "SIGTERM", "SIGPIPE"} <= {
+        f"SIG{s.removeprefix('SIG')}" for s in forced
+    }
+
+
 def test_worker_runs_as_the_service_user(host):
     """The main process runs as captcha-solver, not root."""
     pid = _main_pid(host)

@@ -47,10 +47,15 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=text, status=status, content_type="application/json")
 
 
-def _error(code: str, kind: str, message: str, status: int) -> web.Response:
-    return _json(
+def _error(
+    code: str, kind: str, message: str, status: int, retry_after: int | None = None
+) -> web.Response:
+    response = _json(
         {"status": "error", "error": {"code": code, "kind": kind, "message": message}}, status
     )
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 class StartupTimeout(Exception):
@@ -165,7 +170,10 @@ class Service:
 
     async def handle_solve(self, request: web.Request) -> web.Response:
         if self.draining:
-            return _error("SHUTTING_DOWN", "unavailable", "the worker is shutting down", 503)
+            # Draining for a restart (a deploy) or a stop: the client retries in a second.
+            return _error(
+                "SHUTTING_DOWN", "unavailable", "the worker is shutting down", 503, retry_after=1
+            )
         try:
             doc = await request.json()
         except (ValueError, UnicodeDecodeError):
@@ -327,8 +335,11 @@ class Service:
                 self.cfg.server.unix_socket.unlink()
 
     async def serve_forever(self) -> None:
-        await self.start()
+        # Before the first await: /healthz answers while the first Vault read may still wait,
+        # and a SIGHUP (the rotation's nudge) or SIGTERM then must find its handler, not kill
+        # the process by the default action (systemd counts death by SIGHUP as a clean stop).
         self.install_signal_handlers()
+        await self.start()
         try:
             await self.wait_stopped()
         finally:

@@ -241,6 +241,9 @@ class VaultClient:
                     mount_point=self._cfg.approle_mount,
                 )
 
+            # The lease starts when Vault handles the request: count it from before sending,
+            # so a slow answer (a busy host) never makes the token look younger than it is.
+            sent = time.monotonic()
             try:
                 response = self._call("login", op)
             except (
@@ -257,7 +260,7 @@ class VaultClient:
             self._lease = float(auth.get("lease_duration") or 0)
             self._renewable = bool(auth.get("renewable"))
             self._capped = False
-            self._expires_at = time.monotonic() + self._lease if self._lease else float("inf")
+            self._expires_at = sent + self._lease if self._lease else float("inf")
             log.info(
                 "vault login ok",
                 extra={"addr": self.current_addr, "ttl": self._lease, "renewable": self._renewable},
@@ -284,6 +287,7 @@ class VaultClient:
             if self.seconds_until_renewal() > 0:
                 return
             if self._renewable and not self._capped:
+                sent = time.monotonic()
                 try:
                     response = self._call("renew", lambda client: client.auth.token.renew_self())
                 except (VaultUnavailable, hvac.exceptions.VaultError) as exc:
@@ -295,7 +299,7 @@ class VaultClient:
                     # Near max_ttl the renewal is capped (a shorter lease): use the rest of it,
                     # then log in afresh instead of renewing a token about to die.
                     if lease > self._lease * _RENEW_AT_FRACTION:
-                        self._expires_at = time.monotonic() + lease
+                        self._expires_at = sent + lease
                         self._capped = lease < self._lease
                         log.debug("vault token renewed", extra={"ttl": lease})
                         return
