@@ -13,8 +13,10 @@ export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 export CONTAINERS_CONF := $(abspath tools/containers.conf)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help venv host-deps image lint test test-solver test-playbooks test-molecule test-faults bench \
-	demo demo-down clean
+.PHONY: help venv host-deps image lint lint-python test test-solver test-playbooks test-molecule test-faults bench \
+	fleet fleet-down demo demo-down clean
+
+FLEET_HOSTS ?= 20
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -38,6 +40,9 @@ image: venv host-deps  ## build the Debian systemd host image (only when its rec
 lint: venv  ## yamllint, ansible-lint (production), module docs, ruff, mypy, detect-secrets
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint --profile production
+	$(MAKE) --no-print-directory lint-python
+
+lint-python: venv  ## module docs, ruff, mypy, detect-secrets
 	$(BIN)/ansible-doc --metadata-dump captcha_kit.vault > /dev/null
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -56,11 +61,18 @@ test-molecule: venv image  ## every molecule scenario
 test-faults: venv image  ## every fault test, the slow ones (minutes each) included
 	$(BIN)/pytest tests/faults
 
-test: lint test-solver test-playbooks test-molecule  ## everything CI runs
+test: venv image  ## everything CI runs: lint, solver, playbook suites, molecule; two lanes, timed
+	$(BIN)/python tests/stages.py
 
 bench: venv  ## benchmarks; results go to bench/results-*.md (see bench/README.md)
 	$(BIN)/python -m bench.solver_throughput --write-results bench/results-solver.md
 	$(BIN)/python -m bench.vault_suite --write-results bench/results-vault.md
+
+fleet: venv image  ## FLEET_HOSTS (20) SSH hosts in two envs + 3-node raft OpenBao: deploy, rolling redeploy, rotation with the leader killed; figures to bench/results-fleet.md
+	$(BIN)/python -m bench.fleet_hosts up --hosts $(FLEET_HOSTS) --write-results bench/results-fleet.md
+
+fleet-down: venv  ## remove what `make fleet` started
+	$(BIN)/python -m bench.fleet_hosts down
 
 demo: venv image  ## local Vault + emulator + two workers, provision, deploy, rotate
 	$(BIN)/python -m tools.demo up

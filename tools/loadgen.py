@@ -29,8 +29,10 @@ request, so every worker gets the same share. Each request waits for its answer 
 answers when the task is solved); ``pause`` seconds between two requests of one client keep the
 load steady. Every bound is explicit: ``duration`` (no new request after it), ``max_requests``
 (in total), ``timeout`` (per request); ``summary()`` waits at most ``timeout`` more for the
-requests in flight. Only ``http://127.0.0.1`` / ``localhost`` URLs are accepted. The requests
-carry no secret: the worker holds the key.
+requests in flight. With ``retry_for`` a client retries a solve that met a draining (503) or
+restarting (refused) worker, on the same worker, for that many seconds; the retries are counted
+apart and the solve counts once. Only ``http://127.0.0.1`` / ``localhost`` URLs are accepted.
+The requests carry no secret: the worker holds the key.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class WorkerStats:
     attempted: int = 0
     ok: int = 0
     failed: int = 0
+    retries: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -78,8 +81,19 @@ class WorkerStats:
             "attempted": self.attempted,
             "ok": self.ok,
             "failed": self.failed,
+            "retries": self.retries,
             "errors": dict(sorted(self.errors.items())),
         }
+
+
+def unavailable(reason: str) -> bool:
+    """A failure a client retries: the worker is draining (503) or not listening right now."""
+    return reason.startswith("http_503") or reason in {
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "RemoteDisconnected",
+        "URLError",
+    }
 
 
 def solve_once(url: str, task: dict[str, Any], timeout: float) -> tuple[bool, str]:
@@ -117,6 +131,7 @@ class LoadGenerator:
         max_requests: int | None = None,
         timeout: float = 60.0,
         task: dict[str, Any] | None = None,
+        retry_for: float = 0.0,
     ):
         if not urls:
             raise ValueError("at least one worker URL is needed")
@@ -129,6 +144,7 @@ class LoadGenerator:
         self.max_requests = max_requests
         self.timeout = timeout
         self.task = dict(task or DEFAULT_TASK)
+        self.retry_for = retry_for
         self.stats = {u: WorkerStats() for u in self.urls}
         self.latencies: list[float] = []
         self.failures: list[dict[str, Any]] = []  # first 50 failures: when, worker, reason
@@ -170,9 +186,17 @@ class LoadGenerator:
             n += 1
             began = time.monotonic()
             ok, reason = solve_once(url, self.task, self.timeout)
+            retries = 0
+            # A client that retries on 503 and refused connections (a worker restarting in a
+            # rolling deploy) tries the same worker again for up to retry_for seconds.
+            while not ok and unavailable(reason) and time.monotonic() - began < self.retry_for:
+                retries += 1
+                time.sleep(0.25)
+                ok, reason = solve_once(url, self.task, self.timeout)
             elapsed = time.monotonic() - began
             with self._lock:
                 stats = self.stats[url]
+                stats.retries += retries
                 stats.attempted += 1
                 if ok:
                     stats.ok += 1
@@ -231,6 +255,7 @@ class LoadGenerator:
                 "attempted": attempted,
                 "ok": ok,
                 "failed": attempted - ok,
+                "retries": sum(s.retries for s in self.stats.values()),
                 "latency_s": {"p50": pct(0.5), "p95": pct(0.95), "max": pct(1.0)},
                 "workers": {u: s.as_dict() for u, s in self.stats.items()},
                 "first_failures": list(self.failures),
@@ -247,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between a client's calls")
     parser.add_argument("--max-requests", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument(
+        "--retry-for", type=float, default=0.0, help="seconds to retry a 503 or refused solve"
+    )
     parser.add_argument("--out", default=None, help="also write the JSON summary here")
     args = parser.parse_args(argv)
     try:
@@ -257,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             pause=args.pause,
             max_requests=args.max_requests,
             timeout=args.timeout,
+            retry_for=args.retry_for,
         )
     except ValueError as exc:
         print(f"loadgen: {exc}", file=sys.stderr)

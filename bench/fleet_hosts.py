@@ -1,0 +1,644 @@
+"""A fleet of systemd worker hosts over SSH against a 3-node raft OpenBao (`make fleet`).
+
+    python -m bench.fleet_hosts up [--hosts 20] [--write-results bench/results-fleet.md]
+    python -m bench.fleet_hosts down
+
+`up` starts a 3-node raft OpenBao (TLS, raft, file audit; 18610/18620/18630), the CaptchaAI
+emulator (18640/18641) and N hosts of the kit's image (workers on 18700+i, sshd on 18800+i),
+split over two envs (fleet-a, fleet-b), and then measures, on this one machine:
+
+1. provisioning both envs;
+2. deploy wall time to 1 host, then to all N (the other N-1 fresh), and an idempotent rerun;
+3. the cost of one trivial task over SSH as `deploy` with become against the same task through
+   `podman exec` as root (10 tasks each, the same host);
+4. under solve load on every host (clients retry a 503 or refused solve for up to 30 s, as a
+   scraper does): a rolling redeploy with a config change (batches of 25 %), solves attempted
+   and failed during it, and the wall time of each batch;
+5. under the same load: an unattended rotation of fleet-a with the raft leader killed right
+   after the put (a watcher sees the new version and SIGKILLs the active node): put -> last
+   worker on the new version, put -> revocation prompt, solves attempted and failed; then the
+   old key is revoked at the emulator and a confirming run completes the rotation;
+6. worker RSS per host and Vault requests per worker-hour (from the audit log).
+
+Everything stays up for a look around until `down`. Everything runs on 127.0.0.1. Keys are made
+here at run time and reach Vault and the emulator only (0600 extra-vars files that are deleted
+after use). This is a benchmark: no figure is asserted; `--write-results` records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import hvac
+import yaml
+
+from tools.captchaai_emulator import EmulatorAdmin
+from tools.host_image import (
+    Recipe,
+    build,
+    podman_env,
+    remove_host,
+    ssh_host_vars,
+    start_host,
+)
+from tools.loadgen import LoadGenerator
+from tools.local_vault import LocalVault
+
+REPO = Path(__file__).resolve().parents[1]
+STATE = REPO / ".state" / "fleet"
+VAULT_PORT = 18610  # nodes on 18610, 18620, 18630 (cluster port = API port + 1)
+EMULATOR_PORT = 18640
+WORKER_PORT = 18700
+SSH_PORT = 18800
+ENVS = ("fleet-a", "fleet-b")
+REFRESH_INTERVAL = 300  # the role's default: the figures are at the default refresh
+BATCH = "25%"
+LABEL = "owner=captcha-kit-fleet"
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def host_names(n: int) -> list[str]:
+    return [f"fleet-{i + 1:02d}" for i in range(n)]
+
+
+def env_of(index: int) -> str:
+    return ENVS[index % len(ENVS)]
+
+
+# --------------------------------------------------------------------------- local parts
+
+
+def vault() -> LocalVault:
+    return LocalVault(STATE / "vault", VAULT_PORT, nodes=3)
+
+
+def emulator_admin() -> EmulatorAdmin:
+    return EmulatorAdmin(f"http://127.0.0.1:{EMULATOR_PORT + 1}")
+
+
+def start_emulator() -> None:
+    """The emulator, detached (it outlives `up`; `down` stops it)."""
+    if emulator_admin().health():
+        return
+    log = STATE / "emulator.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tools.captchaai_emulator", "--port", str(EMULATOR_PORT)),
+                *("--admin-port", str(EMULATOR_PORT + 1), "--solve-delay", "fixed:0.3"),
+                *("--ban-threshold", "0"),
+            ],
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    (STATE / "emulator.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 15
+    while not emulator_admin().health():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"fleet: the emulator did not start; see {log}")
+        time.sleep(0.1)
+
+
+def write_inventory(names: list[str], server: LocalVault) -> Path:
+    inv = STATE / "inventory"
+    inv.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, Any] = {f"workers_{env.replace('-', '_')}": {"hosts": {}} for env in ENVS}
+    for i, name in enumerate(names):
+        groups[f"workers_{env_of(i).replace('-', '_')}"]["hosts"][name] = {
+            **ssh_host_vars(SSH_PORT + i),
+            "captcha_worker_env": env_of(i),
+            "captcha_worker_port": WORKER_PORT + i,
+        }
+    data = {
+        "all": {
+            "hosts": {
+                "localhost": {
+                    "ansible_connection": "local",
+                    "ansible_python_interpreter": sys.executable,
+                }
+            },
+            "children": {"workers": {"children": groups}},
+            "vars": {
+                "captcha_kit_envs": list(ENVS),
+                "captcha_kit_vault_addr": server.addr,
+                "captcha_kit_vault_addrs": server.addrs,
+                "captcha_kit_vault_cacert": str(server.ca_file),
+                "captcha_kit_kv_mount": "secret",
+                "captcha_kit_key_path_prefix": "captchaai",
+                "captcha_kit_staged_path_prefix": "captchaai-staged",
+                "captcha_kit_approle_mount": "approle",
+                "captcha_kit_refresh_interval": REFRESH_INTERVAL,
+                "captcha_kit_refresh_jitter": 0.1,
+                "captcha_kit_provider_url": f"http://127.0.0.1:{EMULATOR_PORT}",
+                "vault_provision_audit_file_path": str(server.audit_log),
+                "captcha_worker_ip_address_allow": ["localhost"],
+                "captcha_worker_provider_settings": {
+                    "poll_interval": 0.5,
+                    "first_poll_delay": {"default": 0.3},
+                },
+            },
+        }
+    }
+    path = inv / "hosts.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@contextmanager
+def private_vars(name: str, data: dict[str, Any]) -> Iterator[Path]:
+    """Extra vars holding a secret: a 0600 file, deleted after use."""
+    path = STATE / name
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def playbook(
+    name: str, inventory: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, float, dict[str, Any]]:
+    """Run a playbook with the json callback: (rc, wall seconds, the callback's document)."""
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    run_env |= {
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(env or {}),
+    }
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory)]
+    cmd += [str(REPO / "playbooks" / name), *args]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    doc: dict[str, Any] = {}
+    if "{" in proc.stdout:
+        try:
+            doc = json.loads(proc.stdout[proc.stdout.index("{") :])
+        except ValueError:
+            doc = {}
+    if proc.returncode != 0:
+        (STATE / f"failed-{name}.log").write_text(proc.stdout + proc.stderr)
+    return proc.returncode, seconds, doc
+
+
+def changed(doc: dict[str, Any]) -> int:
+    return sum(int(s.get("changed", 0)) for s in doc.get("stats", {}).values())
+
+
+def stage_key(client: hvac.Client, env: str, key: str) -> None:
+    path = f"captchaai-staged/{env}"
+    try:
+        meta = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point="secret")
+        cas = int(meta["data"]["current_version"])
+    except hvac.exceptions.InvalidPath:
+        cas = 0
+    client.secrets.kv.v2.create_or_update_secret(
+        path=path, secret={"api_key": key}, cas=cas, mount_point="secret"
+    )
+
+
+def rotator_files(client: hvac.Client, env: str) -> list[str]:
+    role = f"captcha-rotator-{env}"
+    role_id = client.auth.approle.read_role_id(role)["data"]["role_id"]
+    secret_id = client.auth.approle.generate_secret_id(role)["data"]["secret_id"]
+    args = []
+    for flag, value in (("--role-id-file", role_id), ("--secret-id-file", secret_id)):
+        path = STATE / flag.strip("-")
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value + "\n")
+        args += [flag, str(path)]
+    return args
+
+
+def rotate(inventory: Path, env: str, creds: list[str], *extra: str) -> tuple[int, dict[str, Any]]:
+    status_file = STATE / f"rotation-{env}.json"
+    status_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "tools.rotate_unattended", "--env", env, "-i", str(inventory)]
+    cmd += ["--status-file", str(status_file), *creds, *extra]
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    run_env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
+    log = STATE / f"rotation-{env}.log"
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=REPO, env=run_env, stdout=fh, stderr=fh, check=False)
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    return rc.returncode, status
+
+
+class LeaderKiller(threading.Thread):
+    """Watches the key's current version; once it passes ``version``, SIGKILLs the active node."""
+
+    def __init__(self, server: LocalVault, client: hvac.Client, env: str, version: int):
+        super().__init__(daemon=True)
+        self.server, self.client, self.env, self.version = server, client, env, version
+        self.killed: str | None = None
+        self.killed_after_put_s: float | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                meta = self.client.secrets.kv.v2.read_secret_metadata(
+                    path=f"captchaai/{self.env}", mount_point="secret"
+                )["data"]
+            except Exception:  # a node away: look again
+                time.sleep(0.05)
+                continue
+            if int(meta["current_version"]) > self.version:
+                seen = time.time()
+                node = self.server.active_node()
+                pid = node.pid() if node else None
+                if node is not None and pid:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed = node.node_id
+                    created = meta["versions"][str(meta["current_version"])]["created_time"]
+                    self.killed_after_put_s = round(seen - _ts(created), 2)
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _ts(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")[:26] + "+00:00").timestamp()
+
+
+def worker_rss_kib(name: str) -> int:
+    script = "ps -o rss= -p $(systemctl show --property=MainPID --value captcha-solver)"
+    out = subprocess.run(
+        ["podman", "exec", name, "sh", "-c", script],
+        env=podman_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return int(out.stdout.strip() or 0)
+
+
+def worker_requests(server: LocalVault, since: float) -> int:
+    """Audit-log requests made with worker AppRole tokens (or their logins) since ``since``."""
+    count = 0
+    if not server.audit_log.exists():
+        return 0
+    with open(server.audit_log, errors="replace") as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("type") != "request":
+                continue
+            if _ts(entry.get("time", "1970-01-01T00:00:00Z")) < since:
+                continue
+            auth = entry.get("auth") or {}
+            role = (auth.get("metadata") or {}).get("role_name", "")
+            path = (entry.get("request") or {}).get("path", "")
+            if str(role).startswith("captcha-worker-") or path.startswith("auth/approle/login"):
+                count += 1
+    return count
+
+
+def per_task_cost(inventory: Path, host: str) -> dict[str, float]:
+    """Seconds per trivial task: SSH as deploy with become vs podman exec as root."""
+    pb = STATE / "ten-tasks.yml"
+    kinds = [
+        {"ansible.builtin.command": "true"},
+        {"ansible.builtin.copy": {"content": "x\n", "dest": "/root/ten-tasks", "mode": "0600"}},
+        {"ansible.builtin.stat": {"path": "/etc/hostname"}},
+    ]
+    tasks = [{"name": f"Task {i}", **kinds[i % 3]} for i in range(10)]
+    play = {"name": "Ten tasks", "hosts": host, "gather_facts": False, "tasks": tasks}
+    pb.write_text(yaml.safe_dump([play]))
+    out = {}
+    for label, extra in (
+        ("ssh", []),
+        (
+            "podman",
+            [
+                "-e",
+                f"ansible_connection=containers.podman.podman ansible_host={host}"
+                " ansible_user=root ansible_become=false",
+            ],
+        ),
+    ):
+        cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), str(pb)]
+        env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), **podman_env()}
+        subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, check=False)  # warm
+        started = time.monotonic()
+        rc = subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, check=False)
+        out[label] = (time.monotonic() - started) / 10 if rc.returncode == 0 else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def up(n: int, results: Path | None) -> int:
+    STATE.mkdir(parents=True, exist_ok=True)
+    names = host_names(n)
+    fig: dict[str, Any] = {"hosts": n, "envs": list(ENVS), "cpus": os.cpu_count()}
+
+    say("Build the host image (a no-op when current)")
+    build(Recipe.load())
+
+    say("Start a 3-node raft OpenBao and the CaptchaAI emulator")
+    server = vault()
+    server.start()
+    start_emulator()
+    client = hvac.Client(url=server.addr, token=server.root_token(), verify=str(server.ca_file))
+    inventory = write_inventory(names, server)
+    admin_env = {k: v for k, v in server.env().items()}
+
+    say("Provision fleet-a and fleet-b")
+    keys = {env: secrets.token_hex(16) for env in ENVS}
+    for key in keys.values():
+        emulator_admin().add_key(key, balance=1000.0)
+    with private_vars("first-keys.json", {"vault_provision_first_keys": keys}) as fk:
+        rc, fig["provision_s"], _ = playbook(
+            "provision-vault.yml", inventory, "-e", f"@{fk}", env=admin_env
+        )
+    if rc:
+        raise SystemExit("fleet: provisioning failed; see .state/fleet/failed-*.log")
+
+    say(f"Start {n} hosts (systemd, sshd on 127.0.0.1, the deploy user)")
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [
+            pool.submit(start_host, name, ssh_port=SSH_PORT + i, labels=dict([LABEL.split("=")]))
+            for i, name in enumerate(names)
+        ]
+        for future in futures:
+            future.result()
+    fig["hosts_start_s"] = round(time.monotonic() - started, 1)
+
+    say(f"Deploy to 1 host, then to all {n}, then again (idempotence)")
+    rc, t1, _ = playbook(
+        "deploy-workers.yml", inventory, "--limit", f"{names[0]},localhost", env=admin_env
+    )
+    if rc:
+        raise SystemExit("fleet: deploy to one host failed; see .state/fleet/failed-*.log")
+    rc, tn, docn = playbook("deploy-workers.yml", inventory, env=admin_env)
+    if rc:
+        raise SystemExit("fleet: deploy to the fleet failed; see .state/fleet/failed-*.log")
+    rc, tr, docr = playbook("deploy-workers.yml", inventory, env=admin_env)
+    fig |= {
+        "deploy_1_s": round(t1, 1),
+        "deploy_n_s": round(tn, 1),
+        "deploy_ratio": round(tn / t1, 2),
+        "deploy_rerun_s": round(tr, 1),
+        "deploy_rerun_changed": changed(docr),
+        "deploy_n_changed": changed(docn),
+    }
+
+    say("Per-task cost: SSH as deploy with become vs podman exec as root")
+    fig["per_task_s"] = {k: round(v, 2) for k, v in per_task_cost(inventory, names[0]).items()}
+
+    urls = [f"http://127.0.0.1:{WORKER_PORT + i}" for i in range(n)]
+    load = LoadGenerator(urls, clients=2 * n, duration=3600, pause=0.2, timeout=60, retry_for=30)
+    load_started = time.time()
+    load.start()
+    time.sleep(5)
+
+    say(f"Rolling redeploy with a config change (batches of {BATCH}) under load")
+    before = load.snapshot()
+    change = {
+        "captcha_kit_deploy_batch": BATCH,
+        "captcha_worker_provider_settings": {
+            "poll_interval": 0.6,
+            "first_poll_delay": {"default": 0.3},
+        },
+    }
+    with private_vars("redeploy.json", change) as cv:
+        rc, tre, docre = playbook("deploy-workers.yml", inventory, "-e", f"@{cv}", env=admin_env)
+    after = load.snapshot()
+    batches = [
+        round(_ts(p["play"]["duration"]["end"]) - _ts(p["play"]["duration"]["start"]), 1)
+        for p in docre.get("plays", [])
+    ]
+    fig["redeploy"] = {
+        "rc": rc,
+        "wall_s": round(tre, 1),
+        "batch_s": batches,
+        "attempted": after["attempted"] - before["attempted"],
+        "failed": after["failed"] - before["failed"],
+    }
+
+    env = ENVS[0]
+    say(f"Rotate {env} unattended; kill the raft leader right after the put")
+    new_key = secrets.token_hex(16)
+    emulator_admin().add_key(new_key, balance=1000.0)
+    stage_key(client, env, new_key)
+    creds = rotator_files(client, env)
+    current = int(
+        client.secrets.kv.v2.read_secret_metadata(path=f"captchaai/{env}", mount_point="secret")[
+            "data"
+        ]["current_version"]
+    )
+    killer = LeaderKiller(server, client, env, current)
+    killer.start()
+    before = load.snapshot()
+    rc, status = rotate(inventory, env, creds)
+    killer.stop()
+    after = load.snapshot()
+    conv = status.get("worker_convergence_seconds") or {}
+    fig["rotation"] = {
+        "rc": rc,
+        "outcome": status.get("outcome"),
+        "leader_killed": killer.killed,
+        "killed_after_put_s": killer.killed_after_put_s,
+        "put_to_converged_s": status.get("put_to_converged_seconds"),
+        "put_to_last_worker_s": max(conv.values()) if conv else None,
+        "workers_converged": len(conv),
+        "put_to_prompt_s": status.get("put_to_prompt_seconds"),
+        "attempted": after["attempted"] - before["attempted"],
+        "failed": after["failed"] - before["failed"],
+    }
+    say("Restart the killed node; revoke the old key at the emulator; confirm")
+    server.start()
+    emulator_admin().revoke_key(keys[env])
+    rc2, status2 = rotate(inventory, env, rotator_files(client, env), "--confirm-revoked")
+    fig["rotation"]["confirm_rc"] = rc2
+    fig["rotation"]["final_outcome"] = status2.get("outcome")
+
+    summary = load.summary()
+    hours = (time.time() - load_started) / 3600
+    fig["load"] = {k: summary[k] for k in ("attempted", "ok", "failed", "retries")}
+    fig["load"]["latency_s"] = summary["latency_s"]
+    fig["load"]["first_failures"] = summary["first_failures"][:5]
+    rss = [worker_rss_kib(name) for name in names]
+    fig["worker_rss_mib"] = {
+        "min": round(min(rss) / 1024, 1),
+        "max": round(max(rss) / 1024, 1),
+        "mean": round(sum(rss) / len(rss) / 1024, 1),
+    }
+    requests = worker_requests(server, load_started)
+    fig["vault_requests_per_worker_hour_observed"] = round(requests / n / hours, 1)
+    fig["load_window_s"] = round(hours * 3600)
+
+    print(json.dumps(fig, indent=2))
+    (STATE / "figures.json").write_text(json.dumps(fig, indent=2) + "\n")
+    if results is not None:
+        write_results(results, fig)
+    print("\nfleet: up; `make fleet-down` removes it")
+    return 0
+
+
+def write_results(path: Path, fig: dict[str, Any]) -> None:
+    r, d, ld, rss = fig["rotation"], fig["redeploy"], fig["load"], fig["worker_rss_mib"]
+    n = fig["hosts"]
+    rows = [
+        ("what", "figure", "goal"),
+        ("---", "---", "---"),
+        ("provision 2 envs (3-node cluster)", f"{fig['provision_s']:.1f} s", ""),
+        (f"start {n} hosts (boot + sshd)", f"{fig['hosts_start_s']} s", ""),
+        (
+            f"deploy: 1 host / {n} hosts",
+            f"{fig['deploy_1_s']} s / {fig['deploy_n_s']} s (ratio {fig['deploy_ratio']})",
+            "ratio ≤ 3",
+        ),
+        (
+            f"deploy rerun, {n} hosts",
+            f"{fig['deploy_rerun_s']} s, changed={fig['deploy_rerun_changed']}",
+            "changed=0",
+        ),
+        (
+            "one trivial task: SSH + become / podman exec (root)",
+            f"{fig['per_task_s']['ssh']} s / {fig['per_task_s']['podman']} s",
+            "",
+        ),
+        (
+            f"rolling redeploy with a config change (batches of {BATCH})",
+            f"{d['wall_s']} s, batches {d['batch_s']} s; exit {d['rc']}",
+            "",
+        ),
+        (
+            "solves during the redeploy: attempted / failed",
+            f"{d['attempted']} / {d['failed']}",
+            "0 failed",
+        ),
+        (
+            "rotation: raft leader killed after the put",
+            f"{r['leader_killed']}, {r['killed_after_put_s']} s after the put",
+            "",
+        ),
+        (
+            f"rotation: put → last of {r['workers_converged']} workers on the new version",
+            f"{r['put_to_last_worker_s']} s",
+            "≤ 5 s",
+        ),
+        (
+            "rotation: put → revocation prompt",
+            f"{r['put_to_prompt_s']} s (outcome {r['outcome']}, exit {r['rc']})",
+            "≤ 15 s",
+        ),
+        (
+            "solves during the rotation: attempted / failed",
+            f"{r['attempted']} / {r['failed']}",
+            "0 failed",
+        ),
+        (
+            "confirming run after the old key's revocation",
+            f"exit {r['confirm_rc']}, {r['final_outcome']}",
+            "complete",
+        ),
+        (
+            "whole load: attempted / ok / failed / retried",
+            f"{ld['attempted']} / {ld['ok']} / {ld['failed']} / {ld['retries']}",
+            "",
+        ),
+        (
+            "worker RSS per host (min / mean / max)",
+            f"{rss['min']} / {rss['mean']} / {rss['max']} MiB",
+            "",
+        ),
+        (
+            f"Vault requests per worker-hour, observed over {fig['load_window_s']} s",
+            f"{fig['vault_requests_per_worker_hour_observed']}",
+            "",
+        ),
+    ]
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    text = f"""# Fleet benchmark: {fig["hosts"]} hosts over SSH against a 3-node raft OpenBao
+
+Recorded by `make fleet` (`python -m bench.fleet_hosts up --write-results {path.name}`) on one
+machine with {fig["cpus"]} CPUs: {fig["hosts"]} systemd hosts of the kit's image (podman, host
+network), reached over SSH as `deploy` with become (pipelining, ControlPersist, `forks = 25`),
+split over {", ".join(fig["envs"])}; a 3-node raft OpenBao (TLS, file audit); the CaptchaAI
+emulator (0.3 s per solve). Refresh interval {REFRESH_INTERVAL} s (the default). The solve load:
+{2 * fig["hosts"]} clients over all workers, each waiting 0.2 s between solves and retrying a
+503 or refused solve on the same worker for up to 30 s (as a scraper does).
+
+{table}
+
+The observed Vault requests include what the run itself causes (the restart of every worker by
+the redeploy: a login and a read each; the rotation's nudge: a read each); docs/scale.md derives
+the steady state at the default refresh from the worker's schedule.
+"""
+    path.write_text(text)
+    print(f"fleet: wrote {path}")
+
+
+def down() -> int:
+    names = subprocess.run(
+        ["podman", "ps", "-a", "--filter", f"label={LABEL}", "--format", "{{.Names}}"],
+        env=podman_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    for name in names:
+        remove_host(name)
+    pid_file = STATE / "emulator.pid"
+    if pid_file.exists():
+        with suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        pid_file.unlink()
+    vault().stop()
+    print(f"fleet: removed {len(names)} hosts, stopped the emulator and the Vault cluster")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet_hosts", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start the fleet and measure")
+    p_up.add_argument("--hosts", type=int, default=20)
+    p_up.add_argument("--write-results", type=Path, default=None)
+    sub.add_parser("down", help="remove everything `up` started")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("CONTAINERS_CONF", podman_env()["CONTAINERS_CONF"])
+    if args.command == "up":
+        if args.hosts < 2:
+            parser.error("--hosts must be at least 2 (two envs)")
+        return up(args.hosts, args.write_results)
+    return down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Run the stages of `make test` in two lanes and print each stage's wall time at the end.
+
+    python tests/stages.py            # what `make test` runs (after the venv and the image)
+    python tests/stages.py --list     # the lanes and their stages
+
+The machine has 2 cores, so the suites run in two lanes that share no port and no container
+name (docs/interfaces.md): the playbook suites under tests/ in one; lint, the solver package,
+the fault tests (all but the slow ones: `make test-faults`) and the molecule scenarios in the
+other. Both use the shared
+test OpenBao on 18250, which is started here first, so that no two stages race to initialise
+it, and stopped here at the end, pass or fail, with the emulator the scenarios share.
+
+Each stage's output goes to ``.state/test/logs/<stage>.log``; a stage that fails has its whole
+log printed, one that passes its closing lines. The exit status is 0 only when every stage
+passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LOG_DIR = REPO / ".state" / "test" / "logs"
+TESTBED = REPO / "molecule" / "shared" / "testbed.py"
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+    cwd: Path = REPO
+    rc: int | None = None
+    seconds: float = 0.0
+    summary: str = ""
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = LOG_DIR / f"{self.name}.log"
+
+
+def _bin(name: str) -> str:
+    return str(BIN / name)
+
+
+def lanes() -> list[list[Stage]]:
+    """Two lanes of about the same length (measured: each about 10 minutes on 2 cores)."""
+    pytest = _bin("pytest")
+    playbooks = Stage("playbooks", [pytest, "tests", "--ignore=tests/faults"])
+    lint = [
+        Stage("lint-yaml", [_bin("yamllint"), "--strict", "."]),
+        Stage("lint-ansible", [_bin("ansible-lint"), "--profile", "production"]),
+        Stage("lint-python", ["make", "--no-print-directory", "lint-python"]),
+    ]
+    solver = Stage("solver", [pytest], cwd=REPO / "solver")
+    faults = Stage("faults", [pytest, "tests/faults", "-m", "not slow_faults"])
+    scenarios = ("vault_provision", "captcha_worker", "key_rotation")
+    molecule = [Stage(f"molecule-{s}", [_bin("molecule"), "test", "-s", s]) for s in scenarios]
+    return [[playbooks], [*lint, solver, faults, *molecule]]
+
+
+def _summary(log: Path) -> str:
+    """The closing line of a pytest or molecule run, if the log has one."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    for line in reversed(lines):
+        text = line.strip().strip("=").strip()
+        if " passed" in text or " failed" in text or " error" in text:
+            return text
+    return lines[-1].strip() if lines else ""
+
+
+def run_stage(stage: Stage, lock: threading.Lock) -> None:
+    started = time.monotonic()
+    env = {**os.environ, "NO_COLOR": "1", "PY_COLORS": "0", "ANSIBLE_NOCOLOR": "1"}
+    with stage.log.open("wb") as out:
+        proc = subprocess.run(
+            stage.argv, cwd=stage.cwd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False
+        )
+    stage.rc = proc.returncode
+    stage.seconds = time.monotonic() - started
+    stage.summary = _summary(stage.log)
+    with lock:
+        status = "ok" if stage.rc == 0 else f"FAILED (exit {stage.rc})"
+        print(f"\n===== {stage.name}: {status} in {stage.seconds:.0f} s", flush=True)
+        text = stage.log.read_text(errors="replace")
+        if stage.rc != 0:
+            print(text, flush=True)
+        else:
+            print("\n".join(text.splitlines()[-12:]), flush=True)
+
+
+def run_lane(lane: list[Stage], lock: threading.Lock) -> None:
+    for stage in lane:
+        run_stage(stage, lock)
+
+
+def start_testbed() -> None:
+    subprocess.run([sys.executable, str(TESTBED), "vault-start"], cwd=REPO, check=True)
+
+
+def stop_testbed() -> None:
+    subprocess.run([sys.executable, str(TESTBED), "emulator-stop"], cwd=REPO, check=False)
+    state_dir = REPO / ".state" / "test" / "vault"
+    stop = ["stop", "--state-dir", str(state_dir), "--port", "18250"]
+    subprocess.run([sys.executable, "-m", "tools.local_vault", *stop], cwd=REPO, check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print the lanes and stop")
+    args = parser.parse_args(argv)
+    plan = lanes()
+    if args.list:
+        for i, lane in enumerate(plan, 1):
+            print(f"lane {i}: " + " -> ".join(s.name for s in lane))
+        return 0
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    started = time.monotonic()
+    lock = threading.Lock()
+    try:
+        start_testbed()
+        threads = [threading.Thread(target=run_lane, args=(lane, lock)) for lane in plan]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop_testbed()
+    total = time.monotonic() - started
+    stages = [s for lane in plan for s in lane]
+    print("\n| stage | lane | wall time | result |\n|---|---|---|---|")
+    for i, lane in enumerate(plan, 1):
+        for s in lane:
+            result = "ok" if s.rc == 0 else f"exit {s.rc}"
+            print(f"| {s.name} | {i} | {s.seconds:.0f} s | {result}: {s.summary[:70]} |")
+    print(f"| all (two lanes in parallel) | | {total:.0f} s | |")
+    failed = [s.name for s in stages if s.rc != 0]
+    print(f"stages: {len(stages) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
