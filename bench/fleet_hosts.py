@@ -31,6 +31,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -138,6 +139,7 @@ def write_inventory(names: list[str], server: LocalVault) -> Path:
             "children": {"workers": {"children": groups}},
             "vars": {
                 "captcha_kit_envs": list(ENVS),
+                "vault_provision_known_envs": list(ENVS),
                 "captcha_kit_vault_addr": server.addr,
                 "captcha_kit_vault_addrs": server.addrs,
                 "captcha_kit_vault_cacert": str(server.ca_file),
@@ -176,6 +178,18 @@ def private_vars(name: str, data: dict[str, Any]) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
+CPU: dict[str, list[tuple[float, float]]] = {}  # playbook -> [(controller, whole machine) CPU s]
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds so far: of this process's children (ansible-playbook, its forks and ssh:
+    the controller side), and of the whole machine (controller and every host)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields) if i not in (3, 4))  # all but idle, iowait
+    return children.ru_utime + children.ru_stime, busy / os.sysconf("SC_CLK_TCK")
+
+
 def playbook(
     name: str, inventory: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[int, float, dict[str, Any]]:
@@ -190,8 +204,11 @@ def playbook(
     cmd = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory)]
     cmd += [str(REPO / "playbooks" / name), *args]
     started = time.monotonic()
+    cpu_before = _cpu()
     proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started
+    controller, machine = (after - before for after, before in zip(_cpu(), cpu_before, strict=True))
+    CPU[name] = [*CPU.get(name, []), (round(controller, 1), round(machine, 1))]
     doc: dict[str, Any] = {}
     if "{" in proc.stdout:
         try:
@@ -407,6 +424,11 @@ def up(n: int, results: Path | None) -> int:
     if rc:
         raise SystemExit("fleet: deploy to the fleet failed; see .state/fleet/failed-*.log")
     rc, tr, docr = playbook("deploy-workers.yml", inventory, env=admin_env)
+    deploys = CPU["deploy-workers.yml"]
+    fig["deploy_cpu_s"] = {
+        label: {"controller": c, "machine": m}
+        for label, (c, m) in zip(("one_host", "all_hosts", "rerun"), deploys[:3], strict=True)
+    }
     fig |= {
         "deploy_1_s": round(t1, 1),
         "deploy_n_s": round(tn, 1),
@@ -449,42 +471,62 @@ def up(n: int, results: Path | None) -> int:
         "failed": after["failed"] - before["failed"],
     }
 
-    env = ENVS[0]
-    say(f"Rotate {env} unattended; kill the raft leader right after the put")
-    new_key = secrets.token_hex(16)
-    emulator_admin().add_key(new_key, balance=1000.0)
-    stage_key(client, env, new_key)
-    creds = rotator_files(client, env)
-    current = int(
-        client.secrets.kv.v2.read_secret_metadata(path=f"captchaai/{env}", mount_point="secret")[
-            "data"
-        ]["current_version"]
-    )
-    killer = LeaderKiller(server, client, env, current)
+    say("Rotate both envs at once, unattended; kill the raft leader right after the first put")
+    new_keys = {env: secrets.token_hex(16) for env in ENVS}
+    creds: dict[str, list[str]] = {}
+    current = {}
+    for env in ENVS:
+        emulator_admin().add_key(new_keys[env], balance=1000.0)
+        stage_key(client, env, new_keys[env])
+        creds[env] = rotator_files(client, env)
+        meta = client.secrets.kv.v2.read_secret_metadata(
+            path=f"captchaai/{env}", mount_point="secret"
+        )
+        current[env] = int(meta["data"]["current_version"])
+    killer = LeaderKiller(server, client, ENVS[0], current[ENVS[0]])
     killer.start()
     before = load.snapshot()
-    rc, status = rotate(inventory, env, creds)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(ENVS)) as pool:
+        runs = {
+            e: r
+            for e, r in zip(
+                ENVS, pool.map(lambda e: rotate(inventory, e, creds[e]), ENVS), strict=True
+            )
+        }
     killer.stop()
     after = load.snapshot()
-    conv = status.get("worker_convergence_seconds") or {}
+    per_env = {}
+    for env, (rc, status) in runs.items():
+        conv = status.get("worker_convergence_seconds") or {}
+        per_env[env] = {
+            "rc": rc,
+            "outcome": status.get("outcome"),
+            "put_to_last_worker_s": max(conv.values()) if conv else None,
+            "workers_converged": len(conv),
+            "put_to_converged_s": status.get("put_to_converged_seconds"),
+            "put_to_prompt_s": status.get("put_to_prompt_seconds"),
+        }
     fig["rotation"] = {
-        "rc": rc,
-        "outcome": status.get("outcome"),
+        "per_env": per_env,
+        "rc": sorted({v["rc"] for v in per_env.values()}),
+        "outcome": sorted({str(v["outcome"]) for v in per_env.values()}),
         "leader_killed": killer.killed,
         "killed_after_put_s": killer.killed_after_put_s,
-        "put_to_converged_s": status.get("put_to_converged_seconds"),
-        "put_to_last_worker_s": max(conv.values()) if conv else None,
-        "workers_converged": len(conv),
-        "put_to_prompt_s": status.get("put_to_prompt_seconds"),
+        "put_to_last_worker_s": max((v["put_to_last_worker_s"] or 0) for v in per_env.values()),
+        "workers_converged": sum(v["workers_converged"] for v in per_env.values()),
+        "put_to_prompt_s": max((v["put_to_prompt_s"] or 0) for v in per_env.values()),
         "attempted": after["attempted"] - before["attempted"],
         "failed": after["failed"] - before["failed"],
     }
-    say("Restart the killed node; revoke the old key at the emulator; confirm")
+    say("Restart the killed node; revoke the old keys at the emulator; confirm")
     server.start()
-    emulator_admin().revoke_key(keys[env])
-    rc2, status2 = rotate(inventory, env, rotator_files(client, env), "--confirm-revoked")
-    fig["rotation"]["confirm_rc"] = rc2
-    fig["rotation"]["final_outcome"] = status2.get("outcome")
+    finals = []
+    for env in ENVS:
+        emulator_admin().revoke_key(keys[env])
+        rc2, status2 = rotate(inventory, env, rotator_files(client, env), "--confirm-revoked")
+        finals.append((rc2, status2.get("outcome")))
+    fig["rotation"]["confirm_rc"] = sorted({rc for rc, _ in finals})
+    fig["rotation"]["final_outcome"] = sorted({str(o) for _, o in finals})
 
     summary = load.summary()
     hours = (time.time() - load_started) / 3600
@@ -528,6 +570,13 @@ def write_results(path: Path, fig: dict[str, Any]) -> None:
             "changed=0",
         ),
         (
+            f"CPU of the deploy: controller / whole machine, 1 host; {n} hosts; rerun",
+            "; ".join(
+                f"{c['controller']} / {c['machine']} s" for c in fig["deploy_cpu_s"].values()
+            ),
+            "",
+        ),
+        (
             "one trivial task: SSH + become / podman exec (root)",
             f"{fig['per_task_s']['ssh']} s / {fig['per_task_s']['podman']} s",
             "",
@@ -543,18 +592,22 @@ def write_results(path: Path, fig: dict[str, Any]) -> None:
             "0 failed",
         ),
         (
-            "rotation: raft leader killed after the put",
+            "rotation of both envs at once: raft leader killed after the first put",
             f"{r['leader_killed']}, {r['killed_after_put_s']} s after the put",
             "",
         ),
         (
             f"rotation: put → last of {r['workers_converged']} workers on the new version",
-            f"{r['put_to_last_worker_s']} s",
+            f"{r['put_to_last_worker_s']} s (per env: "
+            + ", ".join(f"{e} {v['put_to_last_worker_s']} s" for e, v in r["per_env"].items())
+            + ")",
             "≤ 5 s",
         ),
         (
             "rotation: put → revocation prompt",
-            f"{r['put_to_prompt_s']} s (outcome {r['outcome']}, exit {r['rc']})",
+            f"{r['put_to_prompt_s']} s (per env: "
+            + ", ".join(f"{e} {v['put_to_prompt_s']} s" for e, v in r["per_env"].items())
+            + f"); outcome {r['outcome']}, exit {r['rc']}",
             "≤ 15 s",
         ),
         (
@@ -563,7 +616,7 @@ def write_results(path: Path, fig: dict[str, Any]) -> None:
             "0 failed",
         ),
         (
-            "confirming run after the old key's revocation",
+            "confirming runs after the old keys' revocation",
             f"exit {r['confirm_rc']}, {r['final_outcome']}",
             "complete",
         ),
