@@ -5,9 +5,10 @@ re-exports the fixtures. (Not from ``conftest``: tests/faults has a conftest of 
 modules named ``conftest`` shadow each other on import.)
 
 - ``vault`` (session): the real local OpenBao server of the tests (``.state/test/vault``, port
-  18250, see docs/interfaces.md), started (or found running) through ``tools.local_vault``. It is
-  left running at the end because other test sessions may share it; stop it with
-  ``python -m tools.local_vault stop --state-dir .state/test/vault --port 18250``.
+  18250, see docs/interfaces.md), started (or found running) through ``tools.local_vault``. A
+  session that started it stops it at its end, pass or fail; sessions that share it find it
+  running (``make test`` starts it before its two lanes and stops it after them; by hand:
+  ``python -m tools.local_vault start|stop --state-dir .state/test/vault --port 18250``).
 - ``vault_client`` (session): an ``hvac.Client`` with the root token.
 - ``run_playbook(...)``: runs ``ansible-playbook`` as a subprocess with VAULT_ADDR / VAULT_CACERT /
   VAULT_TOKEN in its environment and the ``ansible.posix.json`` callback, and returns a
@@ -46,11 +47,15 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
-def vault() -> LocalVault:
-    """The test Vault server, running, initialised and unsealed."""
+def vault() -> Iterator[LocalVault]:
+    """The test Vault server, running, initialised and unsealed. A server this session started
+    is stopped when the session ends, pass or fail; one it found running (`make test` starts it
+    for both lanes) is left to whoever started it."""
     server = LocalVault(TEST_VAULT_DIR, TEST_VAULT_PORT)
-    server.start()
-    return server
+    started_here = server.start() in ("started", "initialised")
+    yield server
+    if started_here:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -86,11 +86,14 @@ def _prepare_mounts(admin: hvac.Client) -> None:
 
 
 @pytest.fixture(scope="session")
-def vault() -> LocalVault:
+def vault() -> Iterator[LocalVault]:
+    """The shared test Vault; stopped at the end of the session when this session started it."""
     server = LocalVault(REPO_ROOT / ".state" / "test" / "vault", TEST_VAULT_PORT)
-    server.start()
+    started_here = server.start() in ("started", "initialised")
     _prepare_mounts(_admin_client(server))
-    return server
+    yield server
+    if started_here:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
