@@ -37,17 +37,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def solo_vault() -> LocalVault:
+def solo_vault() -> Iterator[LocalVault]:
+    """The faults' single node; stopped at the end of the session (pass or fail)."""
     server = LocalVault(SOLO_DIR, SOLO_PORT)
     server.start()
-    return server
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
-def ha_vault() -> LocalVault:
+def ha_vault() -> Iterator[LocalVault]:
+    """The faults' 3-node cluster; stopped at the end of the session (pass or fail)."""
     cluster = LocalVault(HA_DIR, HA_PORT, nodes=3)
     cluster.start()
-    return cluster
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
