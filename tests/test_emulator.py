@@ -1,4 +1,4 @@
-"""The CaptchaAI emulator, exercised through real HTTP on 127.0.0.1 (ports 18350/18351)."""
+"""The CaptchaAI emulator, exercised through real HTTP on 127.0.0.1 (free ports)."""
 
 from __future__ import annotations
 
@@ -31,17 +31,6 @@ from tools.captchaai_emulator import (  # noqa: E402
     EmulatorProcess,
 )
 from tools.captchaai_emulator.__main__ import main as emulator_main  # noqa: E402
-
-PORTS = (18350, 18351)  # the test ports; free ones are used when another suite holds them
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_port() -> int:
@@ -142,8 +131,8 @@ class Public:
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[EmulatorProcess]:
-    ports = PORTS if all(port_free(p) for p in PORTS) else (free_port(), free_port())
-    with EmulatorProcess(*ports, log_level="DEBUG", **START_OPTIONS) as emu:
+    # Free ports, never the molecule scenarios' 18350/18351: make test runs them side by side.
+    with EmulatorProcess(free_port(), free_port(), log_level="DEBUG", **START_OPTIONS) as emu:
         yield emu
 
 
@@ -671,7 +660,7 @@ def test_process_reports_start_failure(emulator: EmulatorProcess) -> None:
 
 def test_process_validates_options_before_start() -> None:
     with pytest.raises(ValueError, match="unknown option"):
-        EmulatorProcess(*PORTS, bogus=1)
+        EmulatorProcess(free_port(), free_port(), bogus=1)
 
 
 def test_cli_refuses_non_loopback_host(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,7 @@
   policy and role names, so they do not disturb other suites using the same server.
 * ``private_vault``: a second OpenBao node of our own (``.state/test/solver-vault``), for the
   tests that stop and restart Vault.
-* ``emulator``: the CaptchaAI emulator on 18350/18351 (ephemeral ports if those are taken),
+* ``emulator``: the CaptchaAI emulator on two free ports,
   one per test module, reset before each test.
 * ``worker_factory``: provisions an AppRole + key in Vault and runs ``captcha-solver serve`` as
   a subprocess with its log in a file; the tests drive it over HTTP and with signals.
@@ -40,7 +40,6 @@ from tools.local_vault import LocalVault  # noqa: E402
 
 TEST_VAULT_PORT = 18250
 PRIVATE_VAULT_PORT = 18254
-EMULATOR_PORTS = (18350, 18351)
 KV_MOUNT = "solver-it-kv"
 APPROLE_MOUNT = "solver-it-approle"
 
@@ -50,15 +49,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.integration)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def free_port() -> int:
@@ -108,11 +98,11 @@ def private_vault() -> Iterator[LocalVault]:
 # --------------------------------------------------------------------------- emulator
 
 
-@pytest.fixture(scope="module")  # module: frees 18350/18351 for the suites that follow
+@pytest.fixture(scope="module")
 def emulator_proc() -> Iterator[EmulatorProcess]:
-    ports = (
-        EMULATOR_PORTS if all(_port_free(p) for p in EMULATOR_PORTS) else (free_port(), free_port())
-    )
+    # Free ports, never the molecule scenarios' 18350/18351 (a shared emulator there would
+    # hand a scenario the wrong keys).
+    ports = (free_port(), free_port())
     proc = EmulatorProcess(
         *ports, solve_delay="uniform:0.2:0.4", time_scale=1.0, ban_threshold=50, seed=7
     )
