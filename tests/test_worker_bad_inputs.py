@@ -77,6 +77,22 @@ def test_env_without_approle_fails_before_any_change(vault, host: Host, deployme
     assert host.role_footprint() == before
 
 
+def test_plain_http_provider_fails_before_any_change(vault, host: Host, deployment: Deployment):
+    """A provider URL that would carry the key in clear (http:// to a non-loopback host) is
+    refused before anything on the host changes."""
+    before = host.role_footprint()
+    result = deploy(vault, deployment, captcha_worker_provider_url="http://ocr.captchaai.com")
+    assert result.rc != 0
+    message = _failure(result, host)
+    assert (
+        'captcha_worker_provider_url="http://ocr.captchaai.com" would send the API key' in message
+    )
+    assert "in clear: use https://" in message
+    assert "Nothing was changed" in message
+    assert result.count("changed", host.name) == 0
+    assert host.role_footprint() == before
+
+
 def test_port_taken_on_the_host_fails_before_any_change(vault, host: Host, deployment: Deployment):
     """Another process listening on the worker's port is named in the error; nothing changes."""
     port = free_port()

@@ -87,3 +87,23 @@ def test_config_change_restarts_the_worker_and_keeps_its_secret_id(
     assert health["env"] == deployment.dev
     assert health["key_version"] == 1
     assert health["status"] == "ok"
+
+
+def test_bad_setting_in_a_redeploy_is_refused_before_it_replaces_the_config(
+    vault, deployed: tuple[Host, Deployment]
+):
+    """A typo in captcha_worker_provider_settings is checked by the solver on the host against
+    the new file before it replaces the old one: the host fails with the solver's message, the
+    old configuration stays, the worker is not restarted and stays healthy."""
+    host, deployment = deployed
+    pid = host.main_pid()
+    config_before = host.sh(f"sha256sum {CONFIG}").stdout
+
+    result = deploy(vault, deployment, captcha_worker_provider_settings={"request_timeuot": 30})
+
+    assert result.rc != 0
+    message = result.failure_messages(host.name) + str(result.failed_results(host.name))
+    assert "provider.request_timeuot" in message
+    assert host.sh(f"sha256sum {CONFIG}").stdout == config_before
+    assert host.main_pid() == pid
+    assert host.health(deployment.port(host))["status"] == "ok"

@@ -417,7 +417,8 @@ def up(site: Site, load_seconds: int) -> int:
     show_workers(workers)
     print(f"\n  demo up in {time.monotonic() - t0:.0f} s. Left running; try:")
     print("    python -m tools.demo status")
-    print(f"    curl -s -X POST 127.0.0.1:{next(iter(workers.values()))['port']}/solve \\")
+    port = next(iter(workers.values()))["port"]
+    print(f"    curl -s -H 'Content-Type: application/json' -X POST 127.0.0.1:{port}/solve \\")
     print('      -d \'{"method":"userrecaptcha","googlekey":"k","pageurl":"https://a.test"}\'')
     print('    eval "$(python -m tools.local_vault env)"; bao kv metadata get secret/captchaai/dev')
     print("    make demo-down")

@@ -39,6 +39,17 @@ def test_check_config_reports_missing_secret_id(tmp_path, capsys):
     assert main(["check-config", "--config", str(path)]) == 0
 
 
+def test_check_config_syntax_only_judges_the_file_alone(tmp_path, capsys):
+    """How the role validates a new config before it replaces the old one (the files it names
+    may not exist yet on a first deploy); a bad setting still exits 78 naming it."""
+    path = _config(tmp_path)
+    assert main(["check-config", "--syntax-only", "--config", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["problems"] == []
+    path.write_text(path.read_text().replace("[provider]", "[provider]\nrequest_timeuot = 30", 1))
+    assert main(["check-config", "--syntax-only", "--config", str(path)]) == EX_CONFIG
+    assert "provider.request_timeuot" in capsys.readouterr().err
+
+
 def test_invalid_config_exits_78_naming_the_field(tmp_path, capsys):
     path = tmp_path / "config.toml"
     path.write_text('env = "dev"\n[vault]\naddrs = ["http://x"]\n')

@@ -101,6 +101,9 @@ def test_environment_overrides(tmp_path):
         (('role_id_file = "/etc/captcha-solver/role-id"', ""), "vault.role_id_file"),
         (('env = "dev"', 'env = "Dev Env"'), "env"),
         (('env = "dev"', ""), "env"),
+        # Plain http sends the key in clear: only to a loopback address (an emulator, a proxy).
+        (('url = "https://ocr.captchaai.com"', 'url = "http://ocr.captchaai.com"'), "provider.url"),
+        (('url = "https://ocr.captchaai.com"', 'url = "http://10.0.0.5:8080"'), "provider.url"),
     ],
 )
 def test_validation_errors_name_the_field(tmp_path, mutation, field):
@@ -135,7 +138,10 @@ def test_first_poll_delay_table_with_default_replaces_builtins():
     base = {
         "env": "dev",
         "vault": {"addrs": ["https://v:8200"], "role_id_file": "/r", "secret_id_file": "/s"},
-        "provider": {"url": "http://p", "first_poll_delay": {"default": 0.2, "base64": 1}},
+        "provider": {
+            "url": "http://127.0.0.1:18300",
+            "first_poll_delay": {"default": 0.2, "base64": 1},
+        },
     }
     cfg = parse_config(base, environ={})
     assert cfg.provider.first_poll_delay_for("hcaptcha") == 0.2
@@ -144,3 +150,27 @@ def test_first_poll_delay_table_with_default_replaces_builtins():
     cfg = parse_config(base, environ={})
     assert cfg.provider.first_poll_delay_for("userrecaptcha") == 20.0
     assert cfg.provider.first_poll_delay_for("hcaptcha") == 15.0
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:18300", "http://localhost:8080", "http://[::1]:80", "https://x.example"],
+)
+def test_provider_url_plain_http_only_to_loopback(url):
+    base = {
+        "env": "dev",
+        "vault": {"addrs": ["https://v:8200"], "role_id_file": "/r", "secret_id_file": "/s"},
+        "provider": {"url": url},
+    }
+    assert parse_config(base, environ={}).provider.url == url
+
+
+def test_provider_url_plain_http_elsewhere_says_why():
+    base = {
+        "env": "dev",
+        "vault": {"addrs": ["https://v:8200"], "role_id_file": "/r", "secret_id_file": "/s"},
+        "provider": {"url": "http://ocr.captchaai.com"},
+    }
+    with pytest.raises(ConfigError, match="in clear") as err:
+        parse_config(base, environ={})
+    assert err.value.field == "provider.url"

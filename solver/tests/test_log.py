@@ -26,7 +26,7 @@ def test_json_lines_with_extras():
 
 def test_raw_secret_values_are_masked_everywhere():
     raw = new_key()
-    Secret(raw)  # registers the value
+    held = Secret(raw)  # registers the value while it is held
     for fmt in ("json", "text"):
         stream = _capture(fmt)
         logger = logging.getLogger("captcha_solver.t")
@@ -39,14 +39,16 @@ def test_raw_secret_values_are_masked_everywhere():
         out = stream.getvalue()
         assert raw not in out
         assert out.count("***" + raw[-4:]) >= 3
+    assert held
 
 
 def test_filter_rewrites_record():
     raw = new_key()
-    Secret(raw)
+    held = Secret(raw)
     record = logging.LogRecord("x", logging.INFO, "f", 1, "v=%s", (raw,), None)
     assert SecretMaskingFilter().filter(record)
     assert record.getMessage() == f"v=***{raw[-4:]}"
+    assert held
 
 
 def teardown_module():

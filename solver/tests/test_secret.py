@@ -1,3 +1,4 @@
+import gc
 import json
 import logging
 import pickle
@@ -48,8 +49,24 @@ def test_rejects_non_str():
 
 def test_registry_masks_known_values_in_text():
     raw = new_key()
-    Secret(raw)
+    held = Secret(raw)
     assert REGISTRY.mask(f"key={raw}!") == f"key=***{raw[-4:]}!"
+    assert held
+
+
+def test_registry_forgets_a_value_once_no_secret_holds_it():
+    """A rotated-away key is not kept in memory for masking: the registry holds the values of
+    live Secret objects only (two objects of one value keep it until both are gone)."""
+    raw = new_key()
+    first, second = Secret(raw), Secret(raw)
+    assert raw in set(REGISTRY)
+    del first
+    gc.collect()
+    assert raw in set(REGISTRY)
+    del second
+    gc.collect()
+    assert raw not in set(REGISTRY)
+    assert REGISTRY.mask(f"key={raw}") == f"key={raw}"
 
 
 def test_exception_with_secret_is_masked():

@@ -127,7 +127,8 @@ def test_bad_requests_and_unhealthy(tmp_path):
             (json.dumps({"method": "bad method!"}), 400),
             (json.dumps({"method": "userrecaptcha", "pageurl": {"x": 1}}), 400),
         ]:
-            async with http.post(f"{base}/solve", data=payload) as r:
+            headers = {"Content-Type": "application/json"}
+            async with http.post(f"{base}/solve", data=payload, headers=headers) as r:
                 assert r.status == status
                 assert (await r.json())["status"] == "error"
         vault.down = True
@@ -148,6 +149,43 @@ def test_bad_requests_and_unhealthy(tmp_path):
     assert health["vault_reachable"] is False
     assert error["code"] == "STALE"
     assert error["kind"] == "unavailable"
+
+
+def test_solve_refuses_what_a_browser_page_could_send(tmp_path):
+    """A hostile page in a scraper's browser can POST a "simple" request (text/plain, no CORS
+    preflight) and DNS rebinding can reach the worker under a foreign Host: /solve takes JSON
+    only, and every route answers only requests addressed to a loopback host. Nothing of such a
+    request reaches the provider."""
+    key = new_key()
+    fake = FakeProvider(valid_keys={key})
+    vault = FakeSession({"api_key": key})
+    task = json.dumps({"method": "userrecaptcha", **PARAMS})
+
+    async def body(service, http, base):
+        seen = []
+        text_plain = {"Content-Type": "text/plain", "Origin": "http://attacker.example"}
+        async with http.post(f"{base}/solve", data=task, headers=text_plain) as r:
+            seen.append((r.status, (await r.json())["error"]["code"]))
+        foreign = {"Content-Type": "application/json", "Host": "attacker.example"}
+        async with http.post(f"{base}/solve", data=task, headers=foreign) as r:
+            seen.append((r.status, (await r.json())["error"]["code"]))
+        async with http.get(f"{base}/healthz", headers={"Host": "attacker.example:18401"}) as r:
+            seen.append((r.status, (await r.json())["error"]["code"]))
+        for host in ("localhost:18401", "127.0.0.1", "[::1]:18401"):
+            async with http.get(f"{base}/healthz", headers={"Host": host}) as r:
+                seen.append((r.status, host))
+        return seen
+
+    seen = asyncio.run(_with_service(tmp_path, fake, vault, body))
+    assert seen == [
+        (415, "UNSUPPORTED_MEDIA_TYPE"),
+        (421, "NOT_LOOPBACK_HOST"),
+        (421, "NOT_LOOPBACK_HOST"),
+        (200, "localhost:18401"),
+        (200, "127.0.0.1"),
+        (200, "[::1]:18401"),
+    ]
+    assert not [r for r in fake.requests if r["endpoint"] == "in"]
 
 
 def test_sigterm_drain_finishes_in_flight(tmp_path):

@@ -150,6 +150,16 @@ def test_unit_restarts_a_worker_killed_by_a_signal(host):
     }
 
 
+def test_worker_writes_no_core_file_and_is_not_dumpable(host):
+    """The key, token and secret-id live in memory only: the core limit is 0 (LimitCORE=0) and
+    the worker reported no gap in its own hardening (core limit, non-dumpable)."""
+    pid = _main_pid(host)
+    limits = host.file(f"/proc/{pid}/limits").content_string
+    assert re.search(r"^Max core file size\s+0\s+0\s+bytes", limits, re.MULTILINE), limits
+    journal = host.check_output(f"journalctl -u {SERVICE} --no-pager -o cat")
+    assert "process hardening incomplete" not in journal
+
+
 def test_worker_runs_as_the_service_user(host):
     """The main process runs as captcha-solver, not root."""
     pid = _main_pid(host)

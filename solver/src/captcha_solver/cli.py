@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the worker service")
     sub.add_parser("status", parents=[common], help="print the running worker's /healthz")
-    sub.add_parser("check-config", parents=[common], help="validate the configuration")
+    check = sub.add_parser("check-config", parents=[common], help="validate the configuration")
+    check.add_argument(
+        "--syntax-only",
+        action="store_true",
+        help="check the file alone, not the files it names (how the role validates a new one)",
+    )
     solve = sub.add_parser("solve", parents=[common], help="one solve through the running worker")
     solve.add_argument("--method", required=True, help="e.g. userrecaptcha, hcaptcha, turnstile")
     solve.add_argument(
@@ -85,7 +90,8 @@ def _http(url: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, A
             return exc.code, {"error": payload.decode(errors="replace")[:200]}
 
 
-def cmd_check_config(cfg: Config) -> int:
+def _missing_files(cfg: Config) -> list[str]:
+    """The files the configuration names that are not there (role-id, secret-id, CA, state)."""
     problems: list[str] = []
     v = cfg.vault
     if not v.role_id_file.is_file():
@@ -99,6 +105,14 @@ def cmd_check_config(cfg: Config) -> int:
         problems.append(f"vault.ca_file: {v.ca_file} does not exist")
     if not v.secret_id_file.parent.is_dir():
         problems.append(f"vault.secret_id_file: directory {v.secret_id_file.parent} does not exist")
+    return problems
+
+
+def cmd_check_config(cfg: Config, syntax_only: bool = False) -> int:
+    problems: list[str] = []
+    v = cfg.vault
+    if not syntax_only:
+        problems = _missing_files(cfg)
     summary = {
         "config": str(cfg.source),
         "env": cfg.env,
@@ -143,8 +157,13 @@ def cmd_solve(cfg: Config, method: str, raw_params: Sequence[str], timeout: floa
 
 
 def cmd_serve(cfg: Config) -> int:
+    from .hardening import harden_process
     from .service import Service, StartupTimeout  # the light commands need no aiohttp/hvac
     from .vault import WrappingTokenError
+
+    # Before any secret is read: no core file, no memory image for other processes.
+    for problem in harden_process():
+        log.warning("process hardening incomplete", extra={"problem": problem})
 
     async def run() -> None:
         await Service(cfg).serve_forever()
@@ -172,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"captcha-solver: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check-config":
-        return cmd_check_config(cfg)
+        return cmd_check_config(cfg, args.syntax_only)
     if args.command == "status":
         return cmd_status(cfg)
     if args.command == "solve":

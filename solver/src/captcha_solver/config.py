@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,23 @@ def _url(*schemes: str) -> Parser:
     return parse
 
 
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _provider_url(name: str, value: Any) -> str:
+    """https://, or plain http:// to a loopback address only: the key travels in the body."""
+    text: str = _url("https", "http")(name, value)
+    if text.startswith("http://"):
+        host = urllib.parse.urlsplit(text).hostname or ""
+        if host not in _LOOPBACK_HOSTS:
+            raise ConfigError(
+                name,
+                f"plain http:// to {host!r} would send the API key in clear: use https:// "
+                "(http is allowed only to a loopback address, e.g. a local emulator or proxy)",
+            )
+    return text
+
+
 def _addrs(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
@@ -255,7 +273,7 @@ _SCHEMA: dict[str, dict[str, Parser]] = {
         "retry_delay": _float_in(0.0),
     },
     "provider": {
-        "url": _url("https", "http"),
+        "url": _provider_url,
         "request_timeout": _float_in(0.0, lo_open=True),
         "task_timeout": _float_in(0.0, lo_open=True),
         "poll_interval": _float_in(0.0, lo_open=True),

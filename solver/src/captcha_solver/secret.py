@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -28,28 +29,34 @@ def fingerprint(value: str) -> str:
 
 
 class SecretRegistry:
-    """Process-wide set of secret values that must never appear in output."""
+    """Process-wide set of the secret values that must never appear in output: the values of
+    the :class:`Secret` objects still alive. A key rotated away, a renewed-away token or a spent
+    secret-id leaves it with its last ``Secret``, so the process holds no old value for masking
+    (memory only means: not one copy more than needed)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: frozenset[str] = frozenset()
+        self._live: weakref.WeakValueDictionary[int, Secret] = weakref.WeakValueDictionary()
 
-    def add(self, value: str) -> None:
-        if len(value) < 4:  # too short to scrub meaningfully; never log such values anyway
+    def add(self, secret: Secret) -> None:
+        if len(secret) < 4:  # too short to scrub meaningfully; never log such values anyway
             return
         with self._lock:
-            if value not in self._values:
-                self._values = self._values | {value}
+            self._live[id(secret)] = secret
+
+    def _values(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(s.reveal() for s in list(self._live.values()))
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
+        return iter(self._values())
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._values())
 
     def mask(self, text: str) -> str:
         """Replace every registered value in *text* by its fingerprint."""
-        values = self._values
+        values = self._values()
         if not values:
             return text
         # Longest first, so a value that contains another is replaced whole.
@@ -65,13 +72,13 @@ REGISTRY = SecretRegistry()
 class Secret:
     """A secret string whose every text form is masked."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("__weakref__", "_value")
 
     def __init__(self, value: str) -> None:
         if not isinstance(value, str):
             raise TypeError("Secret wraps a str")
         self._value = value
-        REGISTRY.add(value)
+        REGISTRY.add(self)
 
     def reveal(self) -> str:
         """The real value. Use only where it leaves the process (POST body, Vault call)."""

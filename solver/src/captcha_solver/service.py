@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -56,6 +56,24 @@ def _error(
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
     return response
+
+
+# The Host a local client sends: a loopback name or address, with or without a port. A name
+# an attacker controls (DNS rebinding to 127.0.0.1) is refused on every route.
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_LOOPBACK_HOST_RE = re.compile(r"^(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?$")
+
+
+@web.middleware
+async def _loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not _LOOPBACK_HOST_RE.match(request.headers.get("Host", "").lower()):
+        return _error(
+            "NOT_LOOPBACK_HOST",
+            "fatal",
+            "the worker answers only requests addressed to 127.0.0.1, localhost or [::1]",
+            421,
+        )
+    return await handler(request)
 
 
 class StartupTimeout(Exception):
@@ -169,6 +187,12 @@ class Service:
         )
 
     async def handle_solve(self, request: web.Request) -> web.Response:
+        # JSON only: a page in a scraper's browser can send a "simple" (text/plain) POST
+        # without a CORS preflight; it cannot send application/json without one.
+        if request.content_type != "application/json":
+            return _error(
+                "UNSUPPORTED_MEDIA_TYPE", "fatal", "Content-Type must be application/json", 415
+            )
         if self.draining:
             # Draining for a restart (a deploy) or a stop: the client retries in a second.
             return _error(
@@ -198,7 +222,7 @@ class Service:
         )
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[_loopback_host_only])
         app.router.add_post("/solve", self.handle_solve)
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/metrics", self.handle_metrics)
