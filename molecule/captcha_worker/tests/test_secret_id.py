@@ -90,39 +90,61 @@ def test_forced_rotation_delivers_a_new_secret_id_and_destroys_the_old(dev):
     assert host.service("captcha-solver").is_running
 
 
-def test_replayed_wrapping_token_stops_the_worker_loudly(dev):
-    """A wrapping token that was already unwrapped makes the worker exit 78 without a restart
-    loop, and the play fails naming possible tampering; a rotation run heals it."""
-    name, hv = dev
+def test_a_refused_wrapping_token_keeps_the_worker_up_and_the_next_run_heals_it(dev):
+    """A wrapping token someone else unwrapped first (interception) reaches the worker, which
+    still holds a valid secret-id: the worker keeps serving on that secret-id, sets the token
+    aside and says why loudly. The next ordinary run sees the refused token, delivers a new
+    secret-id and destroys the intercepted one; nothing is left to trip a later start."""
+    name, _ = dev
     host = testinfra.get_host(f"podman://{name}")
-    # Replay: issue a wrapped secret-id, unwrap it elsewhere (an attacker), then hand the used
-    # token to the worker.
     client = testbed.vault_client()
-    wrapped = client.auth.approle.generate_secret_id("captcha-worker-dev", wrap_ttl="60s")
+    # As the role issues one (the token's secret-id accessor kept on the host) ...
+    wrapped = client.auth.approle.generate_secret_id(
+        "captcha-worker-dev", metadata={"host": name}, wrap_ttl="60s"
+    )
     token = wrapped["wrap_info"]["token"]
-    client.sys.unwrap(token)  # the attacker's unwrap, made with the admin client
+    intercepted = wrapped["wrap_info"]["wrapped_accessor"]
+    assert _known_to_vault(intercepted)
+    client.sys.unwrap(token)  # ... but an attacker unwraps it first
     subprocess.run(
         ["podman", "exec", "-i", name, "sh", "-c",
-         f"umask 077; cat > {WRAPPED} && chown captcha-solver: {WRAPPED}"],
+         f"umask 077; cat > {WRAPPED} && chown captcha-solver: {WRAPPED}"
+         f" && echo {intercepted} > {WRAPPED}.accessor"],
         input=token + "\n", text=True, check=True,
     )  # fmt: skip
+    before = _accessor(host)
     host.run(f"systemctl restart {SERVICE}")
+    port = dev[1]["captcha_worker_port"]
     deadline = time.monotonic() + 30
-    while host.service("captcha-solver").is_running and time.monotonic() < deadline:
+    while not host.file(f"{WRAPPED}.refused").exists and time.monotonic() < deadline:
         time.sleep(0.5)
-    show = host.check_output(
-        f"systemctl show --property=ExecMainStatus,ActiveState,NRestarts {SERVICE}"
+    assert host.file(f"{WRAPPED}.refused").exists
+    assert not host.file(WRAPPED).exists
+    journal = host.check_output(f"journalctl -u {SERVICE} --no-pager -o cat -n 200")
+    assert "wrapped secret-id refused; keeping the secret-id this host already has" in journal
+    assert "possible tampering" in journal
+    probe = (
+        "python3 -c 'import json, urllib.request\n"
+        f'print(json.load(urllib.request.urlopen("http://127.0.0.1:{port}/healthz")).get("status"))\''
     )
-    assert "ExecMainStatus=78" in show
-    assert "ActiveState=failed" in show
-    assert "NRestarts=0" in show
+    status = ""
+    while status != "ok" and time.monotonic() < deadline + 30:
+        status = host.run(probe).stdout.strip()
+        time.sleep(0.5)
+    assert status == "ok"
+    assert _accessor(host) == before
 
-    failed = _converge(name)
-    assert failed["rc"] != 0
-    assert "possible tampering" in _failure_messages(failed, name)
-
-    healed = _converge(name, "-e", "captcha_worker_secret_id_rotate=true")
+    healed = _converge(name)
     assert healed["rc"] == 0, _failure_messages(healed, name)
+    plans = [
+        str(task["hosts"][name].get("msg", ""))
+        for play in healed["plays"]
+        for task in play["tasks"]
+        if task["task"]["name"] == "captcha_worker : Report the secret-id plan"
+    ]
+    assert any("refused a wrapped secret-id" in p for p in plans), plans
+    assert not host.file(f"{WRAPPED}.refused").exists
+    assert not _known_to_vault(intercepted)
+    assert not _known_to_vault(before)
+    assert _known_to_vault(_accessor(host))
     assert host.service("captcha-solver").is_running
-    assert _main_pid(host) > 0
-    assert hv["captcha_worker_port"] == 18451

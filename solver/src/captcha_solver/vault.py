@@ -89,6 +89,13 @@ def write_private_file(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
+def _has_content(path: Path) -> bool:
+    try:
+        return bool(path.read_text().strip())
+    except OSError:
+        return False
+
+
 def _read_credential(path: Path, what: str) -> Secret:
     try:
         value = path.read_text(encoding="utf-8").strip()
@@ -114,6 +121,8 @@ class VaultClient:
         ]
         self._verify = verify
         self._current = 0
+        # Why a wrapped secret-id was refused while a secret-id on disk was kept ("" if never).
+        self.refused_wrapping = ""
         self._token: Secret | None = None
         self._lease = 0.0
         self._renewable = False
@@ -157,7 +166,31 @@ class VaultClient:
 
     # ------------------------------------------------------------------ secret-id handling
     def unwrap_secret_id(self) -> bool:
-        """Unwrap the wrapped secret-id file if there is one. True when it was unwrapped."""
+        """Unwrap the wrapped secret-id file if there is one. True when it was unwrapped.
+
+        A wrapping token that was already used, has expired or wraps something else raises
+        :class:`WrappingTokenError` (possible tampering) when there is no secret-id to fall back
+        on. When the host already holds a secret-id (a leftover file from an earlier delivery,
+        say) the worker keeps that one, sets the refused file aside as ``<name>.refused`` (the
+        role's next run sees it, destroys this host's other secret-ids and delivers a new one)
+        and logs the refusal loudly: one bad file must not brick a worker that can log in."""
+        with self._lock:
+            try:
+                return self._unwrap_secret_id()
+            except WrappingTokenError as exc:
+                wrapped = self._cfg.wrapped_secret_id_file
+                if wrapped is None or not _has_content(self._cfg.secret_id_file):
+                    raise
+                refused = wrapped.with_name(wrapped.name + ".refused")
+                os.replace(wrapped, refused)
+                self.refused_wrapping = str(exc)
+                log.critical(
+                    "wrapped secret-id refused; keeping the secret-id this host already has",
+                    extra={"error": str(exc), "set_aside": str(refused)},
+                )
+                return False
+
+    def _unwrap_secret_id(self) -> bool:
         with self._lock:
             wrapped_file = self._cfg.wrapped_secret_id_file
             if wrapped_file is None or not wrapped_file.exists():
@@ -211,8 +244,8 @@ class VaultClient:
                 raise WrappingTokenError(
                     f"the wrapping token in {wrapped_file} did not contain a secret-id"
                 )
-            Secret(secret_id)  # registers the value with the log mask before anything else
-            write_private_file(self._cfg.secret_id_file, secret_id + "\n")
+            held = Secret(secret_id)  # masked in any log line while this block holds it
+            write_private_file(self._cfg.secret_id_file, held.reveal() + "\n")
             accessor = str(data.get("secret_id_accessor", ""))
             write_private_file(self._cfg.secret_id_accessor_file, accessor + "\n")
             wrapped_file.unlink()

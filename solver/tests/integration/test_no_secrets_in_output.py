@@ -88,7 +88,9 @@ def test_secrets_never_in_logs_health_metrics_cli_or_errors(vault, worker_factor
     w.metrics()
     assert w.stop() == 0
 
-    # Replay of the wrapping token: loud refusal, still nothing secret in the output.
+    # Replay of the wrapping token with no secret-id to fall back on: loud refusal (exit 78),
+    # still nothing secret in the output.
+    w.secret_id_file.unlink()
     w.wrapped_file.write_text(wrapping_token + "\n")
     done = subprocess.run(
         [*cli, "serve", "--config", str(w.config_path)],

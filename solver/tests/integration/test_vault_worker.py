@@ -200,7 +200,25 @@ def test_wrapped_secret_id_unwrapped_once(vault, worker_factory):
     assert w.solve().status_code == 200
     assert w.stop() == 0
 
-    # Replay: the same wrapping token again -> refused, exit 78, "tampering", nothing leaked.
+    # Replay while the host holds a secret-id (a leftover file): the worker keeps the secret-id
+    # it has, sets the refused file aside for the role, says why loudly, and serves.
+    w.wrapped_file.write_text(wrapping_token + "\n")
+    w.start()
+    assert not w.wrapped_file.exists()
+    refused = w.wrapped_file.with_name("secret-id.wrapped.refused")
+    assert refused.read_text().strip() == wrapping_token
+    assert w.secret_id_file.read_text().strip() == secret_id
+    assert any(
+        r["msg"] == "wrapped secret-id refused; keeping the secret-id this host already has"
+        and "possible tampering" in r.get("error", "")
+        for r in w.log_records()
+    )
+    assert w.solve().status_code == 200
+    assert w.stop() == 0
+
+    # Replay with no secret-id to fall back on -> refused, exit 78, "tampering", nothing leaked.
+    refused.unlink()
+    w.secret_id_file.unlink()
     w.wrapped_file.write_text(wrapping_token + "\n")
     result = subprocess.run(
         [sys.executable, "-m", "captcha_solver", "serve", "--config", str(w.config_path)],
@@ -213,11 +231,14 @@ def test_wrapped_secret_id_unwrapped_once(vault, worker_factory):
     assert result.returncode == 78
     assert "possible tampering" in result.stderr
     w.extra_outputs += [result.stdout, result.stderr]
-    assert w.secret_id_file.read_text().strip() == secret_id  # the good secret-id is kept
+    assert w.wrapped_file.exists()  # left for the operator to look at
 
 
 def test_expired_wrapping_token_refused(vault, worker_factory, tmp_path):
+    """An expired wrapping token: refused loudly when there is no secret-id to fall back on;
+    set aside (``.refused``) when the host still holds a secret-id, which is then kept."""
     w = worker_factory(vault)
+    held = w.secret_id_file.read_text()
     token, _ = w.new_secret_id(wrap_ttl="1s")
     w.keys.append(token)
     w.wrapped_file.write_text(token + "\n")
@@ -225,6 +246,13 @@ def test_expired_wrapping_token_refused(vault, worker_factory, tmp_path):
     cfg = parse_config(w.config(), environ={})
     client = VaultClient(cfg.vault)
     try:
+        assert client.unwrap_secret_id() is False
+        assert w.secret_id_file.read_text() == held
+        assert "possible tampering" in client.refused_wrapping
+        refused = w.wrapped_file.with_name(w.wrapped_file.name + ".refused")
+        assert refused.read_text().strip() == token
+        refused.rename(w.wrapped_file)
+        w.secret_id_file.unlink()
         with pytest.raises(WrappingTokenError) as err:
             client.unwrap_secret_id()
     finally:
@@ -241,6 +269,7 @@ def test_foreign_wrapping_token_refused(vault, worker_factory):
     token = resp["wrap_info"]["token"]
     w.keys.append(token)
     w.wrapped_file.write_text(token + "\n")
+    w.secret_id_file.unlink()  # nothing to fall back on: the refusal is fatal
     cfg = parse_config(w.config(), environ={})
     client = VaultClient(cfg.vault)
     try:

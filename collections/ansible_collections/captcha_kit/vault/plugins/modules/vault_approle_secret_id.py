@@ -16,7 +16,10 @@ description:
   - Decides whether the host needs a new secret-id. It does when it has none
     (O(secret_id_present=false)), when the accessor of its secret-id (O(accessor)) is unknown
     to Vault (destroyed, expired and tidied, or from another server), when that secret-id expires
-    within O(min_ttl) seconds or has no uses left, or when O(force=true).
+    within O(min_ttl) seconds or has no uses left, when a wrapped secret-id is still waiting on
+    the host (O(wrapped_pending)) or the worker refused one (O(wrapped_refused), a used or
+    expired token, possibly intercepted; O(state=absent) with the refused token's
+    RV(wrapped_accessor) then destroys the secret-id it held), or when O(force=true).
   - When one is needed and O(issue=true), asks Vault for a secret-id with response wrapping
     (O(wrap_ttl)) and returns only the single-use wrapping token. The secret-id itself never
     reaches the controller; the worker unwraps it on the host.
@@ -50,6 +53,15 @@ options:
     description: Issue a new secret-id even when the current one is valid (rotation).
     type: bool
     default: false
+  wrapped_pending:
+    description: A wrapped secret-id is waiting on the host that the worker has not taken.
+    type: bool
+    default: false
+  wrapped_refused:
+    description: The worker refused a wrapped secret-id (already used or expired).
+    type: bool
+    default: false
+
   issue:
     description: Issue when needed. With C(false) the module only reports (never changes).
     type: bool
@@ -126,6 +138,13 @@ wrap_ttl:
   description: Lifetime of the wrapping token in seconds.
   returned: when issued
   type: int
+wrapped_accessor:
+  description:
+    - Accessor of the secret-id inside the wrapping token (not secret). Kept on the host, it
+      lets a later run destroy that secret-id if the worker refused the token (used by someone
+      else, possibly an interception).
+  returned: when issued
+  type: str
 """
 
 import datetime as dt
@@ -193,6 +212,8 @@ def main():
             accessor={"type": "str", "default": ""},
             min_ttl={"type": "int", "default": 86400},
             force={"type": "bool", "default": False},
+            wrapped_pending={"type": "bool", "default": False},
+            wrapped_refused={"type": "bool", "default": False},
             issue={"type": "bool", "default": True},
             wrap_ttl={"type": "str", "default": "120s"},
             metadata={"type": "dict", "default": {}},
@@ -258,6 +279,14 @@ def main():
     expires_in = None
     if p["force"]:
         needs, reason = True, "a new secret-id was requested (force)"
+    elif p["wrapped_refused"]:
+        needs = True
+        reason = (
+            "the worker refused a wrapped secret-id (already used or expired: possibly"
+            " intercepted); a new one is delivered and the host's other secret-ids destroyed"
+        )
+    elif p["wrapped_pending"]:
+        needs, reason = True, "a wrapped secret-id is waiting on the host, not taken by the worker"
     elif not p["secret_id_present"]:
         needs, reason = True, "the host has no secret-id yet"
     elif not accessor:
@@ -308,6 +337,7 @@ def main():
                 issued=True,
                 wrap_token=wrap["token"],
                 wrap_accessor=wrap.get("accessor", ""),
+                wrapped_accessor=wrap.get("wrapped_accessor", ""),
                 wrap_ttl=int(wrap.get("ttl") or wrap_ttl),
             )
     module.exit_json(**result)
