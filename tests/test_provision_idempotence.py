@@ -121,6 +121,44 @@ def test_drift_is_shown_by_check_diff_and_repaired_by_a_normal_run(vault, vault_
     assert again.changed == 0
 
 
+def test_approle_user_lockout_is_set_deliberately_and_drift_is_reset(vault, vault_client):
+    """The AppRole mount's user lockout (refused logins lock a role-id that every worker of an
+    env shares) is set to the documented values, a hand-made change is shown by --check --diff
+    and reset, and a rerun changes nothing."""
+    tag = new_tag("l")
+    extra = provision_vars(vault, tag)
+    assert run_playbook(PLAYBOOK, vault=vault, extra_vars=extra).rc == 0
+    mount = f"approle-{tag}"
+
+    def lockout() -> tuple[int, int, int]:
+        tune = vault_client.sys.read_auth_method_tuning(mount)
+        tune = tune.get("data", tune)
+        return (
+            tune["user_lockout_threshold"],
+            tune["user_lockout_duration"],
+            tune["user_lockout_counter_reset_duration"],
+        )
+
+    assert lockout() == (5, 900, 900)
+    vault_client.adapter.post(
+        f"/v1/sys/auth/{mount}/tune", json={"user_lockout_config": {"lockout_threshold": "50"}}
+    )
+    assert lockout()[0] == 50
+    check = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, check=True, diff=True)
+    assert check.rc == 0, check.failure_messages()
+    task = "vault_provision : Enable AppRole auth and keep its user lockout settings"
+    [(_, result)] = [(n, r) for n, r in check.changed_results() if n == task]
+    assert result["diff"]["before"]["user_lockout"]["threshold"] == 50
+    assert result["diff"]["after"]["user_lockout"]["threshold"] == 5
+    assert lockout()[0] == 50, "check mode changed Vault"
+    repair = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    assert repair.rc == 0, repair.failure_messages()
+    assert lockout() == (5, 900, 900)
+    again = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    assert again.rc == 0
+    assert again.changed == 0
+
+
 def test_first_key_is_created_once_and_never_shown(vault, vault_client):
     """A first key is written with check-and-set 0; a second run with another key keeps the
     first; neither key appears in any output."""

@@ -62,6 +62,12 @@ class VaultConfig:
     timeout: float = 5.0
     retries: int = 3
     retry_delay: float = 0.5
+    # At most this many refused AppRole logins within login_refusal_window seconds; after that
+    # no login is sent until the oldest refusal leaves the window. Vault and OpenBao lock a
+    # role-id (shared by every worker of the env) after 5 refused logins within 15 minutes by
+    # default, so one host with a bad secret-id must stay well under that.
+    login_refusal_limit: int = 2
+    login_refusal_window: float = 960.0
 
     @property
     def secret_id_accessor_file(self) -> Path:
@@ -271,6 +277,8 @@ _SCHEMA: dict[str, dict[str, Parser]] = {
         "timeout": _float_in(0.0, lo_open=True),
         "retries": _int_in(1, 100),
         "retry_delay": _float_in(0.0),
+        "login_refusal_limit": _int_in(1, 100),
+        "login_refusal_window": _float_in(0.0),
     },
     "provider": {
         "url": _provider_url,

@@ -31,6 +31,7 @@ from .vault import (
     SecretNotFound,
     VaultAuthError,
     VaultError,
+    VaultLoginHeldBack,
     VaultUnavailable,
     WrappingTokenError,
 )
@@ -164,6 +165,8 @@ class KeyCache:
             kind = (
                 "unavailable"
                 if isinstance(exc, VaultUnavailable)
+                else "login_held_back"
+                if isinstance(exc, VaultLoginHeldBack)
                 else "auth"
                 if isinstance(exc, VaultAuthError)
                 else "not_found"

@@ -58,6 +58,10 @@ class VaultAuthError(VaultError):
     """AppRole login was refused (bad role-id / secret-id, or missing credential files)."""
 
 
+class VaultLoginHeldBack(VaultAuthError):
+    """No login sent: too many refused logins lately (would lock the env's role-id)."""
+
+
 class WrappingTokenError(VaultError):
     """The response-wrapped secret-id could not be unwrapped: used, expired or tampered with."""
 
@@ -123,6 +127,7 @@ class VaultClient:
         self._current = 0
         # Why a wrapped secret-id was refused while a secret-id on disk was kept ("" if never).
         self.refused_wrapping = ""
+        self._refused_logins: list[float] = []  # monotonic times of logins Vault refused
         self._token: Secret | None = None
         self._lease = 0.0
         self._renewable = False
@@ -274,6 +279,7 @@ class VaultClient:
                     mount_point=self._cfg.approle_mount,
                 )
 
+            self._hold_back_refused_logins()
             # The lease starts when Vault handles the request: count it from before sending,
             # so a slow answer (a busy host) never makes the token look younger than it is.
             sent = time.monotonic()
@@ -285,6 +291,7 @@ class VaultClient:
                 hvac.exceptions.Unauthorized,
                 hvac.exceptions.InvalidPath,
             ) as exc:
+                self._refused_logins.append(time.monotonic())
                 raise VaultAuthError(
                     f"AppRole login at {self._cfg.approle_mount!r} refused: {_reason(exc)}"
                 ) from None
@@ -298,6 +305,21 @@ class VaultClient:
                 "vault login ok",
                 extra={"addr": self.current_addr, "ttl": self._lease, "renewable": self._renewable},
             )
+
+    def _hold_back_refused_logins(self) -> None:
+        """Raise instead of sending a login that could lock the env's role-id."""
+        now = time.monotonic()
+        window = self._cfg.login_refusal_window
+        self._refused_logins = [t for t in self._refused_logins if now - t < window]
+        if len(self._refused_logins) < self._cfg.login_refusal_limit:
+            return
+        wait = window - (now - self._refused_logins[0])
+        raise VaultLoginHeldBack(
+            f"AppRole login held back for {wait:.0f} s after {len(self._refused_logins)} refused"
+            f" logins in {window:g} s: every worker of this env shares the role-id, which Vault"
+            " locks after a few refused logins (user lockout), so this worker waits rather than"
+            " lock its env out; deploy a new secret-id to this host"
+        )
 
     def seconds_until_renewal(self) -> float:
         """How long until :meth:`ensure_token` would renew (0 when there is no token)."""
