@@ -15,8 +15,8 @@ description:
     description. An auth method of another type at the path is an error and nothing is changed.
   - Never disables an auth method (that would revoke every token it issued).
   - With O(user_lockout), keeps the mount's user lockout settings (how many refused logins
-    lock a role-id or user, for how long, and when the count starts again) at the given values:
-    read, compare, and tune only what differs. A server without user lockout settings is an
+    lock a role-id or user, for how long, and when the count starts again) at the given values,
+    reading, comparing and tuning only what differs. A server without user lockout settings is an
     error that names it.
 options:
   path:
