@@ -264,6 +264,10 @@ def test_unix_socket(tmp_path):
         async with aiohttp.ClientSession(connector=connector) as unix_http:
             async with unix_http.get("http://localhost/healthz") as r:
                 assert r.status == 200
+            # Some unix-socket clients send the socket path as Host; no browser gets here.
+            headers = {"Host": "%2Frun%2Fcaptcha-solver%2Fapi.sock"}
+            async with unix_http.get("http://localhost/healthz", headers=headers) as r:
+                assert r.status == 200
             async with unix_http.post(
                 "http://localhost/solve", json={"method": "userrecaptcha", **PARAMS}
             ) as r:

@@ -66,6 +66,10 @@ _LOOPBACK_HOST_RE = re.compile(r"^(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,
 
 @web.middleware
 async def _loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    transport = request.transport
+    on_unix_socket = transport is not None and isinstance(transport.get_extra_info("sockname"), str)
+    if on_unix_socket:  # no browser reaches a unix socket; clients may send any Host there
+        return await handler(request)
     if not _LOOPBACK_HOST_RE.match(request.headers.get("Host", "").lower()):
         return _error(
             "NOT_LOOPBACK_HOST",

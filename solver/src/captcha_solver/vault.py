@@ -127,7 +127,9 @@ class VaultClient:
         self._current = 0
         # Why a wrapped secret-id was refused while a secret-id on disk was kept ("" if never).
         self.refused_wrapping = ""
-        self._refused_logins: list[float] = []  # monotonic times of logins Vault refused
+        # Wall-clock times of the logins Vault refused lately, kept in the state directory so
+        # that a restart (systemd, after the startup timeout) does not forget them.
+        self._refusals_file = cfg.secret_id_file.with_name(cfg.secret_id_file.name + ".refusals")
         self._token: Secret | None = None
         self._lease = 0.0
         self._renewable = False
@@ -267,7 +269,8 @@ class VaultClient:
     def login(self) -> None:
         """AppRole login (unwrapping a wrapped secret-id first, if one is waiting)."""
         with self._lock:
-            self.unwrap_secret_id()
+            if self.unwrap_secret_id():  # a new secret-id: earlier refusals were for the old one
+                self._refusals_file.unlink(missing_ok=True)
             role_id = _read_credential(self._cfg.role_id_file, "role-id")
             secret_id = _read_credential(self._cfg.secret_id_file, "secret-id")
 
@@ -291,7 +294,7 @@ class VaultClient:
                 hvac.exceptions.Unauthorized,
                 hvac.exceptions.InvalidPath,
             ) as exc:
-                self._refused_logins.append(time.monotonic())
+                self._record_refusal()
                 raise VaultAuthError(
                     f"AppRole login at {self._cfg.approle_mount!r} refused: {_reason(exc)}"
                 ) from None
@@ -306,16 +309,31 @@ class VaultClient:
                 extra={"addr": self.current_addr, "ttl": self._lease, "renewable": self._renewable},
             )
 
+    def _recent_refusals(self) -> list[float]:
+        """Refused logins within the window (from the state file; unreadable = none)."""
+        now = time.time()
+        try:
+            times = [float(x) for x in self._refusals_file.read_text().split()]
+        except (OSError, ValueError):
+            return []
+        return sorted(t for t in times if 0 <= now - t < self._cfg.login_refusal_window)
+
+    def _record_refusal(self) -> None:
+        times = [*self._recent_refusals(), time.time()]
+        try:
+            write_private_file(self._refusals_file, "\n".join(f"{t:.3f}" for t in times) + "\n")
+        except OSError as exc:  # the state directory is the worker's own: this is unexpected
+            log.warning("cannot record a refused login", extra={"error": str(exc)})
+
     def _hold_back_refused_logins(self) -> None:
         """Raise instead of sending a login that could lock the env's role-id."""
-        now = time.monotonic()
+        refused = self._recent_refusals()
         window = self._cfg.login_refusal_window
-        self._refused_logins = [t for t in self._refused_logins if now - t < window]
-        if len(self._refused_logins) < self._cfg.login_refusal_limit:
+        if len(refused) < self._cfg.login_refusal_limit:
             return
-        wait = window - (now - self._refused_logins[0])
+        wait = window - (time.time() - refused[0])
         raise VaultLoginHeldBack(
-            f"AppRole login held back for {wait:.0f} s after {len(self._refused_logins)} refused"
+            f"AppRole login held back for {wait:.0f} s after {len(refused)} refused"
             f" logins in {window:g} s: every worker of this env shares the role-id, which Vault"
             " locks after a few refused logins (user lockout), so this worker waits rather than"
             " lock its env out; deploy a new secret-id to this host"

@@ -5,8 +5,8 @@ OpenBao and Vault lock an AppRole role-id after a few refused logins (user locko
 AppRole mount gets a short lockout (3 refusals, 10 s) and a worker retries with a wrong
 secret-id for several windows while a healthy worker of the same role logs in again every few
 seconds (a 2 s token, 8 s max TTL). The bad worker sends at most 2 refused logins per 12 s window
-(its ``login_refusal_*`` settings) and says why; the healthy one logs in every time and stays
-healthy; no role-id is ever locked.
+(its ``login_refusal_*`` settings, kept across a restart) and says why; the healthy one logs in
+every time and stays healthy; no role-id is ever locked.
 """
 
 from __future__ import annotations
@@ -75,21 +75,25 @@ def test_a_host_with_a_refused_secret_id_never_locks_out_its_env(
     bad = worker_factory(private_vault)
     (bad.dir / "role-id").write_text((healthy.dir / "role-id").read_text())
     bad.secret_id_file.write_text("not-the-secret-id-of-this-role\n")
-    bad.start(
-        wait=False,
-        vault={
-            "refresh_interval": 0.5,
-            "retry_delay": 0.1,
-            "login_refusal_limit": LIMIT,
-            "login_refusal_window": WINDOW,
-        },
-    )
+    bad_settings = {
+        "refresh_interval": 0.5,
+        "retry_delay": 0.1,
+        "login_refusal_limit": LIMIT,
+        "login_refusal_window": WINDOW,
+    }
+    bad.start(wait=False, vault=bad_settings)
     statuses: list[int] = []
     locked: list[int] = []
-    end = time.monotonic() + 3 * WINDOW
-    while time.monotonic() < end:
+    started = time.monotonic()
+    restarted = False
+    while time.monotonic() < started + 3 * WINDOW:
         statuses.append(healthy.health()[0])
         locked.append(_locked_users(short_lockout))
+        if not restarted and time.monotonic() > started + 1.5 * WINDOW:
+            # A restart (systemd after the startup timeout) must not forget the refusals.
+            bad.stop()
+            bad.start(wait=False, vault=bad_settings)
+            restarted = True
         time.sleep(0.5)
 
     # The healthy worker logged in again and again, never refused, and stayed healthy.
