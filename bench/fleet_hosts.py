@@ -3,8 +3,9 @@
     python -m bench.fleet_hosts up [--hosts 20] [--write-results bench/results-fleet.md]
     python -m bench.fleet_hosts down
 
-`up` starts a 3-node raft OpenBao (TLS, raft, file audit; 18610/18620/18630), the CaptchaAI
-emulator (18640/18641) and N hosts of the kit's image (workers on 18700+i, sshd on 18800+i),
+`up` removes what an earlier run left (hosts, servers, `.state/fleet`), then starts a 3-node
+raft OpenBao (TLS, raft, file audit; 18610/18620/18630), the CaptchaAI emulator (18640/18641)
+and N hosts of the kit's image (workers on 18700+i, sshd on 18800+i),
 split over two envs (fleet-a, fleet-b), and then measures, on this one machine:
 
 1. provisioning both envs;
@@ -31,8 +32,10 @@ import argparse
 import concurrent.futures
 import json
 import os
+import re
 import resource
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,7 +245,7 @@ def rotator_files(client: hvac.Client, env: str) -> list[str]:
     secret_id = client.auth.approle.generate_secret_id(role)["data"]["secret_id"]
     args = []
     for flag, value in (("--role-id-file", role_id), ("--secret-id-file", secret_id)):
-        path = STATE / flag.strip("-")
+        path = STATE / f"{env}-{flag.strip('-')}"  # one pair per env: rotations run at once
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -301,9 +304,17 @@ class LeaderKiller(threading.Thread):
 
 
 def _ts(text: str) -> float:
+    """Seconds since the epoch of an RFC 3339 time as Vault and the callback print it (any
+    number of fraction digits, Z or an offset)."""
     from datetime import datetime
 
-    return datetime.fromisoformat(text.replace("Z", "+00:00")[:26] + "+00:00").timestamp()
+    m = re.match(r"^([0-9-]+T[0-9:]+)(?:\.([0-9]+))?(Z|[+-][0-9:]+)?$", text.strip())
+    if m is None:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    base, fraction, zone = m.groups()
+    zone = "+00:00" if zone in (None, "Z") else zone
+    stamp = datetime.fromisoformat(f"{base}.{(fraction or '0')[:6].ljust(6, '0')}{zone}")
+    return stamp.timestamp()
 
 
 def worker_rss_kib(name: str) -> int:
@@ -377,6 +388,10 @@ def per_task_cost(inventory: Path, host: str) -> dict[str, float]:
 
 
 def up(n: int, results: Path | None) -> int:
+    # Every run starts from nothing: a Vault left by an earlier run would hold keys the new
+    # emulator does not know (provisioning writes first keys only where none exist).
+    down()
+    shutil.rmtree(STATE, ignore_errors=True)
     STATE.mkdir(parents=True, exist_ok=True)
     names = host_names(n)
     fig: dict[str, Any] = {"hosts": n, "envs": list(ENVS), "cpus": os.cpu_count()}
@@ -438,6 +453,7 @@ def up(n: int, results: Path | None) -> int:
         "deploy_n_changed": changed(docn),
     }
 
+    (STATE / "figures.json").write_text(json.dumps(fig, indent=2) + "\n")  # so far
     say("Per-task cost: SSH as deploy with become vs podman exec as root")
     fig["per_task_s"] = {k: round(v, 2) for k, v in per_task_cost(inventory, names[0]).items()}
 
@@ -471,6 +487,7 @@ def up(n: int, results: Path | None) -> int:
         "failed": after["failed"] - before["failed"],
     }
 
+    (STATE / "figures.json").write_text(json.dumps(fig, indent=2) + "\n")  # so far
     say("Rotate both envs at once, unattended; kill the raft leader right after the first put")
     new_keys = {env: secrets.token_hex(16) for env in ENVS}
     creds: dict[str, list[str]] = {}
@@ -518,6 +535,7 @@ def up(n: int, results: Path | None) -> int:
         "attempted": after["attempted"] - before["attempted"],
         "failed": after["failed"] - before["failed"],
     }
+    (STATE / "figures.json").write_text(json.dumps(fig, indent=2) + "\n")  # so far
     say("Restart the killed node; revoke the old keys at the emulator; confirm")
     server.start()
     finals = []
