@@ -27,8 +27,9 @@ path "sys/auth" {
 path "sys/auth/approle" {
   capabilities = ["create", "read", "update", "sudo"]
 }
+# Tuning (the description, the user lockout) is a root-protected path: it needs sudo too.
 path "sys/auth/approle/tune" {
-  capabilities = ["read", "update"]
+  capabilities = ["read", "update", "sudo"]
 }
 
 # The kit's policies (captcha-worker-<env>, captcha-rotator-<env>, captcha-stager-<env>).
