@@ -121,6 +121,18 @@ def start_emulator() -> None:
         time.sleep(0.1)
 
 
+def active_client(server: LocalVault, timeout: float = 60) -> hvac.Client:
+    """A root client of the node that is active (after an election there may be none for a
+    few seconds, and a standby answers 500 'active cluster node not found')."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        node = server.active_node()
+        if node is not None:
+            return hvac.Client(url=node.addr, token=server.root_token(), verify=str(server.ca_file))
+        time.sleep(0.5)
+    raise SystemExit("fleet: no active Vault node after the restart")
+
+
 def write_inventory(names: list[str], server: LocalVault) -> Path:
     inv = STATE / "inventory"
     inv.mkdir(parents=True, exist_ok=True)
@@ -538,6 +550,7 @@ def up(n: int, results: Path | None) -> int:
     (STATE / "figures.json").write_text(json.dumps(fig, indent=2) + "\n")  # so far
     say("Restart the killed node; revoke the old keys at the emulator; confirm")
     server.start()
+    client = active_client(server)  # the node the client used may be a standby now
     finals = []
     for env in ENVS:
         emulator_admin().revoke_key(keys[env])
