@@ -41,8 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ import hvac
 import yaml
 
 from tools.captchaai_emulator import EmulatorAdmin
+from tools.demo import rotator_credentials, secret_vars_file
 from tools.host_image import (
     Recipe,
     build,
@@ -121,16 +121,10 @@ def start_emulator() -> None:
         time.sleep(0.1)
 
 
-def active_client(server: LocalVault, timeout: float = 60) -> hvac.Client:
-    """A root client of the node that is active (after an election there may be none for a
-    few seconds, and a standby answers 500 'active cluster node not found')."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        node = server.active_node()
-        if node is not None:
-            return hvac.Client(url=node.addr, token=server.root_token(), verify=str(server.ca_file))
-        time.sleep(0.5)
-    raise SystemExit("fleet: no active Vault node after the restart")
+def active_client(server: LocalVault) -> hvac.Client:
+    """A root client of the active node (after a restart the first node may be a standby)."""
+    node = server.wait_active_node()
+    return hvac.Client(url=node.addr, token=server.root_token(), verify=str(server.ca_file))
 
 
 def write_inventory(names: list[str], server: LocalVault) -> Path:
@@ -177,20 +171,6 @@ def write_inventory(names: list[str], server: LocalVault) -> Path:
     path = inv / "hosts.yml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-@contextmanager
-def private_vars(name: str, data: dict[str, Any]) -> Iterator[Path]:
-    """Extra vars holding a secret: a 0600 file, deleted after use."""
-    path = STATE / name
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
 
 
 CPU: dict[str, list[tuple[float, float]]] = {}  # playbook -> [(controller, whole machine) CPU s]
@@ -252,18 +232,10 @@ def stage_key(client: hvac.Client, env: str, key: str) -> None:
 
 
 def rotator_files(client: hvac.Client, env: str) -> list[str]:
-    role = f"captcha-rotator-{env}"
-    role_id = client.auth.approle.read_role_id(role)["data"]["role_id"]
-    secret_id = client.auth.approle.generate_secret_id(role)["data"]["secret_id"]
-    args = []
-    for flag, value in (("--role-id-file", role_id), ("--secret-id-file", secret_id)):
-        path = STATE / f"{env}-{flag.strip('-')}"  # one pair per env: rotations run at once
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(value + "\n")
-        args += [flag, str(path)]
-    return args
+    """The rotator credentials of ``env`` in a directory of their own (rotations run at once)."""
+    directory = STATE / f"rotator-{env}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return rotator_credentials(directory, client, env)
 
 
 def rotate(inventory: Path, env: str, creds: list[str], *extra: str) -> tuple[int, dict[str, Any]]:
@@ -423,7 +395,7 @@ def up(n: int, results: Path | None) -> int:
     keys = {env: secrets.token_hex(16) for env in ENVS}
     for key in keys.values():
         emulator_admin().add_key(key, balance=1000.0)
-    with private_vars("first-keys.json", {"vault_provision_first_keys": keys}) as fk:
+    with secret_vars_file(STATE, "first-keys.json", {"vault_provision_first_keys": keys}) as fk:
         rc, fig["provision_s"], _ = playbook(
             "provision-vault.yml", inventory, "-e", f"@{fk}", env=admin_env
         )
@@ -484,7 +456,7 @@ def up(n: int, results: Path | None) -> int:
             "first_poll_delay": {"default": 0.3},
         },
     }
-    with private_vars("redeploy.json", change) as cv:
+    with secret_vars_file(STATE, "redeploy.json", change) as cv:
         rc, tre, docre = playbook("deploy-workers.yml", inventory, "-e", f"@{cv}", env=admin_env)
     after = load.snapshot()
     batches = [

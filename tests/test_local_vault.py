@@ -181,13 +181,8 @@ def cluster():
 
 
 def _active_client(server: LocalVault, timeout: float = 30) -> hvac.Client:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        node = server.active_node()
-        if node is not None:
-            return hvac.Client(url=node.addr, token=server.root_token(), verify=str(server.ca_file))
-        time.sleep(0.2)
-    raise AssertionError("no active node")
+    node = server.wait_active_node(timeout)
+    return hvac.Client(url=node.addr, token=server.root_token(), verify=str(server.ca_file))
 
 
 def test_cluster_has_one_active_node_and_three_voters(cluster):

@@ -185,14 +185,19 @@ def start_containers(workers: Mapping[str, Mapping[str, Any]]) -> None:
         start_host(name, ssh_port=w["ssh_port"], labels={"owner": "captcha-kit-demo"})
 
 
-@contextmanager
-def secret_vars_file(site: Site, name: str, data: Mapping[str, Any]) -> Iterator[Path]:
-    """Extra vars that hold secrets: a 0600 file in the state dir, deleted after use."""
-    path = site.demo_dir / name
+def write_private(path: Path, text: str) -> Path:
+    """A new 0600 file with ``text`` (an older one is replaced, never opened for writing)."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
+        fh.write(text)
+    return path
+
+
+@contextmanager
+def secret_vars_file(directory: Path, name: str, data: Mapping[str, Any]) -> Iterator[Path]:
+    """Extra vars that hold secrets: a 0600 file in ``directory``, deleted after use."""
+    path = write_private(directory / name, json.dumps(data))
     try:
         yield path
     finally:
@@ -258,22 +263,21 @@ def ensure_keys(site: Site, client: hvac.Client, envs: list[str]) -> dict[str, s
     return first
 
 
-def rotator_files(site: Site, client: hvac.Client) -> tuple[Path, Path]:
-    """The rotator AppRole's role-id and a fresh secret-id in 0600 files, as a scheduler has."""
-    role = f"captcha-rotator-{site.rotate_env}"
-    mount = kit_vars(site.inventory)["captcha_kit_approle_mount"]
+def rotator_credentials(
+    directory: Path, client: hvac.Client, env: str, mount: str = "approle"
+) -> list[str]:
+    """The rotator AppRole's role-id and a fresh secret-id of ``env`` in 0600 files
+    ``directory/rotator-role-id`` and ``rotator-secret-id``, as a scheduler has them; returns
+    the rotate-unattended arguments naming them."""
+    role = f"captcha-rotator-{env}"
     role_id = client.auth.approle.read_role_id(role, mount_point=mount)["data"]["role_id"]
     secret_id = client.auth.approle.generate_secret_id(role, mount_point=mount)["data"]
-    files = []
-    values = (("rotator-role-id", role_id), ("rotator-secret-id", secret_id["secret_id"]))
-    for name, value in values:
-        path = site.demo_dir / name
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{value}\n")
-        files.append(path)
-    return files[0], files[1]
+    args = []
+    for flag, value in (("--role-id-file", role_id), ("--secret-id-file", secret_id["secret_id"])):
+        name = "rotator-" + flag.strip("-").removesuffix("-file")
+        path = write_private(directory / name, f"{value}\n")
+        args += [flag, str(path)]
+    return args
 
 
 def rotate(site: Site, args: list[str]) -> tuple[int, dict[str, Any]]:
@@ -331,7 +335,8 @@ def up(site: Site, load_seconds: int) -> int:
 
     say(f"Provision Vault for {', '.join(envs)} (playbooks/provision-vault.yml)")
     first = ensure_keys(site, client, envs)
-    with secret_vars_file(site, "first-keys.json", {"vault_provision_first_keys": first}) as fk:
+    first_keys = {"vault_provision_first_keys": first}
+    with secret_vars_file(site.demo_dir, "first-keys.json", first_keys) as fk:
         playbook(site, "provision-vault.yml", "-e", f"@{fk}", env=admin_env)
     ensure_keys(site, client, envs)
 
@@ -355,8 +360,8 @@ def up(site: Site, load_seconds: int) -> int:
     )
     time.sleep(3)
 
-    role_id_file, secret_id_file = rotator_files(site, client)
-    creds = ["--role-id-file", str(role_id_file), "--secret-id-file", str(secret_id_file)]
+    mount = kit_vars(site.inventory)["captcha_kit_approle_mount"]
+    creds = rotator_credentials(site.demo_dir, client, site.rotate_env, mount)
     finish_pending_rotation(site, client, creds)
 
     say(f"Stage a new {site.rotate_env} key and rotate unattended with the rotator AppRole")
@@ -391,8 +396,8 @@ def up(site: Site, load_seconds: int) -> int:
     revoke(site, old)
     rc, final = rotate(site, [*creds, "--confirm-revoked"])
     rotate_seconds = time.monotonic() - t_rotate
-    role_id_file.unlink(missing_ok=True)
-    secret_id_file.unlink(missing_ok=True)
+    for path in creds[1::2]:
+        Path(path).unlink(missing_ok=True)
     if rc != 0:
         load.terminate()
         raise SystemExit(f"demo: the confirmed rotation did not complete (exit {rc})")

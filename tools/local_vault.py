@@ -647,6 +647,18 @@ class LocalVault:
                 return node
         return None
 
+    def wait_active_node(self, timeout: float = START_TIMEOUT) -> BaoNode:
+        """The active node, waiting through an election (a standby answers requests with
+        'active cluster node not found' meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            node = self.active_node()
+            if node is not None:
+                return node
+            if time.monotonic() > deadline:
+                raise LocalVaultError(f"no active node within {timeout:g} s")
+            time.sleep(0.2)
+
     def stop(self) -> bool:
         """Stop the server; True when a process was stopped."""
         return any([node.stop() for node in self.nodes])
