@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
-export CONTAINERS_CONF := $(abspath tools/containers.conf)
+export CONTAINERS_CONF := $(abspath testkit/containers.conf)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: help venv host-deps image lint lint-python test test-solver test-playbooks test-molecule test-faults bench \
@@ -21,11 +21,11 @@ FLEET_HOSTS ?= 20
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(VENV)/.stamp: requirements.txt solver/pyproject.toml
+$(VENV)/.stamp: requirements.txt solver/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet -e solver
+	$(BIN)/pip install --quiet -e solver -e .
 	touch $@
 
 venv: $(VENV)/.stamp  ## controller virtualenv with pinned Python deps
@@ -35,7 +35,7 @@ host-deps:  ## Debian packages for the container testbed (podman, runc, mmdebstr
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq podman runc mmdebstrap uidmap; }
 
 image: venv host-deps  ## build the Debian systemd host image (only when its recipe changed)
-	$(BIN)/python -m tools.host_image build
+	$(BIN)/python -m testkit.hosts build
 
 lint: venv  ## yamllint, ansible-lint (production), module docs, ruff, mypy, detect-secrets
 	$(BIN)/yamllint --strict .

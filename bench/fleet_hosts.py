@@ -48,9 +48,9 @@ from typing import Any
 import hvac
 import yaml
 
-from tools.captchaai_emulator import EmulatorAdmin
-from tools.demo import rotator_credentials, secret_vars_file
-from tools.host_image import (
+from testkit.creds import secret_vars_file
+from testkit.emulator import EmulatorAdmin
+from testkit.hosts import (
     Recipe,
     build,
     podman_env,
@@ -58,8 +58,9 @@ from tools.host_image import (
     ssh_host_vars,
     start_host,
 )
-from tools.loadgen import LoadGenerator
-from tools.local_vault import LocalVault
+from testkit.loadgen import LoadGenerator
+from testkit.vault import LocalVault
+from testkit.vault_ops import rotator_credentials
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".state" / "fleet"
@@ -104,7 +105,7 @@ def start_emulator() -> None:
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "tools.captchaai_emulator", "--port", str(EMULATOR_PORT)),
+                *(sys.executable, "-m", "testkit.emulator", "--port", str(EMULATOR_PORT)),
                 *("--admin-port", str(EMULATOR_PORT + 1), "--solve-delay", "fixed:0.3"),
                 *("--ban-threshold", "0"),
             ],

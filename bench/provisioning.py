@@ -19,8 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.fleet import PROVISION, REPO, ansible_env, provision_inventory, run_playbook
-from tools.local_vault import LocalVault
+from bench.report import report
+from testkit.paths import PROVISION, REPO
+from testkit.playbook import ansible_env, provision_inventory, run_playbook
+from testkit.vault import LocalVault
 
 BENCH_VAULT_DIR = REPO / ".state" / "bench" / "vault"
 BENCH_VAULT_PORT = 18240
@@ -89,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     rows = run(args.sizes)
-    print(markdown(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    return report(rows, markdown, args.json)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
     .venv/bin/python -m bench.rotation_propagation [--sizes 10 50] [--scale 60] [--json F]
 
 For each fleet size and each approach, a new key version is put (check-and-set, as the
-rotation role does) while ``tools.loadgen`` keeps every worker solving, and it measures:
+rotation role does) while ``testkit.loadgen`` keeps every worker solving, and it measures:
 
 * **put -> all**: from the put until every worker serves the new version (each worker's own
   ``last_refresh`` of the new version, read from /healthz, minus the put time);
 * **put -> confirm**: from the put until the rotation may ask for the old key's revocation —
   for the kit, when the /healthz poll has seen every worker on the new version and the
   ``awaiting_revocation`` record is written; for the seed guide, the end of its fixed window;
-* **failed solves** during the rotation (attempted / failed, from tools/loadgen).
+* **failed solves** during the rotation (attempted / failed, from testkit/loadgen.py).
 
 Approaches (same workers, same Vault, same load):
 
@@ -43,20 +43,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.fleet import (
-    PROVISION,
-    Fleet,
-    WorkerProc,
-    admin_client,
-    ansible_env,
-    new_key,
-    provision_inventory,
-    put_key,
-    run_playbook,
-)
 from bench.provisioning import bench_vault
-from tools.captchaai_emulator import EmulatorProcess
-from tools.loadgen import LoadGenerator
+from bench.report import report
+from testkit.creds import new_key
+from testkit.emulator import EmulatorProcess
+from testkit.loadgen import LoadGenerator
+from testkit.paths import PROVISION
+from testkit.playbook import ansible_env, provision_inventory, run_playbook
+from testkit.vault_ops import admin_client, put_key
+from testkit.worker import Fleet, WorkerProc
 
 EMULATOR_PORTS = (18360, 18361)
 WORKER_PORTS = range(18500, 18600)
@@ -259,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if max(args.sizes) > len(WORKER_PORTS):
         parser.error(f"at most {len(WORKER_PORTS)} workers (ports 18500-18599)")
     rows = run(args.sizes, args.scale)
-    print(markdown(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    return report(rows, markdown, args.json)
 
 
 if __name__ == "__main__":

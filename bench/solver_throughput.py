@@ -1,7 +1,7 @@
 """Throughput benchmark: the seed guide's baseline client vs the captcha-solver worker.
 
 Everything runs on 127.0.0.1 with real parts: the CaptchaAI emulator (subprocess), a real
-OpenBao (``tools.local_vault``, its own state directory) holding the key, and the worker as a
+OpenBao (``testkit.vault``, its own state directory) holding the key, and the worker as a
 real ``captcha-solver serve`` process that logs in with AppRole. Load goes to the worker's
 ``POST /solve`` from closed-loop clients (each sends its next solve when the previous returns).
 
@@ -25,12 +25,9 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -42,13 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from captcha_solver.config import DEFAULT_FIRST_POLL_DELAY
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python bench/solver_throughput.py` as well as `-m`
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench.baseline import run_baseline  # noqa: E402
-from tools.captchaai_emulator import EmulatorAdmin, EmulatorProcess  # noqa: E402
+from bench.baseline import run_baseline
+from testkit.emulator import EmulatorAdmin, EmulatorProcess
+from testkit.paths import REPO
+from testkit.worker import WorkerProc, worker_config
 
 METHOD = "userrecaptcha"
 PARAMS = {"googlekey": "6Le-bench-site-key", "pageurl": "https://bench.test/login"}
@@ -125,7 +121,7 @@ def provision_vault(state_dir: Path, port: int, key: str) -> dict[str, Any]:
     """Start the bench OpenBao, store the key, make an AppRole; return paths and address."""
     import hvac  # type: ignore[import-untyped]
 
-    from tools.local_vault import LocalVault
+    from testkit.vault import LocalVault
 
     vault = LocalVault(state_dir / "vault", port)
     vault.start()
@@ -168,78 +164,40 @@ def provision_vault(state_dir: Path, port: int, key: str) -> dict[str, Any]:
     }
 
 
-def worker_config(
-    vault: Mapping[str, Any], provider_url: str, port: int, scale: float, path: Path
-) -> None:
-    first = {
-        "userrecaptcha": 15.0,
-        "hcaptcha": 15.0,
-        "turnstile": 10.0,
-        "base64": 5.0,
-        "post": 5.0,
-        "default": 10.0,
-    }
-    delays = ", ".join(f"{m} = {s * scale:g}" for m, s in first.items())
-    path.write_text(
-        f"""env = "{ENV}"
-[vault]
-addrs = ["{vault["addr"]}"]
-ca_file = "{vault["ca_file"]}"
-role_id_file = "{vault["role_id_file"]}"
-secret_id_file = "{vault["secret_id_file"]}"
-key_path = "captchaai/{ENV}"
-[provider]
-url = "{provider_url}"
-poll_interval = {5.0 * scale:g}
-first_poll_delay = {{ {delays} }}
-task_timeout = {max(180.0 * scale, 30.0):g}
-max_in_flight = 2000
-[server]
-host = "127.0.0.1"
-port = {port}
-shutdown_grace = 5
-[logging]
-format = "json"
-level = "WARNING"
-"""
-    )
-
-
 @contextmanager
-def worker_process(config: Path, port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    exe = shutil.which("captcha-solver", path=str(Path(sys.executable).parent)) or shutil.which(
-        "captcha-solver"
+def worker_process(
+    vault: Mapping[str, Any], provider_url: str, port: int, scale: float, directory: Path
+) -> Iterator[WorkerProc]:
+    """The worker under test with the provider's real timings scaled by ``scale``."""
+    config = worker_config(
+        env=ENV,
+        port=port,
+        vault_addrs=[vault["addr"]],
+        ca_file=vault["ca_file"],
+        role_id_file=vault["role_id_file"],
+        secret_id_file=vault["secret_id_file"],
+        provider_url=provider_url,
+        refresh_interval=300.0,
+        settings={
+            "provider": {
+                "poll_interval": 5.0 * scale,
+                "first_poll_delay": {m: s * scale for m, s in DEFAULT_FIRST_POLL_DELAY.items()},
+                "task_timeout": max(180.0 * scale, 30.0),
+                "request_timeout": 30.0,
+                "backoff_base": 1.0,
+                "backoff_max": 30.0,
+                "max_in_flight": 2000,
+            },
+            "logging": {"level": "WARNING"},
+        },
     )
-    argv = (
-        [exe, "serve", "--config", str(config)]
-        if exe
-        else [sys.executable, "-m", "captcha_solver", "serve", "--config", str(config)]
-    )
-    with open(log_path, "ab") as log_fh:
-        proc = subprocess.Popen(argv, stdout=log_fh, stderr=subprocess.STDOUT)
+    worker = WorkerProc("bench", directory, config)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited ({proc.returncode}); see {log_path}")
-            try:
-                with _OPENER.open(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                    if json.loads(resp.read()).get("status") == "ok":
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not healthy within 30 s; see {log_path}")
-            time.sleep(0.2)
-        yield proc
+        worker.spawn()
+        worker.wait_health(lambda h: h.get("status") == "ok", within=30)
+        yield worker
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        worker.stop()
 
 
 async def drive_worker(
@@ -337,10 +295,8 @@ def run(args: argparse.Namespace) -> tuple[list[Phase], dict[str, Any]]:
         # -- worker -----------------------------------------------------------
         print("[bench] starting OpenBao and the worker", flush=True)
         vault = provision_vault(state, args.vault_port, key)
-        config = state / "worker" / "config.toml"
-        worker_config(vault, emu.url, args.worker_port, scale, config)
-        log_path = state / "worker" / "worker.log"
-        with worker_process(config, args.worker_port, log_path) as proc:
+        directory = state / "worker"
+        with worker_process(vault, emu.url, args.worker_port, scale, directory) as proc:
             info["worker_rss_idle_mb"] = round(rss_mb(proc.pid)[0], 1)
             for clients in (args.low, args.high):
                 name = f"worker @{clients}"
@@ -417,13 +373,13 @@ def solver_revision() -> str:
     """Which solver code ran: HEAD, and whether solver/ differs from it."""
     try:
         head = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "solver"],
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "solver"],
             capture_output=True,
             text=True,
             check=True,
@@ -447,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--emulator-port", type=int, default=18360, help="and +1 for admin")
     p.add_argument("--vault-port", type=int, default=18240, help="and +1 for cluster")
     p.add_argument("--worker-port", type=int, default=18499)
-    p.add_argument("--state-dir", default=str(REPO_ROOT / ".state" / "bench"))
+    p.add_argument("--state-dir", default=str(REPO / ".state" / "bench"))
     p.add_argument("--keep-vault", action="store_true", help="leave the bench OpenBao running")
     p.add_argument("--write-results", type=Path, help="write a results markdown file")
     args = p.parse_args(argv)

@@ -25,11 +25,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.fleet import Fleet, admin_client, new_key, put_key
 from bench.provisioning import bench_vault
+from bench.report import report
 from bench.rotation_propagation import EMULATOR_PORTS, WORKER_PORTS, provision
-from tools.captchaai_emulator import EmulatorProcess
-from tools.loadgen import LoadGenerator
+from testkit.creds import new_key
+from testkit.emulator import EmulatorProcess
+from testkit.loadgen import LoadGenerator
+from testkit.vault_ops import admin_client, put_key
+from testkit.worker import Fleet
 
 KIT_DEFAULT_INTERVAL = 300.0
 
@@ -153,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(args.workers, args.interval, args.window)
-    print(markdown(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return report(result, markdown, args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import provisioning, rotation_propagation, vault_requests
-from bench.fleet import BIN
+from testkit.paths import BIN
 
 
 def machine() -> str:
@@ -98,7 +98,7 @@ def render(raw: dict[str, Any], meta: dict[str, Any]) -> str:
             f"- date: {meta['date']}",
             "- parts (all on 127.0.0.1): OpenBao single node with TLS + raft + file audit "
             "(`.state/bench/vault`, 18240), CaptchaAI emulator 18360/18361 (fixed 0.2 s solve), "
-            "`captcha-solver serve` workers 18500-18599, `tools/loadgen.py` as the solve load.",
+            "`captcha-solver serve` workers 18500-18599, `testkit/loadgen.py` as the solve load.",
             "",
             "## Rotation propagation (put -> every worker on the new version; put -> the point "
             "where the rotation asks to confirm the revocation)",

@@ -76,6 +76,15 @@ def _summary(log: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def _failure_digest(log: Path, limit: int = 40) -> list[str]:
+    """What a reader of CI's last lines needs of a failed stage: pytest's short test summary
+    (one line per failed or erroring test, with its error), or else the log's closing lines."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    marks = [i for i, line in enumerate(lines) if "short test summary info" in line]
+    digest = lines[marks[-1] + 1 :] if marks else lines[-limit:]
+    return [line[:300] for line in digest[:limit]]
+
+
 def run_stage(stage: Stage, lock: threading.Lock) -> None:
     started = time.monotonic()
     env = {**os.environ, "NO_COLOR": "1", "PY_COLORS": "0", "ANSIBLE_NOCOLOR": "1"}
@@ -109,7 +118,7 @@ def stop_testbed() -> None:
     subprocess.run([sys.executable, str(TESTBED), "emulator-stop"], cwd=REPO, check=False)
     state_dir = REPO / ".state" / "test" / "vault"
     stop = ["stop", "--state-dir", str(state_dir), "--port", "18250"]
-    subprocess.run([sys.executable, "-m", "tools.local_vault", *stop], cwd=REPO, check=False)
+    subprocess.run([sys.executable, "-m", "testkit.vault", *stop], cwd=REPO, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {s.name} | {i} | {s.seconds:.0f} s | {result}: {s.summary[:70]} |")
     print(f"| all (two lanes in parallel) | | {total:.0f} s | |")
     failed = [s.name for s in stages if s.rc != 0]
+    for s in stages:
+        if s.rc != 0:
+            print(f"\n----- {s.name} failed (whole log above and in {s.log.relative_to(REPO)}):")
+            print("\n".join(_failure_digest(s.log)))
     print(f"stages: {len(stages) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 

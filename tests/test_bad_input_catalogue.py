@@ -20,8 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,15 +29,15 @@ from typing import Any
 import hvac
 import pytest
 import yaml
-from harness import REPO, new_tag, provision_vars, random_key, run_playbook
+from captcha_solver.cli import read_health
 
-pytest.register_assert_rewrite("rotation_fixtures")
-from rotation_fixtures import RotEnv, run_rotation, write_inventory  # noqa: E402
-from worker_host import Host, free_port, worker_container, worker_inventory  # noqa: E402
-
-from tools.host_image import CONTAINERS_CONF, IMAGE, Recipe, build  # noqa: E402
-
-pytest_plugins = ("rotation_fixtures",)
+from testkit.creds import new_key, new_tag
+from testkit.hosts import CONTAINERS_CONF, IMAGE, Recipe, build
+from testkit.net import free_port
+from testkit.paths import REPO
+from testkit.playbook import provision_vars, run_playbook
+from testkit.rotation import RotEnv, run_rotation, write_inventory
+from testkit.worker_hosts import Host, worker_container, worker_inventory
 
 CATALOGUE = REPO / "docs" / "bad-inputs.md"
 WRAPPER = REPO / "tools" / "rotate-unattended"
@@ -201,7 +199,7 @@ def worker_env(vault, vault_client) -> WorkerEnv:
     tag = new_tag("c")
     env = f"{tag}-dev"
     extra = provision_vars(
-        vault, tag, vault_provision_envs=[env], vault_provision_first_keys={env: random_key()}
+        vault, tag, vault_provision_envs=[env], vault_provision_first_keys={env: new_key()}
     )
     result = run_playbook("playbooks/provision-vault.yml", vault=vault, extra_vars=extra)
     assert result.rc == 0, result.failure_messages()
@@ -288,10 +286,7 @@ def _health_error(port: int, proc: subprocess.Popen[str], within: float = 30) ->
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the worker exited"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                last = (resp.status, json.loads(resp.read()))
-        except urllib.error.HTTPError as err:
-            last = (err.code, json.loads(err.read()))
+            last = read_health(f"http://127.0.0.1:{port}", timeout=2)
         except OSError:
             time.sleep(0.2)
             continue

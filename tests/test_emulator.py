@@ -8,29 +8,21 @@ import http.client
 import json
 import secrets
 import socket
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-# tools/ lives at the repository root; make it importable however pytest is started
-# (until the shared conftest or pyproject sets pythonpath).
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from tools.captchaai_emulator import (  # noqa: E402
+from testkit.emulator import (
     COUNTER_NAMES,
     DelaySpec,
     EmulatorAdmin,
     EmulatorAdminError,
     EmulatorProcess,
 )
-from tools.captchaai_emulator.__main__ import main as emulator_main  # noqa: E402
+from testkit.emulator.__main__ import main as emulator_main
 
 
 def free_port() -> int:
@@ -675,7 +667,7 @@ def test_cli_rejects_bad_delay(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_in_process_server_on_free_ports() -> None:
     """``EmulatorServer`` runs both ports inside the caller's loop (port 0 = any free port)."""
-    from tools.captchaai_emulator import EmulatorServer, Options
+    from testkit.emulator import EmulatorServer, Options
 
     async def scenario() -> tuple[str, str, dict[str, Any]]:
         options = Options(solve_delay="fixed:0", seed=7)

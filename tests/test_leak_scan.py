@@ -41,9 +41,9 @@ from pathlib import Path
 import hvac
 import pytest
 import yaml
-from harness import REPO, VENV_BIN
 
-from tools.host_image import CONTAINERS_CONF, DEFAULT_SSH_KEY, Recipe, build
+from testkit.hosts import CONTAINERS_CONF, DEFAULT_SSH_KEY, Recipe, build
+from testkit.paths import BIN, REPO
 
 # Ports of its own (docs/interfaces.md), so the scan runs beside the molecule scenarios.
 WORKER_PORTS = (18481, 18482)
@@ -160,7 +160,7 @@ class Watcher(threading.Thread):
         self.errors = 0
         self.argv: set[bytes] = set()  # controller command lines seen while the demo ran
         # this run's processes only (other sessions share the machine)
-        self.marks = [b"tools.demo", b"leak-worker-", b"tools.loadgen", b"rotate_unattended"]
+        self.marks = [b"tools.demo", b"leak-worker-", b"testkit.loadgen", b"rotate_unattended"]
         self.marks += [str(demo_dir).encode(), *(f":{p}".encode() for p in WORKER_PORTS)]
 
     def sample_argv(self) -> None:
@@ -320,7 +320,7 @@ def leak_inventory(dest: Path, vault_addr: str, ca_file: Path, audit_log: Path) 
 
 def demo(*args: str, timeout: float) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in PODMAN_ENV.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["ANSIBLE_NOCOLOR"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "tools.demo", *args],

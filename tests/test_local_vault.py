@@ -1,4 +1,4 @@
-"""tools.local_vault: a real OpenBao node that starts idempotently, survives its caller,
+"""testkit.vault: a real OpenBao node that starts idempotently, survives its caller,
 recovers from kill -9 and seal, and keeps its secrets in 0600 files."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 import hvac
 import pytest
 import requests
-from harness import REPO, TEST_VAULT_DIR, TEST_VAULT_PORT, random_key
 
-from tools.local_vault import LocalVault
+from testkit.creds import new_key
+from testkit.paths import REPO, TEST_VAULT_DIR, TEST_VAULT_PORT
+from testkit.vault import LocalVault
 
 # The destructive checks (kill -9, seal, stop) use a private instance so that other test sessions
 # sharing the test server on 18250 are not disturbed.
@@ -27,7 +28,7 @@ PRIVATE_DIR = REPO / ".state" / "test" / "vault-lifecycle"
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tools.local_vault", *args],
+        [sys.executable, "-m", "testkit.vault", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -122,7 +123,7 @@ def test_kill_9_then_start_restarts_and_unseals_with_data_kept(private):
     client = _client(private)
     if "kv/" not in client.sys.list_mounted_secrets_engines()["data"]:
         client.sys.enable_secrets_engine("kv", path="kv", options={"version": "2"})
-    value = random_key()
+    value = new_key()
     _write_when_ready(client, value)
     old_pid = private.status()["pid"]
     os.kill(old_pid, signal.SIGKILL)
@@ -205,7 +206,7 @@ def test_leader_killed_another_takes_over_and_start_rejoins_it(cluster):
     client = _active_client(cluster)
     if "kv/" not in client.sys.list_mounted_secrets_engines()["data"]:
         client.sys.enable_secrets_engine("kv", path="kv", options={"version": "2"})
-    value = random_key()
+    value = new_key()
     _write_when_ready(client, value)
     leader = cluster.active_node()
     assert leader is not None

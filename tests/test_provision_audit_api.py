@@ -10,9 +10,11 @@ from collections.abc import Iterator
 
 import hvac
 import pytest
-from harness import REPO, new_tag, provision_vars, run_playbook
 
-from tools.local_vault import LocalVault
+from testkit.creds import new_tag
+from testkit.paths import REPO
+from testkit.playbook import provision_vars, run_playbook
+from testkit.vault import LocalVault
 
 PLAYBOOK = "playbooks/provision-vault.yml"
 STATE_DIR = REPO / ".state" / "test" / "vault-api-audit"

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from harness import REPO, new_tag, provision_vars, random_key, run_playbook
 
-from tools.local_vault import new_ca
+from testkit.creds import new_key, new_tag
+from testkit.paths import REPO
+from testkit.playbook import provision_vars, run_playbook
+from testkit.vault import new_ca
 
 PLAYBOOK = "playbooks/provision-vault.yml"
 
@@ -46,7 +48,7 @@ def test_bad_variables_fail_before_any_change(vault, snapshot, case, phrases):
     tag = new_tag("v")
     extra = provision_vars(vault, tag)
     envs = extra["vault_provision_envs"]
-    secret_value = random_key()
+    secret_value = new_key()
     if case == "unknown_env":
         extra["vault_provision_envs"] = [envs[0], "qa"]
     elif case == "bad_env_name":
@@ -63,7 +65,7 @@ def test_bad_variables_fail_before_any_change(vault, snapshot, case, phrases):
     elif case == "malformed_ttl":
         extra["vault_provision_worker_token_ttl"] = "an hour"  # noqa: S105 - a duration
     elif case == "first_key_malformed":
-        secret_value = "not-a-key-" + random_key()  # pragma: allowlist secret
+        secret_value = "not-a-key-" + new_key()  # pragma: allowlist secret
         extra["vault_provision_first_keys"] = {envs[0]: secret_value}
     elif case == "first_key_unknown_env":
         extra["vault_provision_first_keys"] = {"elsewhere": secret_value}
@@ -121,7 +123,7 @@ def test_token_without_rights_is_refused(vault, vault_client, snapshot):
 def test_invalid_token_is_refused(vault, snapshot):
     """A token the server does not know: says it is not valid, nothing changed."""
     tag = new_tag("x")
-    bogus = "s." + random_key()[:24]
+    bogus = "s." + new_key()[:24]
     before = snapshot(tag)
     result = run_playbook(
         PLAYBOOK, vault=vault, extra_vars=provision_vars(vault, tag), env={"VAULT_TOKEN": bogus}
@@ -198,7 +200,7 @@ def test_kit_admin_policy_is_enough_to_provision(vault, vault_client):
     token = vault_client.auth.token.create(policies=[f"kit-admin-{tag}"], ttl="10m")["auth"][
         "client_token"
     ]
-    extra = provision_vars(vault, tag, vault_provision_first_keys={f"{tag}-dev": random_key()})
+    extra = provision_vars(vault, tag, vault_provision_first_keys={f"{tag}-dev": new_key()})
     first = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, env={"VAULT_TOKEN": token})
     assert first.rc == 0, first.failure_messages()
     assert first.changed > 0

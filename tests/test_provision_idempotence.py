@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from harness import new_tag, provision_vars, random_key, run_playbook
+from testkit.creds import new_key, new_tag
+from testkit.playbook import provision_vars, run_playbook
 
 PLAYBOOK = "playbooks/provision-vault.yml"
 
@@ -163,7 +164,7 @@ def test_first_key_is_created_once_and_never_shown(vault, vault_client):
     """A first key is written with check-and-set 0; a second run with another key keeps the
     first; neither key appears in any output."""
     tag = new_tag("k")
-    key, other_key = random_key(), random_key()
+    key, other_key = new_key(), new_key()
     extra = provision_vars(vault, tag, vault_provision_first_keys={f"{tag}-dev": key})
     first = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, diff=True)
     assert first.rc == 0, first.failure_messages()

@@ -7,7 +7,10 @@ import json
 import hvac
 import hvac.exceptions
 import pytest
-from harness import approle_login, new_tag, provision_vars, random_key, run_playbook
+
+from testkit.creds import new_key, new_tag
+from testkit.playbook import provision_vars, run_playbook
+from testkit.vault_ops import approle_login
 
 PLAYBOOK = "playbooks/provision-vault.yml"
 ENVS = ("dev", "staging", "prod")
@@ -17,7 +20,7 @@ ENVS = ("dev", "staging", "prod")
 def provisioned(vault):
     """Three envs with a first key each, provisioned once for this module."""
     tag = new_tag("m")
-    keys = {f"{tag}-{env}": random_key() for env in ENVS}
+    keys = {f"{tag}-{env}": new_key() for env in ENVS}
     extra = provision_vars(vault, tag, vault_provision_first_keys=keys)
     result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
     assert result.rc == 0, result.failure_messages()
@@ -59,7 +62,7 @@ def test_worker_reads_its_own_key_and_nothing_else(vault, vault_client, provisio
     version = _current_version(vault_client, kv, f"captchaai/{env}")
     with pytest.raises(hvac.exceptions.Forbidden):
         worker.secrets.kv.v2.create_or_update_secret(
-            f"captchaai/{env}", secret={"api_key": random_key()}, cas=version, mount_point=kv
+            f"captchaai/{env}", secret={"api_key": new_key()}, cas=version, mount_point=kv
         )
     with pytest.raises(hvac.exceptions.Forbidden):
         worker.secrets.kv.v2.delete_latest_version_of_secret(f"captchaai/{env}", mount_point=kv)
@@ -82,19 +85,19 @@ def test_rotator_writes_its_own_env_only(vault, vault_client, provisioned, index
     env = envs[index]
     rotator = approle_login(vault, vault_client, provisioned["approle"], f"captcha-rotator-{env}")
     version = _current_version(rotator, kv, f"captchaai/{env}")
-    new_key = random_key()
+    fresh = new_key()
     written = rotator.secrets.kv.v2.create_or_update_secret(
-        f"captchaai/{env}", secret={"api_key": new_key}, cas=version, mount_point=kv
+        f"captchaai/{env}", secret={"api_key": fresh}, cas=version, mount_point=kv
     )
     assert written["data"]["version"] == version + 1
-    assert _read_key(vault_client, kv, env) == new_key
+    assert _read_key(vault_client, kv, env) == fresh
     rotator.secrets.kv.v2.update_metadata(
         f"captchaai/{env}", custom_metadata={"rotation_state": "propagating"}, mount_point=kv
     )
     rotator.secrets.kv.v2.destroy_secret_versions(f"captchaai/{env}", [version], mount_point=kv)
 
     vault_client.secrets.kv.v2.create_or_update_secret(
-        f"captchaai-staged/{env}", secret={"api_key": random_key()}, cas=0, mount_point=kv
+        f"captchaai-staged/{env}", secret={"api_key": new_key()}, cas=0, mount_point=kv
     )
     assert rotator.secrets.kv.v2.read_secret_version(
         f"captchaai-staged/{env}", mount_point=kv, raise_on_deleted_version=True
@@ -110,7 +113,7 @@ def test_rotator_writes_its_own_env_only(vault, vault_client, provisioned, index
         with pytest.raises(hvac.exceptions.Forbidden):
             rotator.secrets.kv.v2.create_or_update_secret(
                 f"captchaai/{other}",
-                secret={"api_key": random_key()},
+                secret={"api_key": new_key()},
                 cas=other_version,
                 mount_point=kv,
             )
@@ -136,7 +139,7 @@ def test_stager_writes_the_staged_key_but_cannot_read_it(vault, vault_client, pr
     stager = hvac.Client(url=vault.addr, token=token, verify=str(vault.ca_file))
     path = f"captchaai-staged/{env}"
     vault_client.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point=kv)
-    staged = random_key()
+    staged = new_key()
     stager.secrets.kv.v2.create_or_update_secret(
         path, secret={"api_key": staged}, cas=0, mount_point=kv
     )
@@ -152,14 +155,14 @@ def test_stager_writes_the_staged_key_but_cannot_read_it(vault, vault_client, pr
         _read_key(stager, kv, env)
     with pytest.raises(hvac.exceptions.Forbidden):
         stager.secrets.kv.v2.create_or_update_secret(
-            f"captchaai/{env}", secret={"api_key": random_key()}, cas=1, mount_point=kv
+            f"captchaai/{env}", secret={"api_key": new_key()}, cas=1, mount_point=kv
         )
     for other in envs:
         if other != env:
             with pytest.raises(hvac.exceptions.Forbidden):
                 stager.secrets.kv.v2.create_or_update_secret(
                     f"captchaai-staged/{other}",
-                    secret={"api_key": random_key()},
+                    secret={"api_key": new_key()},
                     cas=0,
                     mount_point=kv,
                 )

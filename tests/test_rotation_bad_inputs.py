@@ -7,10 +7,8 @@ from typing import Any
 
 import pytest
 
-pytest.register_assert_rewrite("rotation_fixtures")
-from rotation_fixtures import RotEnv, new_key, run_rotation, write_inventory  # noqa: E402
-
-pytest_plugins = ("rotation_fixtures",)
+from testkit.creds import new_key
+from testkit.rotation import RotEnv, run_rotation, write_inventory
 
 FIXED = {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hvac
 import pytest
 
-pytest.register_assert_rewrite("rotation_fixtures")
-from rotation_fixtures import RotEnv, new_key, run_rotation, write_inventory  # noqa: E402
-
-pytest_plugins = ("rotation_fixtures",)
+from testkit.creds import new_key
+from testkit.rotation import RotEnv, run_rotation, write_inventory
 
 
 def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEnv, start_workers):

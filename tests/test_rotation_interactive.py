@@ -11,18 +11,9 @@ import time
 
 import pytest
 
-pytest.register_assert_rewrite("rotation_fixtures")
-from rotation_fixtures import (  # noqa: E402
-    REPO,
-    RotEnv,
-    _base_env,
-    assert_no_secrets,
-    new_key,
-    rotation_argv,
-    write_inventory,
-)
-
-pytest_plugins = ("rotation_fixtures",)
+from testkit.creds import assert_no_secrets, new_key
+from testkit.paths import REPO
+from testkit.rotation import RotEnv, rotation_argv, rotation_env, write_inventory
 
 KEY_PROMPT = "(input hidden"
 CONFIRM_PROMPT = "to confirm the old key is revoked"
@@ -31,7 +22,7 @@ CONFIRM_PROMPT = "to confirm the old key is revoked"
 def run_in_pty(rot_env: RotEnv, inventory, variables, token, answers, timeout=240):
     """Run the playbook on a pty; answer each (prompt text, reply) in turn. -> (rc, out, status)."""
     argv, status_file = rotation_argv(rot_env, inventory, variables, check=False)
-    env = _base_env(rot_env.vault) | {"VAULT_TOKEN": token, "TERM": "xterm"}
+    env = rotation_env(rot_env, token) | {"TERM": "xterm"}
     pid, fd = pty.fork()
     if pid == 0:  # child: the pty is its controlling terminal, it is the foreground group
         os.chdir(REPO)

@@ -9,21 +9,9 @@ import signal
 import subprocess
 import time
 
-import pytest
-
-pytest.register_assert_rewrite("rotation_fixtures")
-from rotation_fixtures import (  # noqa: E402
-    REPO,
-    RotEnv,
-    _base_env,
-    assert_no_secrets,
-    new_key,
-    rotation_argv,
-    run_rotation,
-    write_inventory,
-)
-
-pytest_plugins = ("rotation_fixtures",)
+from testkit.creds import assert_no_secrets, new_key
+from testkit.paths import REPO
+from testkit.rotation import RotEnv, rotation_argv, rotation_env, run_rotation, write_inventory
 
 FIXED = {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
 
@@ -39,7 +27,7 @@ def test_resume_after_the_run_is_killed_after_the_put(rot_env: RotEnv):
         rot_env, [], {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 120}
     )
     argv, _ = rotation_argv(rot_env, slow, {"key_rotation_unattended": True}, check=False)
-    env = _base_env(rot_env.vault) | {"VAULT_TOKEN": rot_env.rotator_token()}
+    env = rotation_env(rot_env, rot_env.rotator_token())
     proc = subprocess.Popen(
         argv,
         cwd=REPO,
@@ -228,7 +216,7 @@ def test_two_rotations_started_at_once_write_one_version(rot_env: RotEnv):
     before = rot_env.current_version()
     inv = write_inventory(rot_env, [], FIXED)
     token = rot_env.rotator_token()
-    env = _base_env(rot_env.vault) | {"VAULT_TOKEN": token}
+    env = rotation_env(rot_env, token)
     procs = []
     for k in keys:
         argv, status = rotation_argv(

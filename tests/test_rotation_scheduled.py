@@ -10,19 +10,10 @@ from typing import ClassVar
 
 import pytest
 
-pytest.register_assert_rewrite("rotation_fixtures")
-from rotation_fixtures import (  # noqa: E402
-    REPO,
-    RotEnv,
-    _base_env,
-    assert_no_secrets,
-    free_port,
-    new_key,
-    write_inventory,
-    write_private,
-)
-
-pytest_plugins = ("rotation_fixtures",)
+from testkit.creds import assert_no_secrets, new_key, write_private
+from testkit.net import free_port
+from testkit.paths import REPO
+from testkit.rotation import RotEnv, rotation_env, write_inventory
 
 WRAPPER = REPO / "tools" / "rotate-unattended"
 
@@ -66,7 +57,7 @@ def wrapper(rot_env: RotEnv, inventory, *args: str) -> tuple[int, str]:
             *args,
         ],
         cwd=rot_env.tmp,
-        env=_base_env(rot_env.vault),  # no VAULT_TOKEN: the AppRole files are the only credential
+        env=rotation_env(rot_env),  # no VAULT_TOKEN: the AppRole files are the only credential
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from harness import new_tag, run_playbook
+
+from testkit.creds import new_tag
+from testkit.playbook import run_playbook
 
 MODULE = "captcha_kit.vault.vault_approle_secret_id"
 MIN_TTL = 86400  # the role's default captcha_worker_secret_id_min_ttl

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import hvac
 import pytest
-from harness import run_playbook
-from worker_host import (
+
+from testkit.hosts import CONTAINERS_CONF, IMAGE, Recipe, build
+from testkit.net import free_port
+from testkit.playbook import run_playbook
+from testkit.worker_hosts import (
     PLAYBOOK,
     Deployment,
     Host,
     deploy,
-    free_port,
     make_deployment,
     worker_container,
 )
-
-from tools.host_image import CONTAINERS_CONF, IMAGE, Recipe, build
 
 pytestmark = pytest.mark.containers
 

@@ -4,7 +4,7 @@ change and the worker keeps running; a config change restarts the worker (the ha
 keeps its secret-id. When a secret-id is re-issued: tests/test_secret_id_plan.py (the decision)
 and molecule captcha_worker (delivery on first deploy and forced rotation).
 
-Real parts: a container of the kit's host image (tests/worker_host.py), the test OpenBao,
+Real parts: a container of the kit's host image (testkit/worker_hosts.py), the test OpenBao,
 ansible-playbook with playbooks/deploy-workers.yml.
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from worker_host import Deployment, Host, deploy, free_port, make_deployment, worker_container
 
-from tools.host_image import IMAGE, Recipe, build
+from testkit.hosts import IMAGE, Recipe, build
+from testkit.net import free_port
+from testkit.worker_hosts import Deployment, Host, deploy, make_deployment, worker_container
 
 pytestmark = pytest.mark.containers
 
@@ -61,7 +62,7 @@ def test_vault_unreachable_from_host_fails_and_the_running_worker_keeps_running(
     assert result.count("changed", host.name) == 0
     assert host.main_pid() == pid
     assert host.sh(f"sha256sum {CONFIG}").stdout == config_before
-    health = host.health(deployment.port(host))
+    health = host.health()
     assert health["env"] == deployment.dev
     assert health["key_version"] == 1
 
@@ -83,7 +84,7 @@ def test_config_change_restarts_the_worker_and_keeps_its_secret_id(
     assert "the host's secret-id is valid" in _plan(changed, host)
     assert "keeping it" in _plan(changed, host)
     assert host.sh(f"cat {ACCESSOR_FILE}").stdout.strip() == accessor
-    health = host.health(deployment.port(host))
+    health = host.health()
     assert health["env"] == deployment.dev
     assert health["key_version"] == 1
     assert health["status"] == "ok"
@@ -106,4 +107,4 @@ def test_bad_setting_in_a_redeploy_is_refused_before_it_replaces_the_config(
     assert "provider.request_timeuot" in message
     assert host.sh(f"sha256sum {CONFIG}").stdout == config_before
     assert host.main_pid() == pid
-    assert host.health(deployment.port(host))["status"] == "ok"
+    assert host.health()["status"] == "ok"

@@ -3,7 +3,7 @@ ones. Each broken host fails alone with a clear message; the healthy host's runn
 left untouched (changed=0, same PID, still healthy).
 
 Real parts: two systemd containers of the kit's host image reached over SSH as `deploy` with
-become (tests/worker_host.py), the test OpenBao, ansible-playbook with
+become (testkit/worker_hosts.py), the test OpenBao, ansible-playbook with
 playbooks/deploy-workers.yml. The broken hosts:
 
 * unreachable: an inventory entry whose SSH port has nobody listening;
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from worker_host import Deployment, Host, deploy, free_port, make_deployment, worker_container
 
-from tools.host_image import IMAGE, Recipe, build, ssh_host_vars
+from testkit.hosts import IMAGE, Recipe, build, ssh_host_vars
+from testkit.net import free_port
+from testkit.worker_hosts import Deployment, Host, deploy, make_deployment, worker_container
 
 pytestmark = pytest.mark.containers
 
@@ -104,6 +105,6 @@ def test_each_broken_host_fails_alone_and_the_healthy_worker_is_untouched(
     assert stats[host.name]["unreachable"] == 0
     assert stats[host.name]["changed"] == 0, result.changed_results(host.name)
     assert host.main_pid() == pid
-    assert host.health(deployment.port(host))["status"] == "ok"
+    assert host.health()["status"] == "ok"
     # Nothing of the role reached the broken host.
     assert not any(bad.role_footprint().values())

@@ -4,7 +4,7 @@
     python -m tools.demo status  # each worker's /healthz
     python -m tools.demo down    # (make demo-down) stop the containers, the emulator and Vault
 
-``up`` starts a real OpenBao server (TLS, raft; tools.local_vault) and the CaptchaAI emulator on
+``up`` starts a real OpenBao server (TLS, raft; testkit.vault) and the CaptchaAI emulator on
 127.0.0.1, provisions dev/staging/prod with first keys made here, starts the worker containers of
 ``inventories/local`` (systemd as PID 1, host network), deploys the solver on them, puts solve
 load on every worker, rotates the dev key unattended with the rotator AppRole (stopping at
@@ -28,25 +28,24 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hvac
 import yaml
+from captcha_solver.cli import read_health
+
+from testkit.creds import secret_vars_file
+from testkit.emulator import EmulatorAdmin, start_detached, stop_detached
+from testkit.hosts import start_host
+from testkit.vault import LocalVault
+from testkit.vault_ops import rotator_credentials
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_INVENTORY = REPO / "inventories" / "local"
 LOAD_CLIENTS_PER_WORKER = 4
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tools.captchaai_emulator import EmulatorAdmin  # noqa: E402
-from tools.host_image import start_host  # noqa: E402
-from tools.local_vault import LocalVault  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -146,62 +145,21 @@ def emulator_admin(site: Site) -> EmulatorAdmin:
 
 def start_emulator(site: Site) -> None:
     """Start the emulator detached (it outlives this command) unless it already answers."""
-    admin = emulator_admin(site)
-    if admin.health():
-        return
-    log = site.demo_dir / "emulator.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.captchaai_emulator",
-                "--port",
-                str(site.emulator_port),
-                "--admin-port",
-                str(site.emulator_admin_port),
-                "--solve-delay",
-                "uniform:2:5",
-            ],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    try:
+        start_detached(
+            site.emulator_port,
+            site.emulator_admin_port,
+            site.demo_dir,
+            ["--solve-delay", "uniform:2:5"],
         )
-    (site.demo_dir / "emulator.pid").write_text(f"{proc.pid}\n")
-    deadline = time.monotonic() + 15
-    while not admin.health():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"demo: the emulator did not start; see {log}")
-        time.sleep(0.1)
+    except RuntimeError as exc:
+        raise SystemExit(f"demo: {exc}") from None
 
 
 def start_containers(workers: Mapping[str, Mapping[str, Any]]) -> None:
     """Start (or reuse) each worker host, reachable over SSH on its inventory port."""
     for name, w in workers.items():
         start_host(name, ssh_port=w["ssh_port"], labels={"owner": "captcha-kit-demo"})
-
-
-def write_private(path: Path, text: str) -> Path:
-    """A new 0600 file with ``text`` (an older one is replaced, never opened for writing)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    return path
-
-
-@contextmanager
-def secret_vars_file(directory: Path, name: str, data: Mapping[str, Any]) -> Iterator[Path]:
-    """Extra vars that hold secrets: a 0600 file in ``directory``, deleted after use."""
-    path = write_private(directory / name, json.dumps(data))
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def ansible_env(site: Site) -> dict[str, str]:
@@ -221,10 +179,7 @@ def playbook(site: Site, name: str, *args: str, env: Mapping[str, str]) -> None:
 
 def healthz(port: int) -> dict[str, Any]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-            return dict(json.load(resp))
-    except urllib.error.HTTPError as err:
-        return dict(json.load(err))
+        return read_health(f"http://127.0.0.1:{port}")[1]
     except OSError as err:
         return {"status": "unreachable", "error": str(err)}
 
@@ -261,23 +216,6 @@ def ensure_keys(site: Site, client: hvac.Client, envs: list[str]) -> dict[str, s
         if not admin.counters(key).get("exists"):
             admin.add_key(key, balance=1000.0)
     return first
-
-
-def rotator_credentials(
-    directory: Path, client: hvac.Client, env: str, mount: str = "approle"
-) -> list[str]:
-    """The rotator AppRole's role-id and a fresh secret-id of ``env`` in 0600 files
-    ``directory/rotator-role-id`` and ``rotator-secret-id``, as a scheduler has them; returns
-    the rotate-unattended arguments naming them."""
-    role = f"captcha-rotator-{env}"
-    role_id = client.auth.approle.read_role_id(role, mount_point=mount)["data"]["role_id"]
-    secret_id = client.auth.approle.generate_secret_id(role, mount_point=mount)["data"]
-    args = []
-    for flag, value in (("--role-id-file", role_id), ("--secret-id-file", secret_id["secret_id"])):
-        name = "rotator-" + flag.strip("-").removesuffix("-file")
-        path = write_private(directory / name, f"{value}\n")
-        args += [flag, str(path)]
-    return args
 
 
 def rotate(site: Site, args: list[str]) -> tuple[int, dict[str, Any]]:
@@ -352,7 +290,7 @@ def up(site: Site, load_seconds: int) -> int:
     load_file.unlink(missing_ok=True)
     urls = [f"http://127.0.0.1:{w['port']}" for w in workers.values()]
     load = subprocess.Popen(
-        [sys.executable, "-m", "tools.loadgen", "--duration", str(load_seconds)]
+        [sys.executable, "-m", "testkit.loadgen", "--duration", str(load_seconds)]
         + ["--clients", str(LOAD_CLIENTS_PER_WORKER * len(urls)), "--out", str(load_file)]
         + [arg for url in urls for arg in ("--worker", url)],
         cwd=REPO,
@@ -425,7 +363,7 @@ def up(site: Site, load_seconds: int) -> int:
     port = next(iter(workers.values()))["port"]
     print(f"    curl -s -H 'Content-Type: application/json' -X POST 127.0.0.1:{port}/solve \\")
     print('      -d \'{"method":"userrecaptcha","googlekey":"k","pageurl":"https://a.test"}\'')
-    print('    eval "$(python -m tools.local_vault env)"; bao kv metadata get secret/captchaai/dev')
+    print('    eval "$(python -m testkit.vault env)"; bao kv metadata get secret/captchaai/dev')
     print("    make demo-down")
     failed = int(summary.get("failed", 1))
     return 1 if failed else 0
@@ -435,11 +373,7 @@ def down(site: Site) -> int:
     workers = load_inventory(site.inventory)
     for name in workers:
         subprocess.run(["podman", "rm", "-f", "-t", "5", name], check=False, capture_output=True)
-    pid_file = site.demo_dir / "emulator.pid"
-    if pid_file.exists():
-        with suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid_file.read_text()), 15)
-        pid_file.unlink()
+    stop_detached(site.demo_dir)
     marker = site.demo_dir / "vault-started-here"
     if marker.exists():
         vault(site).stop()

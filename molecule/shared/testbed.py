@@ -21,21 +21,15 @@ import argparse
 import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[2]))
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 import hvac  # noqa: E402
 
-from tools.captchaai_emulator import EmulatorAdmin, EmulatorAdminError  # noqa: E402
-from tools.local_vault import LocalVault  # noqa: E402
+from testkit.emulator import EmulatorAdmin, EmulatorAdminError, start_detached, stop_detached  # noqa: E402
+from testkit.vault import LocalVault  # noqa: E402
 
 VAULT_DIR = REPO / ".state" / "test" / "vault"
 VAULT_PORT = 18250
@@ -66,45 +60,15 @@ def _lease() -> Path:
 
 def emulator_start(timeout: float = 15.0) -> str:
     """Start the emulator detached (it outlives the caller) unless one already answers."""
-    admin = emulator_admin()
     _lease().parent.mkdir(parents=True, exist_ok=True)
     _lease().touch()
-    if admin.health():
-        return "running"
-    log = EMULATOR_DIR / "emulator.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.captchaai_emulator",
-                "--port",
-                str(EMULATOR_PORT),
-                "--admin-port",
-                str(EMULATOR_ADMIN_PORT),
-                "--solve-delay",
-                "fixed:1",
-                "--time-scale",
-                "0.05",
-            ],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    (EMULATOR_DIR / "emulator.pid").write_text(f"{proc.pid}\n")
-    deadline = time.monotonic() + timeout
-    while not admin.health():
-        if proc.poll() is not None:
-            raise RuntimeError(f"emulator exited at start-up; see {log}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"emulator not ready within {timeout} s; see {log}")
-        time.sleep(0.05)
-    return "started"
+    return start_detached(
+        EMULATOR_PORT,
+        EMULATOR_ADMIN_PORT,
+        EMULATOR_DIR,
+        ["--solve-delay", "fixed:1", "--time-scale", "0.05"],
+        timeout,
+    )
 
 
 def emulator_stop() -> str:
@@ -114,23 +78,7 @@ def emulator_stop() -> str:
     leases = EMULATOR_DIR / "leases"
     if leases.is_dir() and any(leases.iterdir()):
         return "still in use"
-    pid_file = EMULATOR_DIR / "emulator.pid"
-    if not pid_file.exists():
-        return "not started here"
-    pid = int(pid_file.read_text().strip())
-    pid_file.unlink()
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return "already gone"
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return "stopped"
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    return "killed"
+    return stop_detached(EMULATOR_DIR)
 
 
 def ensure_emulator(

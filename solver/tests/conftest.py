@@ -8,5 +8,5 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "integration: needs the real local OpenBao (tools.local_vault) and the CaptchaAI emulator",
+        "integration: needs the real local OpenBao (testkit.vault) and the CaptchaAI emulator",
     )

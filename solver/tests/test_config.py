@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from captcha_solver.config import DEFAULT_FIRST_POLL_DELAY, ConfigError, load_config, parse_config
+from captcha_solver.config import (
+    DEFAULT_FIRST_POLL_DELAY,
+    ConfigError,
+    load_config,
+    parse_config,
+    render_config,
+)
 
 CONTRACT_TOML = """
 env = "dev"
@@ -174,3 +180,32 @@ def test_provider_url_plain_http_elsewhere_says_why():
     with pytest.raises(ConfigError, match="in clear") as err:
         parse_config(base, environ={})
     assert err.value.field == "provider.url"
+
+
+def _document() -> dict:
+    return {
+        "env": "prod",
+        "vault": {
+            "addrs": ["https://127.0.0.1:18250"],
+            "role_id_file": "/etc/captcha-solver/role-id",
+            "secret_id_file": "/var/lib/captcha-solver/secret-id",
+            "refresh_interval": 30.0,
+        },
+        "provider": {"url": "https://ocr.captchaai.com", "first_poll_delay": {"default": 4.0}},
+        "server": {"port": 18401},
+    }
+
+
+def test_render_config_writes_what_load_config_reads(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(render_config(_document()))
+    cfg = load_config(path, environ={})
+    assert cfg == parse_config(_document(), environ={}, source=path)
+    assert cfg.provider.first_poll_delay == {"default": 4.0}
+
+
+def test_render_config_refuses_what_would_not_load():
+    doc = _document()
+    doc["vault"]["refresh_interval"] = -1
+    with pytest.raises(ConfigError, match=r"vault\.refresh_interval"):
+        render_config(doc)

@@ -5,7 +5,7 @@ The servers are private to these tests because the tests stop them or kill their
 a single node in ``.state/test/faults/vault`` on 18294 and a 3-node raft cluster in
 ``.state/test/faults/vault-ha`` on 18262, 18272, 18282 (cluster ports +1). They stay running
 after the session (the next one starts in a second); stop them with
-``python -m tools.local_vault stop --state-dir .state/test/faults/vault --port 18294`` and
+``python -m testkit.vault stop --state-dir .state/test/faults/vault --port 18294`` and
 ``... --state-dir .state/test/faults/vault-ha --port 18262 --nodes 3``.
 Environment names carry a per-session tag, so sessions and tests do not disturb each other.
 """
@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import SESSION, provision
 
-from bench.fleet import REPO, free_port
-from tools.captchaai_emulator import EmulatorProcess
-from tools.local_vault import LocalVault
+from testkit.emulator import EmulatorProcess
+from testkit.faults import SESSION, provision
+from testkit.net import free_port
+from testkit.paths import REPO
+from testkit.vault import LocalVault
 
 SOLO_DIR = REPO / ".state" / "test" / "faults" / "vault"
 SOLO_PORT = 18294

@@ -11,16 +11,12 @@ import time
 
 import hvac
 import pytest
-from faultkit import SESSION, assert_no_secret, provision
 
-from bench.fleet import (
-    PROVISION,
-    REPO,
-    admin_client,
-    ansible_env,
-    playbook_argv,
-    provision_inventory,
-)
+from testkit.creds import assert_no_secrets
+from testkit.faults import SESSION, provision
+from testkit.paths import PROVISION, REPO
+from testkit.playbook import ansible_env, playbook_argv, provision_inventory
+from testkit.vault_ops import admin_client
 
 
 @pytest.mark.slow_faults
@@ -62,7 +58,7 @@ def test_provisioning_survives_a_leader_kill_and_the_rerun_changes_nothing(ha, t
             proc.kill()
             proc.wait(10)
     text = out.decode()
-    assert_no_secret(text, [ha.root_token()])
+    assert_no_secrets(text, [ha.root_token()])
     assert proc.returncode == 0, text[-4000:]
     stats = json.loads(text[text.find("{") :])["stats"]["localhost"]
     assert stats["failures"] == 0

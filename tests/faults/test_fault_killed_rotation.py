@@ -19,9 +19,11 @@ import time
 
 import hvac
 import pytest
-from faultkit import ROTATE, Env, assert_no_secret, rotation_inventory, rotation_vars
 
-from bench.fleet import REPO, ansible_env, new_key, playbook_argv
+from testkit.creds import assert_no_secrets, new_key
+from testkit.faults import Env, rotation_inventory, rotation_vars
+from testkit.paths import REPO, ROTATE
+from testkit.playbook import ansible_env, playbook_argv
 
 # (step that has just finished, the task header that shows it, the run it is in)
 KILL_POINTS = [
@@ -127,7 +129,7 @@ def test_rotation_killed_after_a_step_resumes_with_one_new_version(
             assert done.returncode == 0, done.stdout[-3000:]
             emulator.admin.revoke_key(old_key)
             killed, output = run_until(confirm, run_env, marker)
-        assert_no_secret(output, secrets_seen)
+        assert_no_secrets(output, secrets_seen)
         assert killed, f"the run never reached {marker!r}:\n{output[-3000:]}"
 
         # Nothing lost at the kill: the current version holds the old or the new key, and
@@ -141,7 +143,7 @@ def test_rotation_killed_after_a_step_resumes_with_one_new_version(
 
         if phase == "first":
             rerun = run(first, run_env)
-            assert_no_secret(rerun.stdout + rerun.stderr, secrets_seen)
+            assert_no_secrets(rerun.stdout + rerun.stderr, secrets_seen)
             assert rerun.returncode == 0, rerun.stdout[-3000:]
             if step != "plan":
                 assert "resuming rotation" in rerun.stdout or step.startswith("mark"), rerun.stdout[
@@ -161,7 +163,7 @@ def test_rotation_killed_after_a_step_resumes_with_one_new_version(
             f"captchaai/{env.name}", mount_point="secret"
         )["data"]["custom_metadata"]["rotation_state"]
         finished = run(confirm, run_env)
-        assert_no_secret(finished.stdout + finished.stderr, secrets_seen)
+        assert_no_secrets(finished.stdout + finished.stderr, secrets_seen)
         if state_at_kill == "complete":
             # Killed after the finalize: nothing is left to do; the kit refuses a second
             # confirmation with a clear message and changes nothing.

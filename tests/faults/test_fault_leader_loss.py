@@ -11,18 +11,12 @@ import subprocess
 import time
 
 import pytest
-from faultkit import (
-    ROTATE,
-    SESSION,
-    Env,
-    assert_no_secret,
-    provision,
-    rotation_inventory,
-    rotation_vars,
-)
 
-from bench.fleet import REPO, ansible_env, new_key, playbook_argv
-from tools.loadgen import LoadGenerator
+from testkit.creds import assert_no_secrets, new_key
+from testkit.faults import SESSION, Env, provision, rotation_inventory, rotation_vars
+from testkit.loadgen import LoadGenerator
+from testkit.paths import REPO, ROTATE
+from testkit.playbook import ansible_env, playbook_argv
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -126,7 +120,7 @@ def test_leader_killed_in_the_middle_of_a_rotation(ha, ha_envs, emulator, tmp_pa
                     proc.kill()
                     proc.wait(10)
             output = out.decode()
-            assert_no_secret(output, [key, old_key, ha.root_token()])
+            assert_no_secrets(output, [key, old_key, ha.root_token()])
             status = json.loads(status_file.read_text()) if status_file.exists() else {}
             if proc.returncode != 0:  # the run gave up: a rerun must resume it
                 rerun = subprocess.run(

@@ -1,4 +1,4 @@
-"""tools/loadgen.py counts what it sees: failures per worker, and its bounds hold."""
+"""testkit/loadgen.py counts what it sees: failures per worker, and its bounds hold."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from bench.fleet import REPO, free_port
-from tools.loadgen import LoadGenerator, check_url
+from testkit.loadgen import LoadGenerator, check_url
+from testkit.net import free_port
+from testkit.paths import REPO
 
 
 def test_refused_requests_are_counted_as_failed_per_worker():
@@ -30,7 +31,7 @@ def test_cli_exit_status_and_json_summary(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.run(
         [
-            *(sys.executable, "-m", "tools.loadgen", "--worker", url, "--duration", "3"),
+            *(sys.executable, "-m", "testkit.loadgen", "--worker", url, "--duration", "3"),
             *("--max-requests", "3", "--timeout", "2", "--out", str(out)),
         ],
         cwd=REPO,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 import time
 
-from faultkit import Env
-
-from tools.loadgen import LoadGenerator
+from testkit.faults import Env
+from testkit.loadgen import LoadGenerator
 
 BAD_KEY_BOUND = 4  # bad-key provider requests one worker may send (its tasks in flight)
 

@@ -3,18 +3,14 @@ OpenBao: which failures it retries, over which addresses, and that it always giv
 
 from __future__ import annotations
 
-import sys
-
 import hvac
 import pytest
 import requests
-
-from bench.fleet import REPO, free_port
-
-sys.path.insert(0, str(REPO / "collections"))
 from ansible_collections.captcha_kit.vault.plugins.module_utils import (
     vault_client,
 )
+
+from testkit.net import free_port
 
 
 def client(vault, addrs, token=None, **opts):
@@ -97,7 +93,7 @@ def test_addresses_from_url_and_urls_are_merged_without_duplicates():
 
 
 def test_cluster_env_names_the_other_nodes_for_fail_over(ha_vault):
-    """``local_vault env`` of a cluster exports the other nodes for the modules' fail-over,
+    """``python -m testkit.vault env`` of a cluster exports the other nodes for fail-over,
     and still never the token."""
     env = ha_vault.env()
     assert env["VAULT_ADDR"] == ha_vault.addrs[0]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from faultkit import Env
 
-from tools.loadgen import LoadGenerator
+from testkit.faults import Env
+from testkit.loadgen import LoadGenerator
 
 OUTAGE = 60.0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,22 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from faultkit import SESSION, Env, assert_no_secret, provision
-from harness import run_playbook
+from captcha_solver.cli import read_health
 
-from tools.captchaai_emulator import EmulatorProcess
-from tools.host_image import (
+from testkit.creds import assert_no_secrets
+from testkit.emulator import EmulatorProcess
+from testkit.faults import SESSION, Env, provision
+from testkit.hosts import (
     CONTAINERS_CONF,
     Recipe,
     build,
     podman_env,
     remove_host,
-    ssh_host_vars,
     start_host,
 )
-from tools.loadgen import DEFAULT_TASK
-from tools.local_vault import LocalVault
+from testkit.loadgen import DEFAULT_TASK
+from testkit.playbook import run_playbook, write_inventory
+from testkit.vault import LocalVault
+from testkit.worker_hosts import ssh_worker
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow_faults]
 
@@ -77,10 +77,7 @@ def unit(*props: str) -> dict[str, str]:
 def health() -> tuple[int, dict[str, Any]]:
     """(HTTP status, body) of /healthz; (0, {}) when nothing answers."""
     try:
-        with _OPENER.open(f"{URL}/healthz", timeout=3) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        return read_health(URL, timeout=3)
     except (OSError, ValueError):
         return 0, {}
 
@@ -129,44 +126,24 @@ def container() -> Iterator[str]:
 
 
 def inventory(vault: LocalVault, env: Env, tmp: Path) -> Path:
-    data = {
-        "all": {
-            "hosts": {
-                "localhost": {
-                    "ansible_connection": "local",
-                    "ansible_python_interpreter": sys.executable,
-                }
+    return write_inventory(
+        tmp,
+        {"workers": {CONTAINER: ssh_worker(SSH_PORT, env.name, PORT)}},
+        {
+            "captcha_kit_envs": [env.name],
+            "captcha_kit_vault_addr": vault.addr,
+            "captcha_kit_vault_addrs": [vault.addr],
+            "captcha_kit_vault_cacert": str(vault.ca_file),
+            "captcha_kit_refresh_interval": 2.0,
+            "captcha_kit_refresh_jitter": 0.1,
+            "captcha_kit_provider_url": env.emulator.url,
+            "captcha_worker_startup_timeout": STARTUP_TIMEOUT,
+            "captcha_worker_provider_settings": {
+                "poll_interval": 0.5,
+                "first_poll_delay": {"default": 0.3},
             },
-            "children": {
-                "workers": {
-                    "hosts": {
-                        CONTAINER: {
-                            **ssh_host_vars(SSH_PORT),
-                            "captcha_worker_env": env.name,
-                            "captcha_worker_port": PORT,
-                        }
-                    }
-                }
-            },
-            "vars": {
-                "captcha_kit_envs": [env.name],
-                "captcha_kit_vault_addr": vault.addr,
-                "captcha_kit_vault_addrs": [vault.addr],
-                "captcha_kit_vault_cacert": str(vault.ca_file),
-                "captcha_kit_refresh_interval": 2.0,
-                "captcha_kit_refresh_jitter": 0.1,
-                "captcha_kit_provider_url": env.emulator.url,
-                "captcha_worker_startup_timeout": STARTUP_TIMEOUT,
-                "captcha_worker_provider_settings": {
-                    "poll_interval": 0.5,
-                    "first_poll_delay": {"default": 0.3},
-                },
-            },
-        }
-    }
-    path = tmp / f"hosts-{secrets.token_hex(3)}.yml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+        },
+    )
 
 
 def test_worker_restarted_while_vault_is_down_fails_closed_systemd_retries_then_it_serves(
@@ -185,7 +162,7 @@ def test_worker_restarted_while_vault_is_down_fails_closed_systemd_retries_then_
     )
     assert deploy.rc == 0, deploy.failure_messages(CONTAINER)[-3000:]
     token = solo_vault.root_token()
-    assert_no_secret(deploy.output, [env.key, token])
+    assert_no_secrets(deploy.output, [env.key, token])
     status, body = health()
     assert status == 200, body
     assert body["key_version"] == 1, body
@@ -224,7 +201,7 @@ def test_worker_restarted_while_vault_is_down_fails_closed_systemd_retries_then_
             time.sleep(1)
         during = unit("NRestarts", "ActiveState")
         text = journal(since)
-        assert_no_secret(text, secrets_)
+        assert_no_secrets(text, secrets_)
         gave_up = [
             r
             for r in records(text)
@@ -267,7 +244,7 @@ def test_worker_restarted_while_vault_is_down_fails_closed_systemd_retries_then_
     assert status == 200, (status, solved)
     assert solved.get("status") == "ok", solved
     text = journal(since)
-    assert_no_secret(text, secrets_)
+    assert_no_secrets(text, secrets_)
     loaded = [r for r in records(text) if r.get("msg") == "key loaded"]
     assert [r["key_version"] for r in loaded] == [1], text[-3000:]
     print(

@@ -17,6 +17,8 @@ import testbed
 import testinfra
 from hvac.exceptions import InvalidPath
 
+from testkit.worker_hosts import STATUS_COMMAND, status_json
+
 SERVICE = "captcha-solver.service"
 STATE_DIR = "/var/lib/captcha-solver"
 ACCESSOR = f"{STATE_DIR}/secret-id.accessor"
@@ -114,7 +116,6 @@ def test_a_refused_wrapping_token_keeps_the_worker_up_and_the_next_run_heals_it(
     )  # fmt: skip
     before = _accessor(host)
     host.run(f"systemctl restart {SERVICE}")
-    port = dev[1]["captcha_worker_port"]
     deadline = time.monotonic() + 30
     while not host.file(f"{WRAPPED}.refused").exists and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -123,13 +124,9 @@ def test_a_refused_wrapping_token_keeps_the_worker_up_and_the_next_run_heals_it(
     journal = host.check_output(f"journalctl -u {SERVICE} --no-pager -o cat -n 200")
     assert "wrapped secret-id refused; keeping the secret-id this host already has" in journal
     assert "possible tampering" in journal
-    probe = (
-        "python3 -c 'import json, urllib.request\n"
-        f'print(json.load(urllib.request.urlopen("http://127.0.0.1:{port}/healthz")).get("status"))\''
-    )
     status = ""
     while status != "ok" and time.monotonic() < deadline + 30:
-        status = host.run(probe).stdout.strip()
+        status = status_json(host.run(STATUS_COMMAND).stdout).get("status", "")
         time.sleep(0.5)
     assert status == "ok"
     assert _accessor(host) == before

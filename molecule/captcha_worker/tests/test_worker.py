@@ -16,6 +16,8 @@ import pytest
 import testbed
 from conftest import Secret
 
+from testkit.worker_hosts import STATUS_COMMAND, status_json
+
 SERVICE = "captcha-solver.service"
 CONFIG = "/etc/captcha-solver/config.toml"
 ROLE_ID = "/etc/captcha-solver/role-id"
@@ -33,15 +35,10 @@ def _main_pid(host) -> int:
 
 
 def _healthz(host, port: int) -> dict:
-    out = host.check_output(
-        "python3 -c 'import sys, urllib.request, urllib.error\n"
-        "try:\n"
-        f'    r = urllib.request.urlopen("http://127.0.0.1:{port}/healthz", timeout=5)\n'
-        "except urllib.error.HTTPError as e:\n"
-        "    r = e\n"
-        "sys.stdout.write(r.read().decode())'"
-    )
-    return json.loads(out)
+    """/healthz as the solver's own `captcha-solver status` prints it on the host."""
+    body = status_json(host.run(STATUS_COMMAND).stdout)
+    assert body, f"no worker answered on the host (port {port})"
+    return body
 
 
 def _current_key(env: str) -> tuple[int, Secret]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import hvac
 import pytest
 import testbed
+from captcha_solver.cli import read_health
 from conftest import Secret
 
 ENV = "staging"
@@ -37,11 +38,7 @@ def _ports(inventory: dict) -> dict[str, int]:
 
 
 def _healthz(port: int) -> dict:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return json.loads(exc.read())
+    return read_health(f"http://127.0.0.1:{port}")[1]
 
 
 class Load:

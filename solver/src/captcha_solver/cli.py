@@ -90,6 +90,13 @@ def _http(url: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, A
             return exc.code, {"error": payload.decode(errors="replace")[:200]}
 
 
+def read_health(base_url: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """A running worker's ``/healthz``: the HTTP status and the JSON body (also on 503).
+    ``OSError`` when nothing answers. ``captcha-solver status`` prints this."""
+    status, body = _http(f"{base_url.rstrip('/')}/healthz", None, timeout=timeout)
+    return status, body if isinstance(body, dict) else {"body": body}
+
+
 def _missing_files(cfg: Config) -> list[str]:
     """The files the configuration names that are not there (role-id, secret-id, CA, state)."""
     problems: list[str] = []
@@ -130,7 +137,7 @@ def cmd_check_config(cfg: Config, syntax_only: bool = False) -> int:
 
 def cmd_status(cfg: Config) -> int:
     try:
-        status, body = _http(f"{_base_url(cfg)}/healthz", None, timeout=5)
+        status, body = read_health(_base_url(cfg))
     except OSError as exc:
         print(f"captcha-solver: cannot reach {_base_url(cfg)}: {exc}", file=sys.stderr)
         return EX_FAIL

@@ -390,6 +390,40 @@ def parse_config(
     )
 
 
+def _toml_value(name: str, value: Any) -> str:
+    if isinstance(value, bool | int | float | str):
+        return json.dumps(value)  # a JSON string, number or boolean is the same in TOML
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return json.dumps(list(value))
+    raise ConfigError(name, f"cannot be written as TOML: {type(value).__name__}")
+
+
+def render_config(data: Mapping[str, Any]) -> str:
+    """The TOML text of a configuration given as a mapping (``env`` plus sections, as the file
+    has them), validated first: what this returns always loads. The worker role's template
+    writes the same document (solver/tests/test_config.py holds the two together)."""
+    parse_config(json.loads(json.dumps(data, default=str)), environ={})
+    lines = [f"env = {_toml_value('env', data['env'])}"]
+    for section, values in data.items():
+        if section == "env":
+            continue
+        tables = {k: v for k, v in values.items() if isinstance(v, Mapping)}
+        lines += ["", f"[{section}]"]
+        lines += [
+            f"{k} = {_toml_value(f'{section}.{k}', v)}"
+            for k, v in values.items()
+            if k not in tables
+        ]
+        for table, entries in tables.items():
+            lines += ["", f"[{section}.{table}]"]
+            lines += [
+                f"{k} = {_toml_value(f'{section}.{table}.{k}', v)}" for k, v in entries.items()
+            ]
+    return "\n".join(lines) + "\n"
+
+
 def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate the TOML file at *path*."""
     path = Path(path)

@@ -14,34 +14,27 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hvac
 import pytest
 import requests
+from testkit.creds import new_key, write_private
+from testkit.emulator import EmulatorAdmin, EmulatorProcess
+from testkit.net import free_port
+from testkit.paths import STATE, TEST_VAULT_DIR, TEST_VAULT_PORT
+from testkit.vault import LocalVault
+from testkit.vault_ops import admin_client
+from testkit.worker import WorkerProc
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tools.captchaai_emulator import EmulatorAdmin, EmulatorProcess  # noqa: E402
-from tools.local_vault import LocalVault  # noqa: E402
-
-TEST_VAULT_PORT = 18250
 PRIVATE_VAULT_PORT = 18254
 KV_MOUNT = "solver-it-kv"
 APPROLE_MOUNT = "solver-it-approle"
+__all__ = ["APPROLE_MOUNT", "KV_MOUNT", "counters", "free_port", "new_key"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,21 +44,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def new_key() -> str:
-    return secrets.token_hex(16)
-
-
 # --------------------------------------------------------------------------- Vault
-
-
-def _admin_client(server: LocalVault) -> hvac.Client:
-    return hvac.Client(url=server.addr, token=server.root_token(), verify=str(server.ca_file))
 
 
 def _prepare_mounts(admin: hvac.Client) -> None:
@@ -78,9 +57,9 @@ def _prepare_mounts(admin: hvac.Client) -> None:
 @pytest.fixture(scope="session")
 def vault() -> Iterator[LocalVault]:
     """The shared test Vault; stopped at the end of the session when this session started it."""
-    server = LocalVault(REPO_ROOT / ".state" / "test" / "vault", TEST_VAULT_PORT)
+    server = LocalVault(TEST_VAULT_DIR, TEST_VAULT_PORT)
     started_here = server.start() in ("started", "initialised")
-    _prepare_mounts(_admin_client(server))
+    _prepare_mounts(admin_client(server))
     yield server
     if started_here:
         server.stop()
@@ -88,9 +67,9 @@ def vault() -> Iterator[LocalVault]:
 
 @pytest.fixture(scope="module")
 def private_vault() -> Iterator[LocalVault]:
-    server = LocalVault(REPO_ROOT / ".state" / "test" / "solver-vault", PRIVATE_VAULT_PORT)
+    server = LocalVault(STATE / "test" / "solver-vault", PRIVATE_VAULT_PORT)
     server.start()
-    _prepare_mounts(_admin_client(server))
+    _prepare_mounts(admin_client(server))
     yield server
     server.stop()
 
@@ -119,20 +98,28 @@ def emulator(emulator_proc: EmulatorProcess) -> EmulatorProcess:
 # --------------------------------------------------------------------------- workers
 
 
-@dataclass
-class Worker:
-    """A provisioned AppRole + key, and (once started) a ``captcha-solver serve`` process."""
+class Worker(WorkerProc):
+    """A provisioned AppRole + key of its own, and (once started) a ``captcha-solver serve``
+    process. Every response it reads is kept in ``extra_outputs`` for the leak checks."""
 
-    name: str
-    admin: hvac.Client
-    server: LocalVault
-    emulator: EmulatorProcess
-    dir: Path
-    keys: list[str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    config_path: Path | None = None
-    extra_outputs: list[str] = field(default_factory=list)
+    def __init__(
+        self,
+        name: str,
+        admin: hvac.Client,
+        server: LocalVault,
+        emulator: EmulatorProcess,
+        directory: Path,
+    ):
+        super().__init__(name, directory, {"env": "dev", "server": {"port": free_port()}})
+        self.admin = admin
+        self.server = server
+        self.emulator = emulator
+        self.keys: list[str] = []
+        self.extra_outputs: list[str] = []
+
+    @property
+    def dir(self) -> Path:
+        return self.directory
 
     @property
     def key_path(self) -> str:
@@ -140,19 +127,23 @@ class Worker:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.url
 
     @property
     def log_file(self) -> Path:
-        return self.dir / "worker.log"
+        return self.log
+
+    @property
+    def config_path(self) -> Path:
+        return self.config
 
     @property
     def secret_id_file(self) -> Path:
-        return self.dir / "state" / "secret-id"
+        return self.directory / "state" / "secret-id"
 
     @property
     def wrapped_file(self) -> Path:
-        return self.dir / "state" / "secret-id.wrapped"
+        return self.directory / "state" / "secret-id.wrapped"
 
     # -- Vault side (the root token stays in this process; never in argv/env of the worker)
     def write_key(self, key: str, backups: list[str] | None = None) -> int:
@@ -181,12 +172,12 @@ class Worker:
         resp = self.admin.auth.approle.generate_secret_id(self.name, mount_point=APPROLE_MOUNT)
         return resp["data"]["secret_id"], resp["data"]["secret_id_accessor"]
 
-    def config(self, **over: Any) -> dict[str, Any]:
+    def make_config(self, **over: Any) -> dict[str, Any]:
         vault_cfg: dict[str, Any] = {
             "addrs": [self.server.addr],
             "ca_file": str(self.server.ca_file),
             "approle_mount": APPROLE_MOUNT,
-            "role_id_file": str(self.dir / "role-id"),
+            "role_id_file": str(self.directory / "role-id"),
             "secret_id_file": str(self.secret_id_file),
             "wrapped_secret_id_file": str(self.wrapped_file),
             "kv_mount": KV_MOUNT,
@@ -219,56 +210,33 @@ class Worker:
             **over,
         }
 
-    def write_config(self, **over: Any) -> Path:
-        path = self.dir / "config.toml"
-        path.write_text(_to_toml(self.config(**over)))
-        self.config_path = path
-        return path
+    def write_config(self, **over: Any) -> Path:  # type: ignore[override]
+        self.settings = self.make_config(**over)
+        return super().write_config()
 
-    def start(
+    def start(  # type: ignore[override]
         self, wait: bool = True, extra_env: dict[str, str] | None = None, **over: Any
     ) -> None:
-        self.write_config(**over)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-        env.update(extra_env or {})
-        log = open(self.log_file, "ab")  # noqa: SIM115 (the child keeps it)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "captcha_solver", "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.dir,
-        )
-        log.close()
+        self.settings = self.make_config(**over)
+        self.spawn(extra_env)
         if wait:
-            self.wait_health(lambda h: h["status"] == "ok")
+            self.wait_health(lambda h: h["status"] == "ok", within=15.0)
 
-    def health(self) -> tuple[int, dict[str, Any]]:
-        r = requests.get(f"{self.base}/healthz", timeout=5)
-        self.extra_outputs.append(r.text)
-        return r.status_code, r.json()
+    def spawn(self, extra_env: dict[str, str] | None = None) -> None:
+        """Start with the config as it is (``write_config`` or ``start`` made it)."""
+        if not self.settings.get("vault"):
+            self.settings = self.make_config()
+        super().spawn(extra_env)
 
-    def metrics(self) -> str:
-        text = requests.get(f"{self.base}/metrics", timeout=5).text
+    def healthz(self, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+        status, body = super().healthz(timeout)
+        self.extra_outputs.append(json.dumps(body))
+        return status, body
+
+    def metrics(self, timeout: float = 5.0) -> str:
+        text = super().metrics(timeout)
         self.extra_outputs.append(text)
         return text
-
-    def wait_health(self, predicate: Any, within: float = 15.0) -> dict[str, Any]:
-        end = time.monotonic() + within
-        last: Any = None
-        while time.monotonic() < end:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                _, last = self.health()
-                if predicate(last):
-                    return last
-            except requests.RequestException as exc:
-                last = repr(exc)
-            time.sleep(0.05)
-        raise AssertionError(
-            f"health condition not met within {within}s; last: {last}\n{self.log_tail()}"
-        )
 
     def solve(self, method: str = "userrecaptcha", **params: str) -> requests.Response:
         body = {
@@ -283,55 +251,6 @@ class Worker:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-    def log_text(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def log_records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-
-def _to_toml(doc: dict[str, Any]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(i) for i in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{json.dumps(k)} = {value(i)}" for k, i in v.items()) + " }"
-        raise TypeError(type(v))
-
-    lines = [f"{k} = {value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
-    for section, table in doc.items():
-        if isinstance(table, dict):
-            lines.append(f"\n[{section}]")
-            lines.extend(f"{k} = {value(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"
-
 
 def provision(
     server: LocalVault,
@@ -344,11 +263,9 @@ def provision(
     register_keys: bool = True,
 ) -> Worker:
     """Key + policy + AppRole for one worker, and its role-id / secret-id files."""
-    admin = _admin_client(server)
+    admin = admin_client(server)
     name = f"solver-it-{uuid.uuid4().hex[:10]}"
-    worker = Worker(
-        name=name, admin=admin, server=server, emulator=emulator, dir=directory, keys=[]
-    )
+    worker = Worker(name, admin, server, emulator, directory)
     (directory / "state").mkdir(mode=0o700)
     key = new_key()
     worker.write_key(key, backups)
@@ -365,12 +282,10 @@ def provision(
         mount_point=APPROLE_MOUNT,
     )
     role_id = admin.auth.approle.read_role_id(name, mount_point=APPROLE_MOUNT)["data"]["role_id"]
-    (directory / "role-id").write_text(role_id + "\n")
+    write_private(directory / "role-id", role_id + "\n")
     secret, _ = worker.new_secret_id(wrap_ttl="120s" if wrapped else None)
     target = worker.wrapped_file if wrapped else worker.secret_id_file
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
+    write_private(target, secret + "\n")
     worker.keys.append(secret)  # treat the (wrapped) secret-id like a key: never in output
     return worker
 

@@ -87,7 +87,7 @@ def test_a_host_with_a_refused_secret_id_never_locks_out_its_env(
     started = time.monotonic()
     restarted = False
     while time.monotonic() < started + 3 * WINDOW:
-        statuses.append(healthy.health()[0])
+        statuses.append(healthy.healthz()[0])
         locked.append(_locked_users(short_lockout))
         if not restarted and time.monotonic() > started + 1.5 * WINDOW:
             # A restart (systemd after the startup timeout) must not forget the refusals.
@@ -112,7 +112,7 @@ def test_a_host_with_a_refused_secret_id_never_locks_out_its_env(
         in_window = [u for u in refused[i:] if u - t < WINDOW - 0.5]
         assert len(in_window) <= LIMIT, refused
     assert any("AppRole login held back" in str(r.get("error", "")) for r in bad_records)
-    status, health = bad.health()
+    status, health = bad.healthz()
     assert status == 503
     assert "held back" in health["error"] or "refused" in health["error"]
     assert 'vault_errors_total{kind="login_held_back"}' in bad.metrics()

@@ -74,7 +74,7 @@ def test_secrets_never_in_logs_health_metrics_cli_or_errors(vault, worker_factor
     w.emulator.admin.revoke_key(backup)
     assert w.solve().status_code == 503
     assert w.solve().status_code == 503
-    assert w.health()[1]["circuit"] == "open"
+    assert w.healthz()[1]["circuit"] == "open"
     w.metrics()
     # New key + SIGHUP: recovery. Then a request that tries to smuggle a key.
     new = new_key()
@@ -113,7 +113,7 @@ def test_secrets_never_in_reprs_or_exceptions(vault, worker_factory):
     w = worker_factory(vault)
     key = w.keys[0]
     secret_id = w.secret_id_file.read_text().strip()
-    cfg = parse_config(w.config(), environ={})
+    cfg = parse_config(w.make_config(), environ={})
     client = VaultClient(cfg.vault)
     texts: list[str] = []
     try:

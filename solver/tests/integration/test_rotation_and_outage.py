@@ -77,7 +77,7 @@ def test_revoked_key_without_worker_notice_is_refreshed_at_once(vault, worker_fa
     w.emulator.admin.add_key(new)
     w.write_key(new)  # no SIGHUP, and the interval is long: the worker still uses the old key
     w.emulator.admin.revoke_key(old)
-    assert w.health()[1]["key_version"] == 1
+    assert w.healthz()[1]["key_version"] == 1
     r = w.solve()
     assert r.status_code == 200, r.text
     assert r.json()["key_version"] == 2
@@ -104,7 +104,7 @@ def test_circuit_opens_when_vault_still_holds_the_rejected_key(vault, worker_fac
     time.sleep(1.0)  # several refresh intervals: Vault still returns the same key
     after = counters(w.emulator, key)["in_php"] + counters(w.emulator, key)["res_php"]
     assert after == calls  # no provider call while the circuit is open
-    status, health = w.health()
+    status, health = w.healthz()
     assert status == 503
     assert health["status"] == "unhealthy"
     assert health["circuit"] == "open"
@@ -129,7 +129,7 @@ def test_zero_balance_switches_to_backup_key(vault, worker_factory):
     r = w.solve()
     assert r.status_code == 200, r.text
     assert counters(w.emulator, backup)["solved"] == 1
-    status, health = w.health()
+    status, health = w.healthz()
     assert status == 200
     assert health["status"] == "degraded"
     assert health["key_fingerprint"] == "***" + backup[-4:]
@@ -146,7 +146,7 @@ def test_vault_outage_cached_key_then_fail_closed_then_recovery(private_vault, w
         for _ in range(5):
             r = w.solve()
             assert r.status_code == 200, r.text  # the cached key keeps solving
-        status, health = w.health()
+        status, health = w.healthz()
         assert status == 200
         assert health["vault_stale_seconds"] > 0
         assert "captcha_solver_vault_reachable 0" in w.metrics()

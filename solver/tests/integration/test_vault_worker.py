@@ -23,7 +23,7 @@ def test_login_read_and_solve(vault, worker_factory):
     w = worker_factory(vault)
     w.set_metadata({"rotation_id": "r-1", "rotation_state": "complete", "unrelated": "x"})
     w.start()
-    status, health = w.health()
+    status, health = w.healthz()
     assert status == 200
     assert health["status"] == "ok"
     assert health["env"] == "dev"
@@ -94,7 +94,7 @@ def test_sighup_reads_key_at_once(vault, worker_factory):
     w.emulator.admin.add_key(new)
     w.write_key(new)
     time.sleep(0.5)
-    assert w.health()[1]["key_version"] == 1  # no interval refresh within 300 s
+    assert w.healthz()[1]["key_version"] == 1  # no interval refresh within 300 s
     w.signal(signal.SIGHUP)
     health = w.wait_health(lambda h: h["key_version"] == 2, within=3)
     assert health["key_fingerprint"] == "***" + new[-4:]
@@ -124,7 +124,7 @@ def test_token_renewal_and_relogin(vault, worker_factory):
     w = worker_factory(vault, token_ttl=2)  # max TTL 8 s
     w.start(vault={"refresh_interval": 0.3})
     time.sleep(10)
-    status, health = w.health()
+    status, health = w.healthz()
     assert status == 200, health
     assert health["vault_reachable"] is True
     records = w.log_records()
@@ -243,7 +243,7 @@ def test_expired_wrapping_token_refused(vault, worker_factory, tmp_path):
     w.keys.append(token)
     w.wrapped_file.write_text(token + "\n")
     time.sleep(2.5)
-    cfg = parse_config(w.config(), environ={})
+    cfg = parse_config(w.make_config(), environ={})
     client = VaultClient(cfg.vault)
     try:
         assert client.unwrap_secret_id() is False
@@ -270,7 +270,7 @@ def test_foreign_wrapping_token_refused(vault, worker_factory):
     w.keys.append(token)
     w.wrapped_file.write_text(token + "\n")
     w.secret_id_file.unlink()  # nothing to fall back on: the refusal is fatal
-    cfg = parse_config(w.config(), environ={})
+    cfg = parse_config(w.make_config(), environ={})
     client = VaultClient(cfg.vault)
     try:
         with pytest.raises(WrappingTokenError, match="creation path"):
@@ -283,7 +283,7 @@ def test_foreign_wrapping_token_refused(vault, worker_factory):
 def test_vault_client_reads_version_and_metadata(vault, worker_factory):
     w = worker_factory(vault)
     w.set_metadata({"rotation_state": "propagating", "new_version": "1"})
-    cfg = parse_config(w.config(), environ={})
+    cfg = parse_config(w.make_config(), environ={})
     client = VaultClient(cfg.vault)
     try:
         secret = client.read_kv(KV_MOUNT, w.key_path)
@@ -297,9 +297,8 @@ def test_vault_client_reads_version_and_metadata(vault, worker_factory):
 
 def test_all_addresses_down(vault, worker_factory):
     w = worker_factory(vault)
-    cfg = parse_config(
-        w.config(vault={"addrs": [f"https://127.0.0.1:{free_port()}"], "retries": 1}), environ={}
-    )
+    nowhere = f"https://127.0.0.1:{free_port()}"
+    cfg = parse_config(w.make_config(vault={"addrs": [nowhere], "retries": 1}), environ={})
     client = VaultClient(cfg.vault)
     try:
         with pytest.raises(VaultUnavailable):
@@ -316,7 +315,7 @@ def test_sd_notify_ready_after_the_key_is_loaded(vault, worker_factory, tmp_path
         sock.settimeout(20)
         w.start(wait=False, extra_env={"NOTIFY_SOCKET": str(path)})
         assert sock.recv(64) == b"READY=1"
-        status, health = w.health()  # ready means: listening, and the key is loaded
+        status, health = w.healthz()  # ready means: listening, and the key is loaded
         assert status == 200
         assert health["key_version"] == 1
         w.signal(signal.SIGTERM)
@@ -326,7 +325,7 @@ def test_sd_notify_ready_after_the_key_is_loaded(vault, worker_factory, tmp_path
 
 def _self_signed_ca() -> str:
     from cryptography.hazmat.primitives import serialization
-    from tools.local_vault import new_ca
+    from testkit.vault import new_ca
 
     _, cert = new_ca("not the kit CA")
     return cert.public_bytes(serialization.Encoding.PEM).decode()
@@ -338,7 +337,7 @@ def test_tls_is_verified(vault, worker_factory, tmp_path):
     other_ca = tmp_path / "other-ca.pem"
     other_ca.write_text(_self_signed_ca())
     for ca in (None, str(other_ca)):
-        raw = w.config(vault={"retries": 1})
+        raw = w.make_config(vault={"retries": 1})
         if ca:
             raw["vault"]["ca_file"] = ca
         else:
@@ -384,7 +383,7 @@ def test_sighup_while_the_first_vault_read_hangs_does_not_kill_the_worker(vault,
         time.sleep(1.0)
         assert w.proc is not None
         assert w.proc.poll() is None, f"worker died on SIGHUP:\n{w.log_tail()}"
-        status, _ = w.health()
+        status, _ = w.healthz()
         assert status == 503
         w.signal(signal.SIGTERM)
         assert w.proc.wait(timeout=30) == 0

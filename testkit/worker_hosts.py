@@ -7,20 +7,25 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
-from harness import new_tag, provision_vars, random_key, run_playbook
 
-from tools.host_image import CONTAINERS_CONF, remove_host, ssh_host_vars, start_host
+from testkit.creds import new_key, new_tag
+from testkit.hosts import CONTAINERS_CONF, remove_host, ssh_host_vars, start_host
+from testkit.net import free_port
+from testkit.playbook import inventory_data, provision_vars, run_playbook
 
 PLAYBOOK = "playbooks/deploy-workers.yml"
+# The worker's own status client, as an operator runs it on the host (roles/captcha_worker).
+STATUS_COMMAND = (
+    "/opt/captcha-solver/venv/bin/captcha-solver status --config /etc/captcha-solver/config.toml"
+)
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
 # Host paths the role creates; none of them may appear when it fails validation.
 ROLE_PATHS = (
@@ -29,12 +34,6 @@ ROLE_PATHS = (
     "/var/lib/captcha-solver",
     "/etc/systemd/system/captcha-solver.service",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -68,14 +67,10 @@ class Host:
         out = self.sh("systemctl show --property=MainPID --value captcha-solver.service")
         return int(out.stdout.strip())
 
-    def health(self, port: int) -> dict:
-        """The worker's /healthz, asked on the host's loopback."""
-        return json.loads(
-            self.sh(
-                "python3 -c 'import urllib.request;"
-                f'print(urllib.request.urlopen("http://127.0.0.1:{port}/healthz").read().decode())\''
-            ).stdout
-        )
+    def health(self) -> dict:
+        """The worker's /healthz as the solver's own ``captcha-solver status`` prints it on
+        the host, as an operator would ask it ({} when the worker does not answer)."""
+        return status_json(self.sh(STATUS_COMMAND, check=False).stdout)
 
 
 @contextmanager
@@ -102,9 +97,15 @@ class Deployment:
     def dev(self) -> str:
         return f"{self.tag}-dev"
 
-    def port(self, host: Host) -> int:
-        hosts = yaml.safe_load(self.inventory.read_text())["all"]["children"]["workers"]["hosts"]
-        return int(hosts[host.name]["captcha_worker_port"])
+
+def status_json(stdout: str) -> dict[str, Any]:
+    """The /healthz body ``captcha-solver status`` printed ({} when the worker did not answer)."""
+    return json.loads(stdout) if stdout.strip() else {}
+
+
+def ssh_worker(ssh_port: int, env: str, port: int) -> dict[str, Any]:
+    """Inventory vars of a worker host container reached over SSH (as production hosts are)."""
+    return {**ssh_host_vars(ssh_port), "captcha_worker_env": env, "captcha_worker_port": port}
 
 
 def worker_inventory(
@@ -119,39 +120,21 @@ def worker_inventory(
 ) -> dict:
     """An inventory of the controller (local) and one worker container of ``env`` on a free
     loopback port, with the kit's shared settings for the given Vault names."""
-    return {
-        "all": {
-            "hosts": {
-                "localhost": {
-                    "ansible_connection": "local",
-                    "ansible_python_interpreter": sys.executable,
-                }
-            },
-            "children": {
-                "workers": {
-                    "hosts": {
-                        host.name: {
-                            **ssh_host_vars(host.ssh_port),
-                            "captcha_worker_env": env,
-                            "captcha_worker_port": free_port(),
-                        }
-                    }
-                }
-            },
-            "vars": {
-                "captcha_kit_envs": envs,
-                "captcha_kit_vault_addr": vault_addr,
-                "captcha_kit_vault_addrs": [vault_addr],
-                "captcha_kit_vault_cacert": str(ca_file),
-                "captcha_kit_kv_mount": kv_mount,
-                "captcha_kit_key_path_prefix": "captchaai",
-                "captcha_kit_approle_mount": approle_mount,
-                "captcha_kit_refresh_interval": 30,
-                "captcha_kit_refresh_jitter": 0.1,
-                "captcha_kit_provider_url": "http://127.0.0.1:18350",
-            },
-        }
-    }
+    return inventory_data(
+        {"workers": {host.name: ssh_worker(host.ssh_port, env, free_port())}},
+        {
+            "captcha_kit_envs": envs,
+            "captcha_kit_vault_addr": vault_addr,
+            "captcha_kit_vault_addrs": [vault_addr],
+            "captcha_kit_vault_cacert": str(ca_file),
+            "captcha_kit_kv_mount": kv_mount,
+            "captcha_kit_key_path_prefix": "captchaai",
+            "captcha_kit_approle_mount": approle_mount,
+            "captcha_kit_refresh_interval": 30,
+            "captcha_kit_refresh_jitter": 0.1,
+            "captcha_kit_provider_url": "http://127.0.0.1:18350",
+        },
+    )
 
 
 def make_deployment(vault, host: Host, directory: Path) -> Deployment:
@@ -162,7 +145,7 @@ def make_deployment(vault, host: Host, directory: Path) -> Deployment:
         vault,
         tag,
         vault_provision_envs=[f"{tag}-dev"],
-        vault_provision_first_keys={f"{tag}-dev": random_key()},
+        vault_provision_first_keys={f"{tag}-dev": new_key()},
     )
     result = run_playbook("playbooks/provision-vault.yml", vault=vault, extra_vars=provision)
     assert result.rc == 0, result.failure_messages()

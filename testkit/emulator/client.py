@@ -164,7 +164,7 @@ def options_to_argv(opts: Mapping[str, Any]) -> list[str]:
 
 
 class EmulatorProcess:
-    """Start ``python -m tools.captchaai_emulator`` as a subprocess and wait until ready.
+    """Start ``python -m testkit.emulator`` as a subprocess and wait until ready.
 
     ``with EmulatorProcess(18350, 18351, solve_delay="fixed:1", time_scale=0.01) as emu:``
     then ``emu.url``, ``emu.admin_url``, ``emu.admin`` (an ``EmulatorAdmin``).
@@ -233,7 +233,7 @@ class EmulatorProcess:
         argv = [
             sys.executable,
             "-m",
-            "tools.captchaai_emulator",
+            "testkit.emulator",
             "--host",
             self.host,
             "--port",
@@ -302,3 +302,58 @@ class EmulatorProcess:
 
 
 __all__ = ["EmulatorAdmin", "EmulatorAdminError", "EmulatorProcess", "mask_key"]
+
+
+def start_detached(
+    port: int, admin_port: int, directory: Path, args: Iterable[str] = (), timeout: float = 15.0
+) -> str:
+    """Start an emulator that outlives the caller (the demo's, the molecule scenarios'), its
+    pid in ``directory/emulator.pid`` and its log beside it, unless one already answers on
+    ``admin_port``: "running" or "started"."""
+    admin = EmulatorAdmin(f"http://127.0.0.1:{admin_port}")
+    if admin.health():
+        return "running"
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / "emulator.log"
+    argv = [sys.executable, "-m", "testkit.emulator", "--port", str(port)]
+    argv += ["--admin-port", str(admin_port), *args]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    (directory / "emulator.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while not admin.health():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the emulator exited at start-up; see {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the emulator did not answer within {timeout} s; see {log}")
+        time.sleep(0.05)
+    return "started"
+
+
+def stop_detached(directory: Path) -> str:
+    """Stop the emulator ``start_detached`` started in ``directory`` (by its pid file; one
+    started elsewhere is left alone): "stopped", "killed", "already gone", "not started here"."""
+    pid_file = directory / "emulator.pid"
+    if not pid_file.exists():
+        return "not started here"
+    pid = int(pid_file.read_text().strip())
+    pid_file.unlink()
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "already gone"
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "stopped"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return "killed"

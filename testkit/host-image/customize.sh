@@ -35,7 +35,7 @@ printf 'deploy ALL=(ALL:ALL) NOPASSWD: ALL\n' >"$root/etc/sudoers.d/deploy"
 chmod 0440 "$root/etc/sudoers.d/deploy"
 
 # sshd: loopback only, keys only, only `deploy`; each host gets its own port when it starts
-# (tools/host_image.py writes /etc/ssh/captcha-kit/port.conf), so sshd waits for that file.
+# (testkit/hosts.py writes /etc/ssh/captcha-kit/port.conf), so sshd waits for that file.
 cat >"$root/etc/ssh/sshd_config.d/10-captcha-kit.conf" <<'CONF'
 Include /etc/ssh/captcha-kit/*.conf
 ListenAddress 127.0.0.1
@@ -58,4 +58,4 @@ rm -f "$root"/etc/ssh/ssh_host_*
 
 # No package cache in the image.
 rm -f "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin
-# (tools/host_image.py dates /var/lib/apt/lists at the epoch after mmdebstrap cleans it.)
+# (testkit/hosts.py dates /var/lib/apt/lists at the epoch after mmdebstrap cleans it.)

@@ -13,7 +13,7 @@ State directory (default ``.state/vault``; git-ignored, secret files 0600)::
 
 CLI::
 
-    python -m tools.local_vault {start,stop,status,env} [--state-dir D] [--port N] [--nodes 3]
+    python -m testkit.vault {start,stop,status,env} [--state-dir D] [--port N] [--nodes 3]
 
 ``start`` and ``env`` print shell ``export`` lines for VAULT_ADDR, VAULT_CACERT and VAULT_TOKEN
 (and, for a cluster, CAPTCHA_KIT_VAULT_ADDRS: the other nodes, for the captcha_kit.vault
@@ -226,7 +226,7 @@ class BaoNode:
             for addr in self.retry_join
         )
         return (
-            "# Written by tools/local_vault.py; regenerated on every start.\n"
+            "# Written by testkit/vault.py; regenerated on every start.\n"
             "ui = false\n"
             "disable_mlock = true\n"
             # Standbys would answer reads from their own (possibly lagging) copy otherwise.
@@ -505,7 +505,7 @@ class LocalVault:
             return self.token_file.read_text().strip()
         except FileNotFoundError:
             raise LocalVaultError(
-                f"no root token in {self.state_dir}: run `python -m tools.local_vault start`"
+                f"no root token in {self.state_dir}: run `python -m testkit.vault start`"
             ) from None
 
     def env(self) -> dict[str, str]:
@@ -694,7 +694,7 @@ class LocalVault:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.local_vault", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testkit.vault", description=__doc__)
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
     parser.add_argument("--state-dir", type=Path, default=None)
     parser.add_argument("--port", type=int, default=None)
@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(vault.shell_exports())
     except LocalVaultError as exc:
-        print(f"local_vault: {exc}", file=sys.stderr)
+        print(f"testkit.vault: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,4 +1,4 @@
-"""``python -m tools.captchaai_emulator --port P --admin-port A [--solve-delay SPEC] …``"""
+"""``python -m testkit.emulator --port P --admin-port A [--solve-delay SPEC] …``"""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     d = Options()
     p = argparse.ArgumentParser(
-        prog="python -m tools.captchaai_emulator",
+        prog="python -m testkit.emulator",
         description="CaptchaAI / 2captcha protocol emulator (in.php, res.php) with an admin API.",
     )
     p.add_argument("--host", default="127.0.0.1", help="loopback address (default %(default)s)")
@@ -90,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             for entry in json.loads(args.keys_file.read_text()):
                 emu.add_key(entry["key"], entry.get("balance"), entry.get("max_slots"))
     except (ValueError, OSError, KeyError, TypeError) as exc:
-        print(f"captchaai_emulator: {exc}", file=sys.stderr)
+        print(f"testkit.emulator: {exc}", file=sys.stderr)
         return 2
     server = EmulatorServer(args.port, args.admin_port, host=args.host, emulator=emu)
     try:
         asyncio.run(serve_forever(server))
     except OSError as exc:
-        print(f"captchaai_emulator: cannot listen: {exc}", file=sys.stderr)
+        print(f"testkit.emulator: cannot listen: {exc}", file=sys.stderr)
         return 1
     return 0
 

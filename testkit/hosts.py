@@ -1,11 +1,11 @@
 """Build the Debian bookworm systemd image that stands in for worker hosts.
 
-``python -m tools.host_image build`` bootstraps the image with mmdebstrap from Debian packages
+``python -m testkit.hosts build`` bootstraps the image with mmdebstrap from Debian packages
 (the host's own apt sources, so no mirror is named here), imports it into podman with
 ``/sbin/init`` as its command, and labels it with a hash of its recipe. When the image already
 carries the label of the current recipe the build is skipped.
 
-Podman settings for this kind of machine (runc, ulimits) live in ``tools/containers.conf``; this
+Podman settings for this kind of machine (runc, ulimits) live in ``testkit/containers.conf``; this
 module points ``CONTAINERS_CONF`` at it when the caller has not.
 """
 
@@ -26,9 +26,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TOOLS_DIR = Path(__file__).resolve().parent
-RECIPE_DIR = TOOLS_DIR / "host-image"
-CONTAINERS_CONF = TOOLS_DIR / "containers.conf"
+KIT_DIR = Path(__file__).resolve().parent
+RECIPE_DIR = KIT_DIR / "host-image"
+CONTAINERS_CONF = KIT_DIR / "containers.conf"
 
 IMAGE = "localhost/captcha-kit-host:bookworm"
 SUITE = "bookworm"
@@ -43,7 +43,7 @@ DEFAULT_SOURCES = (
 )
 DEFAULT_CA_DIR = Path("/usr/local/share/ca-certificates")
 HOOK_DIR = Path("/usr/share/mmdebstrap/hooks/merged-usr")
-REPO_ROOT = TOOLS_DIR.parent
+REPO_ROOT = KIT_DIR.parent
 # Ansible's user on every host: SSH key only, passwordless sudo (customize.sh), as in production.
 SSH_USER = "deploy"
 DEFAULT_SSH_KEY = REPO_ROOT / ".state" / "ssh" / "id_ed25519"
@@ -391,7 +391,7 @@ def smoke(image: str = IMAGE, timeout: int = 120) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.host_image", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testkit.hosts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_build = sub.add_parser("build", help="build the image unless its recipe is unchanged")
     p_build.add_argument("--force", action="store_true", help="rebuild even when current")
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "smoke":
             print(f"systemd in {IMAGE}: {smoke()}")
     except HostImageError as exc:
-        print(f"host_image: {exc}", file=sys.stderr)
+        print(f"testkit.hosts: {exc}", file=sys.stderr)
         return 1
     return 0
 

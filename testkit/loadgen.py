@@ -6,7 +6,7 @@ or error code of each failure). Used by the fault tests, the benchmarks and the 
 
 CLI::
 
-    python -m tools.loadgen --worker http://127.0.0.1:18401 --worker http://127.0.0.1:18402 \\
+    python -m testkit.loadgen --worker http://127.0.0.1:18401 --worker http://127.0.0.1:18402 \\
         --clients 8 --duration 30 [--pause 0.2] [--max-requests 1000] [--timeout 60] [--out F]
 
 prints a JSON summary (and writes it to ``--out``)::
@@ -264,7 +264,7 @@ class LoadGenerator:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.loadgen", description=__doc__.split("\n\n")[0]
+        prog="python -m testkit.loadgen", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--worker", action="append", required=True, help="worker base URL")
     parser.add_argument("--clients", type=int, default=4)

@@ -1,0 +1,326 @@
+"""Fixtures and helpers of the key rotation suites (tests/test_rotation_*.py).
+
+Everything is real and on 127.0.0.1: the test OpenBao (``.state/test/vault``, port 18250)
+provisioned once per session by the kit's own ``playbooks/provision-vault.yml`` for a few
+rotation-only environments named per session (``r<4 hex>-<n>``, so neither other suites nor a
+concurrent session of this one are touched; each test resets the env it takes), the CaptchaAI
+emulator, and workers that are real ``captcha-solver serve`` processes on the controller, each
+logged in with its env's worker AppRole. Emulator and workers listen on free 127.0.0.1 ports.
+The workers are inventory hosts with a local connection, so the role polls their /healthz "from
+the worker host".
+
+Keys are generated at run time and reach ansible-playbook only through 0600 extra-vars files;
+every playbook run is checked for leaked keys and tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hvac
+import pytest
+
+from testkit.creds import assert_no_secrets, new_key, write_private
+from testkit.emulator import EmulatorProcess
+from testkit.net import free_port
+from testkit.paths import PROVISION, REPO, ROTATE
+from testkit.playbook import (
+    ansible_env,
+    playbook_argv,
+    process_host,
+    provision_inventory,
+    run_playbook,
+)
+from testkit.playbook import (
+    write_inventory as write_yaml_inventory,
+)
+from testkit.vault import LocalVault
+from testkit.vault_ops import approle_files
+from testkit.worker import WorkerProc, worker_config
+
+# Several sessions (a developer, CI, a molecule run with workers on 18451+) may share this
+# machine and the test OpenBao: each session has its own env names and free loopback ports.
+SESSION = secrets.token_hex(2)
+ENVS = [f"r{SESSION}-{i}" for i in range(1, 5)]
+_ENV_POOL = itertools.cycle(ENVS)
+REFRESH_INTERVAL = 2.0
+REFRESH_JITTER = 0.1
+
+
+# --------------------------------------------------------------------------- session parts
+
+
+# ``vault`` and ``vault_client`` (the test OpenBao, a root client) come from testkit.fixtures.
+@pytest.fixture(scope="session")
+def admin(vault_client: hvac.Client) -> hvac.Client:
+    return vault_client
+
+
+@pytest.fixture(scope="session")
+def provisioned(vault: LocalVault, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Run the kit's provision playbook once for the rotation env pool (real policies, roles)."""
+    inventory = provision_inventory(
+        vault,
+        ENVS,
+        tmp_path_factory.mktemp("provision-inventory"),
+        {"vault_provision_audit_managed_externally": True},
+    )
+    run = run_playbook(PROVISION, vault=vault, inventory=inventory)
+    assert run.rc == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    return ENVS
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[EmulatorProcess]:
+    with EmulatorProcess(free_port(), free_port(), solve_delay="fixed:0.2", ban_threshold=0) as emu:
+        yield emu
+
+
+# --------------------------------------------------------------------------- one environment
+
+
+@dataclass
+class RotEnv:
+    """A freshly reset rotation environment with its first key in Vault and at the emulator."""
+
+    name: str
+    old_key: str
+    admin: hvac.Client
+    vault: LocalVault
+    emulator: EmulatorProcess
+    tmp: Path
+    secrets: list[str] = field(default_factory=list)
+
+    key_path = property(lambda self: f"captchaai/{self.name}")
+    staged_path = property(lambda self: f"captchaai-staged/{self.name}")
+
+    def metadata(self) -> dict[str, Any]:
+        return self.admin.secrets.kv.v2.read_secret_metadata(self.key_path, mount_point="secret")[
+            "data"
+        ]
+
+    def record(self) -> dict[str, str]:
+        return dict(self.metadata().get("custom_metadata") or {})
+
+    def current_version(self) -> int:
+        return int(self.metadata()["current_version"])
+
+    def read(self, version: int | None = None) -> dict[str, Any]:
+        return self.admin.secrets.kv.v2.read_secret_version(
+            self.key_path, version=version, mount_point="secret", raise_on_deleted_version=True
+        )["data"]["data"]
+
+    def current_key(self) -> str:
+        return self.read()["api_key"]
+
+    def stage(self, key: str) -> None:
+        """Stage a key the way a stager does: with a token of the captcha-stager-<env> policy."""
+        token = self.token(f"captcha-stager-{self.name}")
+        stager = hvac.Client(url=self.vault.addr, token=token, verify=str(self.vault.ca_file))
+        stager.secrets.kv.v2.create_or_update_secret(
+            self.staged_path, {"api_key": key}, cas=0, mount_point="secret"
+        )
+
+    def staged_exists(self) -> bool:
+        try:
+            self.admin.secrets.kv.v2.read_secret_metadata(self.staged_path, mount_point="secret")
+        except hvac.exceptions.InvalidPath:
+            return False
+        return True
+
+    def token(self, *policies: str) -> str:
+        tok = self.admin.auth.token.create(policies=list(policies), ttl="30m", no_parent=True)
+        value = tok["auth"]["client_token"]
+        self.secrets.append(value)
+        return value
+
+    def rotator_token(self) -> str:
+        return self.token(f"captcha-rotator-{self.name}")
+
+    def approle_files(self, role: str) -> tuple[Path, Path]:
+        """role-id and a fresh secret-id of an AppRole, in 0600 files."""
+        files = approle_files(self.admin, role, self.tmp / f"creds-{role}")
+        self.secrets.append(files[1].read_text().strip())
+        return files
+
+
+@pytest.fixture
+def rot_env(
+    provisioned: list[str],
+    admin: hvac.Client,
+    vault: LocalVault,
+    emulator: EmulatorProcess,
+    tmp_path: Path,
+) -> RotEnv:
+    name = next(_ENV_POOL)  # reused in turn: reset below, workers of earlier tests stopped
+    for path in (f"captchaai/{name}", f"captchaai-staged/{name}"):
+        with contextlib.suppress(hvac.exceptions.InvalidPath):
+            admin.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point="secret")
+    old = new_key()
+    admin.secrets.kv.v2.create_or_update_secret(
+        f"captchaai/{name}", {"api_key": old}, cas=0, mount_point="secret"
+    )
+    emulator.admin.add_key(old, balance=10.0)
+    return RotEnv(name, old, admin, vault, emulator, tmp_path, secrets=[old])
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@pytest.fixture
+def start_workers(rot_env: RotEnv) -> Iterator[Any]:
+    """``start_workers(n)`` -> n running ``captcha-solver serve`` workers of the env."""
+    started: list[WorkerProc] = []
+
+    def factory(n: int) -> list[WorkerProc]:
+        role_id_file, secret_id_file = rot_env.approle_files(f"captcha-worker-{rot_env.name}")
+        workers = []
+        for i in range(n):
+            name = f"worker-{rot_env.name}-{i + 1}"
+            config = worker_config(
+                env=rot_env.name,
+                port=free_port(),
+                vault_addrs=[rot_env.vault.addr],
+                ca_file=rot_env.vault.ca_file,
+                role_id_file=role_id_file,
+                secret_id_file=secret_id_file,
+                provider_url=rot_env.emulator.url,
+                refresh_interval=REFRESH_INTERVAL,
+                refresh_jitter=REFRESH_JITTER,
+                settings={"logging": {"level": "WARNING"}},
+            )
+            worker = WorkerProc(name, rot_env.tmp / name, config)
+            started.append(worker)
+            worker.start(timeout=30)
+            workers.append(worker)
+        return workers
+
+    yield factory
+    for w in started:
+        w.stop()
+
+
+# --------------------------------------------------------------------------- playbook runs
+
+
+def rotation_inventory(
+    directory: Path,
+    *,
+    env: str,
+    envs: list[str],
+    vault: LocalVault,
+    provider_url: str,
+    workers: list[WorkerProc] | list[tuple[str, int]] = (),
+    vault_addr: str | None = None,
+    window_margin: float = 8,
+    extra_vars: dict[str, Any] | None = None,
+) -> Path:
+    """An inventory for playbooks/rotate-key.yml: localhost plus each worker process as a host
+    of ``workers`` with a local connection. The workers are processes, not systemd units: no
+    nudge; they pick the key up on their refresh."""
+    hosts = {}
+    for w in workers:
+        name, port = (w.name, w.port) if isinstance(w, WorkerProc) else w
+        hosts[name] = process_host(env, port)
+    return write_yaml_inventory(
+        directory,
+        {"workers": hosts},
+        {
+            "captcha_kit_envs": envs,
+            "captcha_kit_vault_addr": vault_addr or vault.addr,
+            "captcha_kit_vault_cacert": str(vault.ca_file),
+            "captcha_kit_refresh_interval": REFRESH_INTERVAL,
+            "captcha_kit_refresh_jitter": REFRESH_JITTER,
+            "captcha_kit_provider_url": provider_url,
+            "key_rotation_nudge": False,
+            "key_rotation_window_margin": window_margin,
+            "key_rotation_poll_delay": 1,
+            **(extra_vars or {}),
+        },
+    )
+
+
+def rotation_vars(directory: Path, env: str, variables: dict[str, Any]) -> tuple[Path, Path]:
+    """A 0600 extra-vars file for a rotation run of ``env`` and the path of its status file."""
+    status = directory / f"status-{secrets.token_hex(3)}.json"
+    data = {"key_rotation_env": env, "key_rotation_status_file": str(status)} | variables
+    vars_file = write_private(directory / f"vars-{secrets.token_hex(3)}.json", json.dumps(data))
+    return vars_file, status
+
+
+def write_inventory(
+    rot_env: RotEnv,
+    workers: list[WorkerProc] | list[tuple[str, int]] = (),
+    extra_vars: dict[str, Any] | None = None,
+) -> Path:
+    """The rotation inventory of a ``RotEnv`` (the env pool's names, the session emulator)."""
+    return rotation_inventory(
+        rot_env.tmp,
+        env=rot_env.name,
+        envs=ENVS,
+        vault=rot_env.vault,
+        provider_url=rot_env.emulator.url,
+        workers=workers,
+        extra_vars=extra_vars,
+    )
+
+
+@dataclass
+class Run:
+    rc: int
+    stdout: str
+    stderr: str
+    status: dict[str, Any]
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def rotation_argv(
+    rot_env: RotEnv, inventory: Path, variables: dict[str, Any], check: bool
+) -> tuple[list[str], Path]:
+    vars_file, status_file = rotation_vars(rot_env.tmp, rot_env.name, variables)
+    return playbook_argv(ROTATE, inventory, vars_file, ["--check", "--diff"] if check else []), (
+        status_file
+    )
+
+
+def rotation_env(rot_env: RotEnv, token: str | None = None) -> dict[str, str]:
+    """The environment of a rotation run: the test Vault's address and CA, ``token`` if any."""
+    return ansible_env(rot_env.vault, token=token)
+
+
+def run_rotation(
+    rot_env: RotEnv,
+    inventory: Path,
+    variables: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    check: bool = False,
+    timeout: float = 300,
+) -> Run:
+    """Run playbooks/rotate-key.yml unattended-style (no TTY); check the output for secrets."""
+    argv, status_file = rotation_argv(rot_env, inventory, variables or {}, check)
+    proc = subprocess.run(
+        argv,
+        cwd=REPO,
+        env=rotation_env(rot_env, token),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    run = Run(proc.returncode, proc.stdout, proc.stderr, status)
+    assert_no_secrets(run.output + json.dumps(status), rot_env.secrets)
+    return run
