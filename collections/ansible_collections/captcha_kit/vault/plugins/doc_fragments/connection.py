@@ -1,15 +1,19 @@
 # Copyright: captcha key vault kit contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Documentation of the connection options every captcha_kit.vault module shares."""
+"""Documentation every captcha_kit.vault module shares: author, connection options, check and
+diff mode."""
 
 from __future__ import annotations
 
 
 class ModuleDocFragment:
-    """Use with ``extends_documentation_fragment: [captcha_kit.vault.connection]`` plus
-    ``captcha_kit.vault.connection.changes`` (check and diff mode) or ``...connection.no_diff``."""
+    """Use with ``extends_documentation_fragment: [captcha_kit.vault.connection]`` (the
+    connection options and check mode) plus ``captcha_kit.vault.connection.changes`` (diff mode)
+    or ``captcha_kit.vault.connection.no_diff`` (no diff)."""
 
     DOCUMENTATION = r"""
+author:
+  - captcha key vault kit contributors
 options:
   url:
     description: Vault address, for example C(https://127.0.0.1:8200). Defaults to E(VAULT_ADDR).
@@ -41,17 +45,19 @@ options:
         backoff from 0.25 s to 2 s. Client errors (4xx) and TLS errors are never retried.
       - Defaults to E(CAPTCHA_KIT_VAULT_RETRY_TIMEOUT), else 30.
     type: float
-requirements:
-  - hvac
-"""
-
-    # Attributes, one fragment per kind of module (the kit's modules all support check mode).
-    CHANGES = r"""
-options: {}
 attributes:
   check_mode:
     description: Reads and compares, reports what would change, writes nothing.
     support: full
+requirements:
+  - hvac
+"""
+
+    # Diff mode, one fragment per kind of module (check mode is above: all the kit's modules
+    # support it).
+    CHANGES = r"""
+options: {}
+attributes:
   diff_mode:
     description: Shows the settings (never a secret) before and after.
     support: full
@@ -60,9 +66,6 @@ attributes:
     NO_DIFF = r"""
 options: {}
 attributes:
-  check_mode:
-    description: Reads and compares, reports what would change, writes nothing.
-    support: full
   diff_mode:
     description: No diff; the values handled are secrets or carry none.
     support: none

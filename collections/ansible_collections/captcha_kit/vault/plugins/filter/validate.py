@@ -22,26 +22,25 @@ def _items(values):
     return list(values)
 
 
-def cidr_errors(values):
-    """Messages for each malformed CIDR or address in ``values``."""
+def _errors(check, values):
+    """The message of each value in ``values`` that ``check`` refuses with ``ValueError``."""
     errors = []
     for value in _items(values):
         try:
-            normalize_cidr(value)
+            check(value)
         except ValueError as exc:
             errors.append(str(exc))
     return errors
+
+
+def cidr_errors(values):
+    """Messages for each malformed CIDR or address in ``values``."""
+    return _errors(normalize_cidr, values)
 
 
 def duration_errors(values):
     """Messages for each value in ``values`` that is not a duration (``300``, ``5m``, ``1h30m``)."""
-    errors = []
-    for value in _items(values):
-        try:
-            ttl_to_seconds(value)
-        except ValueError as exc:
-            errors.append(str(exc))
-    return errors
+    return _errors(ttl_to_seconds, values)
 
 
 class FilterModule:

@@ -37,6 +37,27 @@ Connection
         Alias of ``hvac.exceptions.InvalidPath`` (404) for ``except`` clauses; a placeholder
         exception class when hvac is missing.
 
+Running a module
+    ``run_module(options, handler, **module_kwargs)``
+        The ``main()`` of a kit module: builds the ``AnsibleModule`` (connection options plus
+        ``options``, check mode supported, ``module_kwargs`` such as ``mutually_exclusive``
+        passed on), calls ``handler(module)`` and exits with the result dict it returns. A
+        handler checks its input first and calls ``get_client`` only then (the kit's modules all
+        do), so bad input fails before any Vault call.
+
+    ``duration_or_fail(module, label, value) -> int``
+        ``ttl_to_seconds(value)``, or ``fail_json`` with ``"<label>: <why>"``.
+
+    ``batch_items(module, option, fields) -> (batch, items)``
+        For modules that take one thing (``name`` plus ``fields``) or many (``option``, a list of
+        dicts with ``name``): whether ``option`` was given, and the items as dicts. Fails when a
+        name is repeated.
+
+    ``batch_result(module, option, batch, results) -> dict``
+        The module result from one result per item (each with ``name``, ``changed`` and
+        ``diff``): the item's own result, or ``{"changed": any, option: results}`` for a batch.
+        In diff mode the diff is the item's, or the list of the diffs of the changed items.
+
 HA (a raft cluster: leader changes, nodes down)
     ``RetryingAdapter``: the hvac adapter ``get_client`` uses. Each request is sent to the
     address that answered last; on a connection error (not a TLS error), a 5xx answer (500
@@ -74,7 +95,7 @@ import re
 import time
 import traceback
 
-from ansible.module_utils.basic import env_fallback, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
 
 HVAC_IMPORT_ERROR = None
 try:
@@ -111,6 +132,51 @@ def vault_argument_spec(**extra):
     }
     spec.update(extra)
     return spec
+
+
+def run_module(options, handler, **module_kwargs):
+    """Build the module (connection options + ``options``), exit with ``handler``'s result."""
+    module = AnsibleModule(
+        argument_spec=vault_argument_spec(**options),
+        supports_check_mode=True,
+        **module_kwargs,
+    )
+    module.exit_json(**handler(module))
+
+
+def duration_or_fail(module, label, value):
+    """``value`` in seconds (see ``ttl_to_seconds``); a bad value fails with ``label``."""
+    try:
+        return ttl_to_seconds(value)
+    except ValueError as exc:
+        module.fail_json(msg=f"{label}: {exc}")
+    return None  # not reached: fail_json exits
+
+
+def batch_items(module, option, fields):
+    """``(batch, items)``: the list ``option`` if given, else one item of ``name`` + ``fields``."""
+    params = module.params
+    batch = params[option] is not None
+    items = params[option] if batch else [{f: params[f] for f in ("name", *fields)}]
+    names = [item["name"] for item in items]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        module.fail_json(msg=f"{option}: each name once; repeated: {', '.join(repeated)}")
+    return batch, items
+
+
+def batch_result(module, option, batch, results):
+    """The module result from the per-item results (their ``diff`` keys are taken out)."""
+    diffs = [r.pop("diff") for r in results]
+    if batch:
+        result = {"changed": any(r["changed"] for r in results), option: results}
+        diff = [d for d, r in zip(diffs, results, strict=True) if r["changed"]]
+    else:
+        result = dict(results[0])
+        diff = diffs[0]
+    if module._diff and diff:
+        result["diff"] = diff
+    return result
 
 
 def _connection_hint(module, exc):

@@ -86,8 +86,6 @@ options:
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.changes
-author:
-  - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
@@ -139,14 +137,15 @@ roles:
   elements: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     VaultNotFound,
+    batch_items,
+    batch_result,
     get_client,
     normalize_cidr_list,
     normalize_str_list,
+    run_module,
     ttl_to_seconds,
-    vault_argument_spec,
     vault_call,
 )
 
@@ -198,6 +197,19 @@ FIELD_SPEC = {
         "type": "str",
         "choices": ["default", "service", "batch", "default-service", "default-batch"],
     },
+}
+
+
+OPTIONS = {
+    "name": {"type": "str"},
+    "roles": {
+        "type": "list",
+        "elements": "dict",
+        "options": {"name": {"type": "str", "required": True}, **FIELD_SPEC},
+    },
+    "mount_point": {"type": "str", "default": "approle"},
+    "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
+    **FIELD_SPEC,
 }
 
 
@@ -284,46 +296,25 @@ def reconcile(module, client, mount, name, state, desired):
     return result
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(
-            name={"type": "str"},
-            roles={
-                "type": "list",
-                "elements": "dict",
-                "options": {"name": {"type": "str", "required": True}, **FIELD_SPEC},
-            },
-            mount_point={"type": "str", "default": "approle"},
-            state={"type": "str", "default": "present", "choices": ["present", "absent"]},
-            **FIELD_SPEC,
-        ),
-        mutually_exclusive=[("name", "roles"), *(("roles", field) for field in FIELD_SPEC)],
-        required_one_of=[("name", "roles")],
-        supports_check_mode=True,
-    )
-    p = module.params
-    mount = p["mount_point"].strip("/")
-    batch = p["roles"] is not None
-    items = p["roles"] if batch else [{f: p[f] for f in ("name", *FIELD_SPEC)}]
-    names = [item["name"] for item in items]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        module.fail_json(msg=f"roles: each name once; repeated: {', '.join(repeated)}")
+def ensure_roles(module):
+    """Check every item, then reconcile each role; the module result."""
+    mount = module.params["mount_point"].strip("/")
+    batch, items = batch_items(module, "roles", FIELD_SPEC)
     wanted = [(item["name"], desired_settings(module, item)) for item in items]
 
     client = get_client(module)
-    results = [reconcile(module, client, mount, name, p["state"], d) for name, d in wanted]
-    changed = any(r["changed"] for r in results)
-    diffs = [r.pop("diff") for r in results]
-    if batch:
-        result = {"changed": changed, "roles": results}
-        diff = [d for d, r in zip(diffs, results, strict=True) if r["changed"]]
-    else:
-        result = dict(results[0])
-        diff = diffs[0]
-    if module._diff and diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    state = module.params["state"]
+    results = [reconcile(module, client, mount, name, state, d) for name, d in wanted]
+    return batch_result(module, "roles", batch, results)
+
+
+def main():
+    run_module(
+        OPTIONS,
+        ensure_roles,
+        mutually_exclusive=[("name", "roles"), *(("roles", field) for field in FIELD_SPEC)],
+        required_one_of=[("name", "roles")],
+    )
 
 
 if __name__ == "__main__":

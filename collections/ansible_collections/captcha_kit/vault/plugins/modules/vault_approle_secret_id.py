@@ -88,8 +88,6 @@ options:
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.no_diff
-author:
-  - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
@@ -148,20 +146,31 @@ wrapped_accessor:
 """
 
 import datetime as dt
+import itertools
 
-from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     VaultNotFound,
+    duration_or_fail,
     get_client,
-    ttl_to_seconds,
-    vault_argument_spec,
+    run_module,
     vault_call,
 )
 
-try:
-    import hvac.exceptions as hvac_exceptions
-except ImportError:  # pragma: no cover - get_client reports the missing library
-    hvac_exceptions = None
+OPTIONS = {
+    "role_name": {"type": "str", "required": True},
+    "mount": {"type": "str", "default": "approle"},
+    "secret_id_present": {"type": "bool", "default": False},
+    "accessor": {"type": "str", "default": ""},
+    "min_ttl": {"type": "int", "default": 86400},
+    "force": {"type": "bool", "default": False},
+    "wrapped_pending": {"type": "bool", "default": False},
+    "wrapped_refused": {"type": "bool", "default": False},
+    "issue": {"type": "bool", "default": True},
+    "wrap_ttl": {"type": "str", "default": "120s"},
+    "metadata": {"type": "dict", "default": {}},
+    "cidr_list": {"type": "list", "elements": "str", "default": []},
+    "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
+}
 
 
 def _expires_in(expiration_time, now=None):
@@ -172,7 +181,7 @@ def _expires_in(expiration_time, now=None):
     # Vault prints nanoseconds; datetime takes at most microseconds.
     if "." in text:
         head, _, rest = text.partition(".")
-        digits = "".join(ch for ch in rest if ch.isdigit())
+        digits = "".join(itertools.takewhile(str.isdigit, rest))
         zone = rest[len(digits) :]
         text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
     when = dt.datetime.fromisoformat(text)
@@ -203,39 +212,8 @@ def _lookup_accessor(module, client, role, mount, accessor):
     return None
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(
-            role_name={"type": "str", "required": True},
-            mount={"type": "str", "default": "approle"},
-            secret_id_present={"type": "bool", "default": False},
-            accessor={"type": "str", "default": ""},
-            min_ttl={"type": "int", "default": 86400},
-            force={"type": "bool", "default": False},
-            wrapped_pending={"type": "bool", "default": False},
-            wrapped_refused={"type": "bool", "default": False},
-            issue={"type": "bool", "default": True},
-            wrap_ttl={"type": "str", "default": "120s"},
-            metadata={"type": "dict", "default": {}},
-            cidr_list={"type": "list", "elements": "str", "default": []},
-            state={"type": "str", "default": "present", "choices": ["present", "absent"]},
-        ),
-        required_if=[("state", "absent", ["accessor"])],
-        supports_check_mode=True,
-    )
-    p = module.params
-    role = p["role_name"]
-    mount = p["mount"].strip("/")
-    try:
-        wrap_ttl = ttl_to_seconds(p["wrap_ttl"])
-    except ValueError as exc:
-        module.fail_json(msg=f"wrap_ttl: {exc}")
-    if wrap_ttl <= 0:
-        module.fail_json(msg="wrap_ttl must be a positive duration, e.g. 120s")
-    if p["min_ttl"] < 0:
-        module.fail_json(msg="min_ttl must not be negative")
-
-    client = get_client(module)
+def read_role_id(module, client, role, mount):
+    """The role-id of ``role``; a missing role fails (the environment is not provisioned)."""
     try:
         response = vault_call(
             module,
@@ -252,63 +230,109 @@ def main():
     role_id = ((response or {}).get("data") or {}).get("role_id")
     if not role_id:
         module.fail_json(msg=f"Vault returned no role-id for AppRole role {role}")
+    return role_id
 
-    accessor = (p["accessor"] or "").strip()
-    if p["state"] == "absent":
-        if not accessor:
-            module.fail_json(msg="state=absent needs the accessor of the secret-id to destroy")
-        known = _lookup_accessor(module, client, role, mount, accessor) is not None
-        if known and not module.check_mode:
-            vault_call(
-                module,
-                f"destroy a secret-id of AppRole role {role}",
-                client.auth.approle.destroy_secret_id_accessor,
-                role,
-                accessor,
-                mount_point=mount,
-            )
-        module.exit_json(
-            changed=known,
-            role_id=role_id,
-            needs_issue=False,
-            reason="destroyed the secret-id" if known else "Vault does not know that secret-id",
-            expires_in=None,
-            issued=False,
+
+def destroy(module, client, role, mount, role_id, accessor):
+    """state=absent: destroy the secret-id of ``accessor`` if Vault knows it; the result."""
+    known = _lookup_accessor(module, client, role, mount, accessor) is not None
+    if known and not module.check_mode:
+        vault_call(
+            module,
+            f"destroy a secret-id of AppRole role {role}",
+            client.auth.approle.destroy_secret_id_accessor,
+            role,
+            accessor,
+            mount_point=mount,
         )
+    return {
+        "changed": known,
+        "role_id": role_id,
+        "needs_issue": False,
+        "reason": "destroyed the secret-id" if known else "Vault does not know that secret-id",
+        "expires_in": None,
+        "issued": False,
+    }
 
-    expires_in = None
+
+def needs_new_secret_id(module, client, role, mount, accessor):
+    """``(needs, reason, expires_in)``: whether the host needs a new secret-id, and why."""
+    p = module.params
     if p["force"]:
-        needs, reason = True, "a new secret-id was requested (force)"
-    elif p["wrapped_refused"]:
-        needs = True
-        reason = (
+        return True, "a new secret-id was requested (force)", None
+    if p["wrapped_refused"]:
+        return (
+            True,
             "the worker refused a wrapped secret-id (already used or expired: possibly"
-            " intercepted); a new one is delivered and the host's other secret-ids destroyed"
+            " intercepted); a new one is delivered and the host's other secret-ids destroyed",
+            None,
         )
-    elif p["wrapped_pending"]:
-        needs, reason = True, "a wrapped secret-id is waiting on the host, not taken by the worker"
-    elif not p["secret_id_present"]:
-        needs, reason = True, "the host has no secret-id yet"
-    elif not accessor:
-        needs, reason = True, "the host's secret-id accessor is unknown"
-    else:
-        info = _lookup_accessor(module, client, role, mount, accessor)
-        if info is None:
-            needs, reason = True, "Vault does not know the host's secret-id (revoked or expired)"
-        else:
-            expires_in = _expires_in(info.get("expiration_time"))
-            uses = info.get("secret_id_num_uses")
-            if expires_in is not None and expires_in <= p["min_ttl"]:
-                needs = True
-                reason = f"the host's secret-id expires in {max(expires_in, 0)} s"
-            elif uses is not None and int(uses) < 0:
-                needs, reason = True, "the host's secret-id has no uses left"
-            else:
-                needs = False
-                reason = "the host's secret-id is valid" + (
-                    f" for {expires_in} s" if expires_in is not None else " (no expiry)"
-                )
+    if p["wrapped_pending"]:
+        return True, "a wrapped secret-id is waiting on the host, not taken by the worker", None
+    if not p["secret_id_present"]:
+        return True, "the host has no secret-id yet", None
+    if not accessor:
+        return True, "the host's secret-id accessor is unknown", None
+    info = _lookup_accessor(module, client, role, mount, accessor)
+    if info is None:
+        return True, "Vault does not know the host's secret-id (revoked or expired)", None
+    expires_in = _expires_in(info.get("expiration_time"))
+    uses = info.get("secret_id_num_uses")
+    if expires_in is not None and expires_in <= p["min_ttl"]:
+        return True, f"the host's secret-id expires in {max(expires_in, 0)} s", expires_in
+    if uses is not None and int(uses) < 0:
+        return True, "the host's secret-id has no uses left", expires_in
+    reason = "the host's secret-id is valid" + (
+        f" for {expires_in} s" if expires_in is not None else " (no expiry)"
+    )
+    return False, reason, expires_in
 
+
+def issue_wrapped(module, client, role, mount, wrap_ttl):
+    """Issue a response-wrapped secret-id: the result keys of the wrapping token."""
+    p = module.params
+    response = vault_call(
+        module,
+        f"issue a wrapped secret-id for AppRole role {role}",
+        client.auth.approle.generate_secret_id,
+        role,
+        metadata=p["metadata"] or None,
+        cidr_list=p["cidr_list"] or None,
+        mount_point=mount,
+        wrap_ttl=f"{wrap_ttl}s",
+    )
+    wrap = (response or {}).get("wrap_info") or {}
+    if not wrap.get("token"):
+        module.fail_json(msg=f"Vault did not wrap the secret-id of AppRole role {role}")
+    return {
+        "issued": True,
+        "wrap_token": wrap["token"],
+        "wrap_accessor": wrap.get("accessor", ""),
+        "wrapped_accessor": wrap.get("wrapped_accessor", ""),
+        "wrap_ttl": int(wrap.get("ttl") or wrap_ttl),
+    }
+
+
+def ensure_secret_id(module):
+    """Check the input, read the role-id, then destroy, or issue when needed; the result."""
+    p = module.params
+    role = p["role_name"]
+    mount = p["mount"].strip("/")
+    wrap_ttl = duration_or_fail(module, "wrap_ttl", p["wrap_ttl"])
+    if wrap_ttl <= 0:
+        module.fail_json(msg="wrap_ttl must be a positive duration, e.g. 120s")
+    if p["min_ttl"] < 0:
+        module.fail_json(msg="min_ttl must not be negative")
+    accessor = (p["accessor"] or "").strip()
+    if p["state"] == "absent" and not accessor:
+        module.fail_json(msg="state=absent needs the accessor of the secret-id to destroy")
+
+    client = get_client(module)
+    role_id = read_role_id(module, client, role, mount)
+    if p["state"] == "absent":
+        return destroy(module, client, role, mount, role_id, accessor)
+
+    needs, reason, expires_in = needs_new_secret_id(module, client, role, mount, accessor)
     result = {
         "changed": False,
         "role_id": role_id,
@@ -320,27 +344,12 @@ def main():
     if needs and p["issue"]:
         result["changed"] = True
         if not module.check_mode:
-            response = vault_call(
-                module,
-                f"issue a wrapped secret-id for AppRole role {role}",
-                client.auth.approle.generate_secret_id,
-                role,
-                metadata=p["metadata"] or None,
-                cidr_list=p["cidr_list"] or None,
-                mount_point=mount,
-                wrap_ttl=f"{wrap_ttl}s",
-            )
-            wrap = (response or {}).get("wrap_info") or {}
-            if not wrap.get("token"):
-                module.fail_json(msg=f"Vault did not wrap the secret-id of AppRole role {role}")
-            result.update(
-                issued=True,
-                wrap_token=wrap["token"],
-                wrap_accessor=wrap.get("accessor", ""),
-                wrapped_accessor=wrap.get("wrapped_accessor", ""),
-                wrap_ttl=int(wrap.get("ttl") or wrap_ttl),
-            )
-    module.exit_json(**result)
+            result.update(issue_wrapped(module, client, role, mount, wrap_ttl))
+    return result
+
+
+def main():
+    run_module(OPTIONS, ensure_secret_id, required_if=[("state", "absent", ["accessor"])])
 
 
 if __name__ == "__main__":

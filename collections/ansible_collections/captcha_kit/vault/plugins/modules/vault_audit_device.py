@@ -44,8 +44,6 @@ options:
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.changes
-author:
-  - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
@@ -71,17 +69,25 @@ devices:
 
 import posixpath
 
-from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     get_client,
-    vault_argument_spec,
+    run_module,
     vault_call,
 )
+
+OPTIONS = {
+    "path": {"type": "str", "default": "file"},
+    "type": {"type": "str", "default": "file"},
+    "description": {"type": "str", "default": ""},
+    "options": {"type": "dict", "default": {}},
+    "managed_externally": {"type": "bool", "default": False},
+}
 
 METADATA_KEYS = ("request_id", "lease_id", "renewable", "lease_duration", "wrap_info", "warnings")
 
 
 def list_devices(module, client):
+    """The enabled audit devices by path (``file/``), without the response's metadata."""
     listing = vault_call(module, "list audit devices", client.sys.list_enabled_audit_devices)
     devices = listing.get("data", listing) or {}
     return {k: v for k, v in devices.items() if k not in METADATA_KEYS and isinstance(v, dict)}
@@ -95,6 +101,7 @@ def _comparable(key, value):
 
 
 def declarative_hint(p):
+    """The ``audit`` stanza of the server configuration that declares the wanted device."""
     options = "".join(f'    {k} = "{v}"\n' for k, v in sorted(p["options"].items()))
     return (
         f'audit "{p["type"]}" "{p["path"]}" {{\n'
@@ -103,20 +110,13 @@ def declarative_hint(p):
     )
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(
-            path={"type": "str", "default": "file"},
-            type={"type": "str", "default": "file"},
-            description={"type": "str", "default": ""},
-            options={"type": "dict", "default": {}},
-            managed_externally={"type": "bool", "default": False},
-        ),
-        supports_check_mode=True,
-    )
+def ensure_audit_device(module):
+    """Check (managed externally) or enable the device if none is at its path; the result."""
     p = module.params
     p["options"] = {k: str(v) for k, v in (p["options"] or {}).items()}
     path = p["path"].strip("/")
+    if not p["managed_externally"] and p["type"] == "file" and not p["options"].get("file_path"):
+        module.fail_json(msg="options.file_path is required for a file audit device")
     client = get_client(module)
     devices = list_devices(module, client)
     summary = {k: v.get("type") for k, v in devices.items()}
@@ -130,30 +130,12 @@ def main():
                 "or through the API (HashiCorp Vault) before provisioning.",
                 devices=summary,
             )
-        module.exit_json(**result)
+        return result
 
-    if p["type"] == "file" and not p["options"].get("file_path"):
-        module.fail_json(msg="options.file_path is required for a file audit device")
     current = devices.get(path + "/")
     if current is not None:
-        if current.get("type") != p["type"]:
-            module.fail_json(
-                msg=f"An audit device of type '{current.get('type')}' is enabled at {path}/, "
-                f"not '{p['type']}'. Nothing was changed.",
-                devices=summary,
-            )
-        current_options = {k: str(v) for k, v in (current.get("options") or {}).items()}
-        differing = sorted(
-            k
-            for k, v in p["options"].items()
-            if _comparable(k, current_options.get(k)) != _comparable(k, v)
-        )
-        if differing:
-            module.warn(
-                f"Audit device {path}/ is enabled with other values of {', '.join(differing)}; "
-                "left as it is (audit devices cannot be changed in place)."
-            )
-        module.exit_json(**result)
+        check_existing(module, path, current, summary)
+        return result
 
     before = {"devices": summary}
     after = {"devices": dict(summary, **{path + "/": p["type"]})}
@@ -162,7 +144,38 @@ def main():
     result["changed"] = True
     if module.check_mode:
         result["devices"] = after["devices"]
-        module.exit_json(**result)
+        return result
+    enable_device(module, client, path, summary)
+    result["devices"] = {k: v.get("type") for k, v in list_devices(module, client).items()}
+    return result
+
+
+def check_existing(module, path, current, summary):
+    """Fail on a device of another type at ``path``; warn when its options differ."""
+    p = module.params
+    if current.get("type") != p["type"]:
+        module.fail_json(
+            msg=f"An audit device of type '{current.get('type')}' is enabled at {path}/, "
+            f"not '{p['type']}'. Nothing was changed.",
+            devices=summary,
+        )
+    current_options = {k: str(v) for k, v in (current.get("options") or {}).items()}
+    differing = sorted(
+        k
+        for k, v in p["options"].items()
+        if _comparable(k, current_options.get(k)) != _comparable(k, v)
+    )
+    if differing:
+        module.warn(
+            f"Audit device {path}/ is enabled with other values of {', '.join(differing)}; "
+            "left as it is (audit devices cannot be changed in place)."
+        )
+
+
+def enable_device(module, client, path, summary):
+    """Enable the device through the API; a server that refuses that (OpenBao's default)
+    fails with the ``audit`` stanza to declare instead."""
+    p = module.params
     try:
         client.sys.enable_audit_device(
             p["type"], description=p["description"], options=p["options"], path=path
@@ -186,8 +199,10 @@ def main():
             options=p["options"],
             path=path,
         )
-    result["devices"] = {k: v.get("type") for k, v in list_devices(module, client).items()}
-    module.exit_json(**result)
+
+
+def main():
+    run_module(OPTIONS, ensure_audit_device)
 
 
 if __name__ == "__main__":

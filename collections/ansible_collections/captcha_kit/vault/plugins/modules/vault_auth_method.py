@@ -52,8 +52,6 @@ options:
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.changes
-author:
-  - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
@@ -76,11 +74,10 @@ accessor:
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
+    duration_or_fail,
     get_client,
-    ttl_to_seconds,
-    vault_argument_spec,
+    run_module,
     vault_call,
 )
 
@@ -94,11 +91,8 @@ LOCKOUT_SPEC = {
 
 def wanted_lockout(module, lockout):
     """The lockout settings as the tune endpoint reports them (seconds)."""
-    try:
-        duration = ttl_to_seconds(lockout["duration"])
-        counter_reset = ttl_to_seconds(lockout["counter_reset"])
-    except ValueError as exc:
-        module.fail_json(msg=f"user_lockout: {exc}")
+    duration = duration_or_fail(module, "user_lockout", lockout["duration"])
+    counter_reset = duration_or_fail(module, "user_lockout", lockout["counter_reset"])
     if lockout["threshold"] < 1 or duration <= 0 or counter_reset <= 0:
         module.fail_json(
             msg="user_lockout: threshold must be at least 1, duration and counter_reset positive"
@@ -112,6 +106,7 @@ def wanted_lockout(module, lockout):
 
 
 def read_lockout(module, client, path):
+    """The mount's user lockout settings as compared; fails when the server has none."""
     tune = vault_call(
         module, f"read the settings of auth/{path}/", client.sys.read_auth_method_tuning, path
     )
@@ -130,6 +125,7 @@ def read_lockout(module, client, path):
 
 
 def write_lockout(module, client, path, lockout):
+    """Tune the mount's user lockout to ``lockout`` (as ``wanted_lockout`` returns it)."""
     config = {
         "lockout_threshold": str(lockout["threshold"]),
         "lockout_duration": f"{lockout['duration']}s",
@@ -148,23 +144,25 @@ def write_lockout(module, client, path, lockout):
 
 
 def read_method(module, client, path):
+    """The auth method enabled at ``auth/<path>/`` as listed by Vault, or None."""
     methods = vault_call(module, "list auth methods", client.sys.list_auth_methods)
     methods = methods.get("data", methods)
     return methods.get(path + "/")
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(
-            path={"type": "str"},
-            type={"type": "str", "required": True},
-            description={"type": "str"},
-            user_lockout={"type": "dict", "options": LOCKOUT_SPEC},
-        ),
-        supports_check_mode=True,
-    )
+OPTIONS = {
+    "path": {"type": "str"},
+    "type": {"type": "str", "required": True},
+    "description": {"type": "str"},
+    "user_lockout": {"type": "dict", "options": LOCKOUT_SPEC},
+}
+
+
+def ensure_auth_method(module):
+    """Read, compare, enable or tune only what differs; the module result."""
     p = module.params
     path = (p["path"] or p["type"]).strip("/")
+    lockout = None if p["user_lockout"] is None else wanted_lockout(module, p["user_lockout"])
     client = get_client(module)
     current = read_method(module, client, path)
     before = {}
@@ -180,9 +178,7 @@ def main():
     after["type"] = p["type"]
     if p["description"] is not None:
         after["description"] = p["description"]
-    lockout = None
-    if p["user_lockout"] is not None:
-        lockout = wanted_lockout(module, p["user_lockout"])
+    if lockout is not None:
         after["user_lockout"] = lockout
         if current is not None:
             before["user_lockout"] = read_lockout(module, client, path)
@@ -222,7 +218,11 @@ def main():
     }
     if module._diff:
         result["diff"] = {"before": before, "after": after}
-    module.exit_json(**result)
+    return result
+
+
+def main():
+    run_module(OPTIONS, ensure_auth_method)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ options:
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.changes
-author:
-  - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
@@ -56,13 +54,18 @@ version:
   type: int
 """
 
-from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     VaultNotFound,
     get_client,
-    vault_argument_spec,
+    run_module,
     vault_call_when_ready,
 )
+
+OPTIONS = {
+    "mount_point": {"type": "str", "default": "secret"},
+    "path": {"type": "str", "required": True},
+    "data": {"type": "dict", "required": True, "no_log": True},
+}
 
 
 def _create_only(client, path, data, mount):
@@ -77,15 +80,8 @@ def _create_only(client, path, data, mount):
         raise
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(
-            mount_point={"type": "str", "default": "secret"},
-            path={"type": "str", "required": True},
-            data={"type": "dict", "required": True, "no_log": True},
-        ),
-        supports_check_mode=True,
-    )
+def create_secret(module):
+    """Create the secret unless the path has a version; the result (never the data)."""
     p = module.params
     mount = p["mount_point"].strip("/")
     path = p["path"].strip("/")
@@ -128,7 +124,11 @@ def main():
                     "nothing was overwritten"
                 )
             result["version"] = int(written["data"]["version"])
-    module.exit_json(**result)
+    return result
+
+
+def main():
+    run_module(OPTIONS, create_secret)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,6 @@ options:
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.changes
-author:
-  - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
@@ -79,24 +77,36 @@ changed_keys:
   elements: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     dict_difference,
+    duration_or_fail,
     get_client,
+    run_module,
     ttl_to_seconds,
-    vault_argument_spec,
     vault_call,
     vault_call_when_ready,
 )
 
+OPTIONS = {
+    "path": {"type": "str", "required": True},
+    "type": {"type": "str", "default": "kv"},
+    "kv_version": {"type": "int", "default": 2, "choices": [1, 2]},
+    "description": {"type": "str"},
+    "max_versions": {"type": "int"},
+    "cas_required": {"type": "bool"},
+    "delete_version_after": {"type": "str"},
+}
+
 
 def read_mount(module, client, path):
+    """The engine mounted at ``path`` as listed by Vault, or None."""
     mounts = vault_call(module, "list secrets engines", client.sys.list_mounted_secrets_engines)
     mounts = mounts.get("data", mounts)
     return mounts.get(path + "/")
 
 
 def read_kv2_config(module, client, path):
+    """The KV v2 settings of the mount ``path`` as compared (durations in seconds)."""
     config = vault_call_when_ready(
         module,
         f"read the KV v2 configuration of {path}/",
@@ -110,62 +120,57 @@ def read_kv2_config(module, client, path):
     }
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(
-            path={"type": "str", "required": True},
-            type={"type": "str", "default": "kv"},
-            kv_version={"type": "int", "default": 2, "choices": [1, 2]},
-            description={"type": "str"},
-            max_versions={"type": "int"},
-            cas_required={"type": "bool"},
-            delete_version_after={"type": "str"},
-        ),
-        supports_check_mode=True,
-    )
+def wanted_kv_settings(module):
+    """The KV v2 settings given (durations in seconds); they need a KV v2 mount."""
+    p = module.params
+    kv_settings = {key: p[key] for key in ("max_versions", "cas_required") if p[key] is not None}
+    if p["delete_version_after"] is not None:
+        kv_settings["delete_version_after"] = duration_or_fail(
+            module, "delete_version_after", p["delete_version_after"]
+        )
+    if kv_settings and not (p["type"] == "kv" and p["kv_version"] == 2):
+        module.fail_json(msg="max_versions, cas_required and delete_version_after need type=kv v2")
+    return kv_settings
+
+
+def current_settings(module, client, path, current):
+    """The settings of the engine mounted at ``path`` as compared; fails on another kind."""
+    p = module.params
+    current_version = int((current.get("options") or {}).get("version") or 1)
+    if current["type"] != p["type"]:
+        module.fail_json(
+            msg=f"A secrets engine of type '{current['type']}' is mounted at {path}/, "
+            f"not '{p['type']}'. Nothing was changed: choose another mount path or move "
+            "that engine by hand.",
+            path=path,
+        )
+    if p["type"] == "kv" and current_version != p["kv_version"]:
+        module.fail_json(
+            msg=f"{path}/ is a KV version {current_version} mount, not version "
+            f"{p['kv_version']}. Nothing was changed: upgrading a KV mount in place rewrites "
+            "its data; do it deliberately (bao/vault kv enable-versioning) or choose another "
+            "mount path.",
+            path=path,
+        )
+    before = {"type": current["type"], "description": current.get("description", "")}
+    if p["type"] == "kv":
+        before["kv_version"] = current_version
+        if p["kv_version"] == 2:
+            before.update(read_kv2_config(module, client, path))
+    return before
+
+
+def ensure_mount(module):
+    """Read, compare, enable or tune only what differs; the module result."""
     p = module.params
     path = p["path"].strip("/")
     if not path:
         module.fail_json(msg="path must not be empty")
-    is_kv2 = p["type"] == "kv" and p["kv_version"] == 2
-    kv_settings = {}
-    for key in ("max_versions", "cas_required"):
-        if p[key] is not None:
-            kv_settings[key] = p[key]
-    if p["delete_version_after"] is not None:
-        try:
-            kv_settings["delete_version_after"] = ttl_to_seconds(p["delete_version_after"])
-        except ValueError as exc:
-            module.fail_json(msg=f"delete_version_after: {exc}")
-    if kv_settings and not is_kv2:
-        module.fail_json(msg="max_versions, cas_required and delete_version_after need type=kv v2")
+    kv_settings = wanted_kv_settings(module)
 
     client = get_client(module)
     current = read_mount(module, client, path)
-    before = None
-    changed_keys = []
-    if current is not None:
-        current_version = int((current.get("options") or {}).get("version") or 1)
-        if current["type"] != p["type"]:
-            module.fail_json(
-                msg=f"A secrets engine of type '{current['type']}' is mounted at {path}/, "
-                f"not '{p['type']}'. Nothing was changed: choose another mount path or move "
-                "that engine by hand.",
-                path=path,
-            )
-        if p["type"] == "kv" and current_version != p["kv_version"]:
-            module.fail_json(
-                msg=f"{path}/ is a KV version {current_version} mount, not version "
-                f"{p['kv_version']}. Nothing was changed: upgrading a KV mount in place rewrites "
-                "its data; do it deliberately (bao/vault kv enable-versioning) or choose another "
-                "mount path.",
-                path=path,
-            )
-        before = {"type": current["type"], "description": current.get("description", "")}
-        if p["type"] == "kv":
-            before["kv_version"] = current_version
-        if is_kv2:
-            before.update(read_kv2_config(module, client, path))
+    before = None if current is None else current_settings(module, client, path, current)
     desired = {"type": p["type"]}
     if p["type"] == "kv":
         desired["kv_version"] = p["kv_version"]
@@ -216,7 +221,11 @@ def main():
     }
     if module._diff:
         result["diff"] = {"before": before or {}, "after": after}
-    module.exit_json(**result)
+    return result
+
+
+def main():
+    run_module(OPTIONS, ensure_mount)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,6 @@ options:
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.changes
-author:
-  - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
@@ -77,17 +75,33 @@ policies:
   sample: [{"name": "captcha-worker-dev", "changed": false}]
 """
 
-from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     VaultNotFound,
+    batch_items,
+    batch_result,
     get_client,
-    vault_argument_spec,
+    run_module,
     vault_call,
 )
 
+OPTIONS = {
+    "name": {"type": "str"},
+    "policy": {"type": "str"},
+    "policies": {
+        "type": "list",
+        "elements": "dict",
+        "options": {
+            "name": {"type": "str", "required": True},
+            "policy": {"type": "str"},
+        },
+    },
+    "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
+}
+
 
 def normalize_rules(text):
-    """Rules as compared: trailing whitespace stripped per line and at the end."""
+    """Rules as compared and written: the text stripped at both ends, trailing whitespace
+    stripped per line, one final newline."""
     if text is None:
         return None
     return "\n".join(line.rstrip() for line in text.strip().splitlines()) + "\n"
@@ -104,7 +118,7 @@ def check_item(module, name, policy, state):
 
 
 def reconcile(module, client, name, policy, state):
-    """Read, compare, write if it differs: (changed, diff)."""
+    """Read, compare, write if it differs: the per-policy result (with its diff)."""
     try:
         current = vault_call(module, f"read policy {name}", client.sys.read_policy, name)
         current_rules = current.get("data", current).get("rules")
@@ -130,58 +144,29 @@ def reconcile(module, client, name, policy, state):
         "before_header": f"policy {name} (current)",
         "after_header": f"policy {name} (desired)",
     }
-    return changed, diff
+    return {"name": name, "changed": changed, "diff": diff}
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(
-            name={"type": "str"},
-            policy={"type": "str"},
-            policies={
-                "type": "list",
-                "elements": "dict",
-                "options": {
-                    "name": {"type": "str", "required": True},
-                    "policy": {"type": "str"},
-                },
-            },
-            state={"type": "str", "default": "present", "choices": ["present", "absent"]},
-        ),
-        mutually_exclusive=[("name", "policies"), ("policy", "policies")],
-        required_one_of=[("name", "policies")],
-        required_if=[("state", "present", ["policy", "policies"], True)],
-        supports_check_mode=True,
-    )
-    p = module.params
-    state = p["state"]
-    batch = p["policies"] is not None
-    items = p["policies"] if batch else [{"name": p["name"], "policy": p["policy"]}]
-    names = [item["name"] for item in items]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        module.fail_json(msg=f"policies: each name once; repeated: {', '.join(repeated)}")
+def ensure_policies(module):
+    """Check every item, then reconcile each; the module result."""
+    state = module.params["state"]
+    batch, items = batch_items(module, "policies", ("policy",))
     for item in items:
         check_item(module, item["name"], item["policy"], state)
 
     client = get_client(module)
-    outcomes = [
-        (item["name"], *reconcile(module, client, item["name"], item["policy"], state))
-        for item in items
-    ]
-    changed = any(c for _, c, _ in outcomes)
-    if batch:
-        result = {
-            "changed": changed,
-            "policies": [{"name": n, "changed": c} for n, c, _ in outcomes],
-        }
-        diffs = [d for _, c, d in outcomes if c]
-    else:
-        result = {"changed": changed, "name": p["name"]}
-        diffs = [outcomes[0][2]]
-    if module._diff and diffs:
-        result["diff"] = diffs if batch else diffs[0]
-    module.exit_json(**result)
+    results = [reconcile(module, client, item["name"], item["policy"], state) for item in items]
+    return batch_result(module, "policies", batch, results)
+
+
+def main():
+    run_module(
+        OPTIONS,
+        ensure_policies,
+        mutually_exclusive=[("name", "policies"), ("policy", "policies")],
+        required_one_of=[("name", "policies")],
+        required_if=[("state", "present", ["policy", "policies"], True)],
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ options:
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.no_diff
-author:
-  - captcha key vault kit contributors
 """
 
 EXAMPLES = r"""
@@ -54,21 +52,19 @@ missing:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     ADMIN_POLICY_HINT,
     get_client,
     normalize_str_list,
-    vault_argument_spec,
+    run_module,
     vault_call,
 )
 
+OPTIONS = {"capabilities": {"type": "dict", "default": {}}}
 
-def main():
-    module = AnsibleModule(
-        argument_spec=vault_argument_spec(capabilities={"type": "dict", "default": {}}),
-        supports_check_mode=True,
-    )
+
+def check_token(module):
+    """Look the token up and compare its capabilities; fails listing what is missing."""
     wanted = {
         str(path).strip("/"): normalize_str_list(caps)
         for path, caps in (module.params["capabilities"] or {}).items()
@@ -106,7 +102,11 @@ def main():
             f"Missing: {lines}. Nothing was changed.",
             **result,
         )
-    module.exit_json(**result)
+    return result
+
+
+def main():
+    run_module(OPTIONS, check_token)
 
 
 if __name__ == "__main__":
