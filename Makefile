@@ -13,7 +13,7 @@ export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 export CONTAINERS_CONF := $(abspath testkit/containers.conf)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help venv host-deps image lint lint-python test test-solver test-playbooks test-molecule test-faults bench \
+.PHONY: help venv host-deps image lint lint-python test test-units test-solver test-playbooks test-molecule test-faults bench \
 	fleet fleet-down demo demo-down clean
 
 FLEET_HOSTS ?= 20
@@ -44,10 +44,14 @@ lint: venv  ## yamllint, ansible-lint (production), module docs, ruff, mypy, det
 
 lint-python: venv  ## module docs, ruff, mypy, detect-secrets
 	$(BIN)/ansible-doc --metadata-dump captcha_kit.vault > /dev/null
+	$(BIN)/ansible-doc --metadata-dump captcha_kit.captchaai > /dev/null
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd solver && ../$(BIN)/mypy
 	git ls-files -z | xargs -0 $(BIN)/detect-secrets-hook --baseline .secrets.baseline
+
+test-units: venv  ## the collections' unit tests (seconds, no server)
+	$(BIN)/pytest collections/ansible_collections/captcha_kit/vault/tests/unit collections/ansible_collections/captcha_kit/captchaai/tests/unit
 
 test-solver: venv  ## the solver package: unit tests + integration against OpenBao and the emulator
 	cd solver && ../$(BIN)/pytest
@@ -56,7 +60,7 @@ test-playbooks: venv image  ## tools, emulator and playbook suites (real Vault, 
 	$(BIN)/pytest tests -m "not slow_faults"
 
 test-molecule: venv image  ## every molecule scenario
-	$(BIN)/molecule test --all
+	$(BIN)/python -m testkit.portlock -- $(BIN)/molecule test --all
 
 test-faults: venv image  ## every fault test, the slow ones (minutes each) included
 	$(BIN)/pytest tests/faults

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .contract import ENV_NAME_PATTERN, KEY_PATH_TEMPLATE
+
 DEFAULT_CONFIG_PATH = Path("/etc/captcha-solver/config.toml")
 ENV_PREFIX = "CAPTCHA_SOLVER_"
 CONFIG_PATH_ENV = "CAPTCHA_SOLVER_CONFIG"
@@ -31,7 +33,7 @@ DEFAULT_FIRST_POLL_DELAY: dict[str, float] = {
     "default": 10.0,
 }
 
-_ENV_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_ENV_RE = re.compile(ENV_NAME_PATTERN)  # the kit's contract (contract.py)
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -313,7 +315,7 @@ _REQUIRED = {
 
 def _env_name(name: str, value: Any) -> str:
     text = _str(name, value)
-    if not _ENV_RE.match(text):
+    if not _ENV_RE.fullmatch(text):
         raise ConfigError(name, f"must match {_ENV_RE.pattern}, got {text!r}")
     return text
 
@@ -371,7 +373,7 @@ def parse_config(
         raise ConfigError("env", "is required")
     env = _env_name("env", data["env"])
     vault = _section(data, "vault")
-    vault.setdefault("key_path", f"captchaai/{env}")
+    vault.setdefault("key_path", KEY_PATH_TEMPLATE.format(env=env))
     vault_cfg = VaultConfig(**vault)
     if vault_cfg.wrapped_secret_id_file == vault_cfg.secret_id_file:
         raise ConfigError("vault.wrapped_secret_id_file", "must differ from vault.secret_id_file")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .config import ProviderConfig, VaultConfig
+from .contract import ROTATION_RECORD_FIELDS
 from .metrics import Metrics
 from .secret import Secret
 from .vault import (
@@ -38,16 +39,7 @@ from .vault import (
 
 log = logging.getLogger(__name__)
 
-ROTATION_FIELDS = (
-    "rotation_id",
-    "rotation_state",
-    "previous_version",
-    "new_version",
-    "started_at",
-    "converged_at",
-    "confirmed_at",
-    "actor",
-)
+ROTATION_FIELDS = ROTATION_RECORD_FIELDS  # the record key_rotation_state writes (contract.py)
 
 
 class VaultReader(Protocol):

@@ -1,0 +1,348 @@
+# Copyright: captcha key vault kit contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The five actions of ``captcha_kit.vault.key_rotation_state``, one step of the rotation each.
+
+``ACTIONS[action](rot, check_mode) -> result``: ``rot`` is a loaded
+``module_utils.rotation.Rotation``; the result is the module's result dict (with ``diff`` where
+the action has one). A refused step raises ``RotationRefused``. In check mode nothing is
+written and the result says what would be (``plan``, ``diff``).
+
+``plan``      read-only: ``next`` from ``decide()``, the candidate's checks when it is ``put``
+``put``       record the rotation (propagating), write the key with check-and-set on the
+              current version, delete the staged key once promoted; idempotent per rotation id
+``mark``      propagating -> awaiting_revocation (every worker converged)
+``rollback``  write the previous version's data back as a new version; rolled_back
+``finalize``  destroy every held version older than the new one; complete
+
+With the parameter ``return_keys``, ``plan`` returns the staged candidate as ``staged_key`` and
+``finalize`` the old key as ``previous_key``, for the provider check of the next task; nothing
+else here ever returns a key.
+"""
+
+from __future__ import annotations
+
+from ansible_collections.captcha_kit.vault.plugins.module_utils.contract import (
+    ROTATION_IN_PROGRESS,
+    ROTATION_RECORD_FIELDS,
+    mask_key,
+)
+from ansible_collections.captcha_kit.vault.plugins.module_utils.rotation import (
+    RotationRefused,
+    decide,
+    diff_of,
+    new_rotation_id,
+    now_utc,
+    version_keys,
+)
+
+try:
+    from hvac.exceptions import InvalidRequest as CasRefused
+except ImportError:  # pragma: no cover - get_client reports the missing library
+
+    class CasRefused(Exception):  # type: ignore[no-redef]
+        """Placeholder so ``isinstance`` works without hvac."""
+
+
+def plan(rot, check_mode):
+    """Decide the next step; check the candidate when it is ``put``. Never writes."""
+    nxt, reason, rid = decide(rot)
+    candidate = {"present": False}
+    key, source = rot.candidate()
+    target = rot.record_int("new_version") or 0
+    extra = {}
+    if nxt == "put":
+        candidate = rot.check_candidate(key, source)
+        rid = rid or new_rotation_id(rot.env)
+        target = rot.current_version + 1
+        if rot.params["return_keys"] and source == "staged":
+            extra["staged_key"] = key
+    elif key is not None:
+        candidate = {"present": True, "source": source, "fingerprint": mask_key(key)}
+    steps = {
+        "put": [
+            f"record rotation {rid} as propagating in the custom_metadata of "
+            f"{rot.mount}/{rot.key_path}",
+            f"write the {source} key {candidate.get('fingerprint', '')} as version {target} "
+            f"(check-and-set on version {rot.current_version})",
+        ]
+        + (
+            [f"delete the staged key at {rot.mount}/{rot.staged_path}"]
+            if source == "staged"
+            else []
+        ),
+        "wait": [f"nudge and wait until every worker reports version {target}"],
+        "confirm": ["ask for the confirmation that the old key was revoked at the provider"],
+        "rollback": [
+            f"write version {rot.record.get('previous_version')} back as a new version; "
+            "state rolled_back"
+        ],
+        "need_key": ["a new key is needed (variable, prompt or staged key)"],
+        "noop": ["nothing to do"],
+    }[nxt]
+    return rot.result(
+        False,
+        steps,
+        reason,
+        next=nxt,
+        rotation_id=rid,
+        candidate=candidate,
+        target_version=target,
+        **extra,
+    )
+
+
+def put(rot, check_mode):
+    """Record the rotation and write the new key with check-and-set on the current version."""
+    rid = rot.params["rotation_id"]
+    if not rid:
+        raise RotationRefused("put needs rotation_id (from action=plan)")
+    # Already done for this rotation: the put is idempotent.
+    if (
+        rot.record.get("rotation_id") == rid
+        and rot.state in ROTATION_IN_PROGRESS
+        and rot.current_version == rot.record_int("new_version")
+    ):
+        staged_deleted = delete_staged_if_promoted(rot, check_mode)
+        return rot.result(
+            staged_deleted,
+            ["the new key is already written (resume)"],
+            f"rotation {rid} already put version {rot.current_version}",
+            target_version=rot.current_version,
+            staged_deleted=staged_deleted,
+        )
+    nxt, reason, existing = decide(rot)
+    if nxt != "put":
+        raise RotationRefused(
+            f"Cannot put for rotation {rid}: the recorded state says {nxt!r} ({reason})"
+        )
+    if existing and existing != rid:
+        raise RotationRefused(
+            f"Cannot put for rotation {rid}: rotation {existing} is recorded; resume that"
+        )
+    key, source = rot.candidate()
+    candidate = rot.check_candidate(key, source)
+    base = rot.current_version
+    target = base + 1
+    record = {
+        "rotation_id": rid,
+        "rotation_state": "propagating",
+        "previous_version": str(base),
+        "new_version": str(target),
+        "started_at": rot.record.get("started_at") if existing == rid else now_utc(),
+        "actor": rot.actor(),
+    }
+    before = {"version": base, "key": mask_key(rot.current_key()), **rot.record}
+    after = {"version": target, "key": mask_key(key), **record}
+    steps = [
+        f"record rotation {rid} as propagating",
+        f"write {mask_key(key)} as version {target} with check-and-set on version {base}",
+    ]
+    if check_mode:
+        return rot.result(
+            True,
+            steps,
+            reason,
+            rotation_id=rid,
+            candidate=candidate,
+            target_version=target,
+            diff=diff_of(before, after),
+        )
+    old_record = dict(rot.record)
+    data = dict(rot.version_data(base) or {})
+    data["api_key"] = key
+    rot.write_record(record)
+    try:
+        resp = rot.kv.create_or_update_secret(
+            path=rot.key_path, secret=data, cas=base, mount_point=rot.mount
+        )
+        written = int(resp["data"]["version"])
+    except Exception as exc:
+        cas_lost = isinstance(exc, CasRefused)
+        # Give the record back when it is still ours: this run wrote no version.
+        rot.refresh()
+        if rot.record.get("rotation_id") == rid and rot.current_version == base:
+            rot.custom = {k: v for k, v in rot.custom.items() if k not in ROTATION_RECORD_FIELDS}
+            rot.write_record(old_record)
+            rot.refresh()
+        if cas_lost:
+            raise RotationRefused(
+                f"Concurrent rotation refused: {rot.mount}/{rot.key_path} moved from version "
+                f"{base} to {rot.current_version} while this run prepared rotation {rid} "
+                "(check-and-set failed); this run wrote no version"
+            ) from None
+        raise RotationRefused(
+            f"Cannot write the new key to {rot.mount}/{rot.key_path}: {str(exc)[:300]}"
+        ) from None
+    rot.refresh()
+    if written != target:  # pragma: no cover - cas guarantees this
+        raise RotationRefused(f"Vault wrote version {written}, expected {target}")
+    if rot.record.get("rotation_id") != rid:
+        # A concurrent run overwrote the record before losing the check-and-set: ours won.
+        rot.write_record(record)
+        rot.refresh()
+    staged_deleted = delete_staged_if_promoted(rot, check_mode)
+    return rot.result(
+        True,
+        steps + (["deleted the promoted staged key"] if staged_deleted else []),
+        reason,
+        rotation_id=rid,
+        candidate=candidate,
+        target_version=target,
+        staged_deleted=staged_deleted,
+        replaced_record=old_record.get("rotation_id", ""),
+        diff=diff_of(before, after),
+    )
+
+
+def delete_staged_if_promoted(rot, check_mode):
+    """Delete the staged key once the current version holds it; whether it is (would be) gone."""
+    if rot.params["key_source"] not in ("auto", "staged"):
+        return False
+    staged = rot.staged_key()
+    if not staged or staged.strip() not in version_keys(rot.version_data(rot.current_version)):
+        return False
+    if check_mode:
+        return True
+    rot.call(
+        f"delete the promoted staged key {rot.mount}/{rot.staged_path}",
+        rot.kv.delete_metadata_and_all_versions,
+        path=rot.staged_path,
+        mount_point=rot.mount,
+    )
+    return True
+
+
+def require_rotation(rot, allowed, rid):
+    """Refuse unless ``rid`` is the recorded rotation and its state is one of ``allowed``."""
+    if not rid:
+        raise RotationRefused(f"{rot.params['action']} needs rotation_id")
+    if rot.record.get("rotation_id") != rid:
+        raise RotationRefused(
+            f"Rotation {rid} is not the recorded rotation of {rot.env} "
+            f"(recorded: {rot.record.get('rotation_id') or 'none'}); nothing changed"
+        )
+    if rot.state not in allowed:
+        raise RotationRefused(
+            f"Rotation {rid} of {rot.env} is {rot.state or 'none'}, not "
+            f"{' or '.join(allowed)}; nothing changed"
+        )
+
+
+def mark(rot, check_mode):
+    """propagating -> awaiting_revocation, with converged_at; a no-op when already there."""
+    rid = rot.params["rotation_id"]
+    require_rotation(rot, ROTATION_IN_PROGRESS, rid)
+    if rot.state == "awaiting_revocation":
+        return rot.result(False, [], f"rotation {rid} already awaiting revocation")
+    if rot.current_version != rot.record_int("new_version"):
+        raise RotationRefused(f"Rotation {rid}: the new version was never written; nothing changed")
+    record = dict(rot.record, rotation_state="awaiting_revocation", converged_at=now_utc())
+    steps = [f"mark rotation {rid} awaiting_revocation (every worker converged)"]
+    diff = diff_of(rot.record, record)
+    if not check_mode:
+        rot.write_record(record)
+        rot.refresh()
+    return rot.result(True, steps, "workers converged", diff=diff)
+
+
+def rollback(rot, check_mode):
+    """Write the previous version's data back as a new version; state rolled_back."""
+    rid = rot.params["rotation_id"] or rot.record.get("rotation_id", "")
+    if rot.state == "complete":
+        raise RotationRefused(
+            f"Rollback refused: rotation {rid} was finalized at "
+            f"{rot.record.get('confirmed_at', '?')}; the previous version is destroyed; "
+            "nothing changed"
+        )
+    if rot.state == "rolled_back" and rot.record.get("rotation_id") == rid:
+        return rot.result(
+            False, [], f"rotation {rid} is already rolled back", target_version=rot.current_version
+        )
+    require_rotation(rot, ROTATION_IN_PROGRESS, rid)
+    prev = rot.record_int("previous_version")
+    new = rot.record_int("new_version")
+    prev_data = rot.version_data(prev)
+    if prev_data is None:
+        raise RotationRefused(
+            f"Rollback impossible: version {prev} is no longer held; nothing changed"
+        )
+    steps = []
+    target = rot.current_version
+    already = rot.current_version > (new or 0) and rot.current_key() == prev_data.get("api_key")
+    if rot.current_version == prev or already:
+        steps.append(f"version {rot.current_version} already holds the previous key")
+    elif rot.current_version == new:
+        target = new + 1
+        steps.append(
+            f"write version {prev}'s data back as version {target} (check-and-set on version {new})"
+        )
+    else:
+        raise RotationRefused(
+            f"Rollback refused: {rot.mount}/{rot.key_path} is at version {rot.current_version}, "
+            f"not the rotation's new version {new}; nothing changed"
+        )
+    record = dict(rot.record, rotation_state="rolled_back")
+    steps.append(f"mark rotation {rid} rolled_back")
+    before = {"version": rot.current_version, "key": mask_key(rot.current_key()), **rot.record}
+    after = {"version": target, "key": mask_key(prev_data.get("api_key")), **record}
+    if not check_mode:
+        if target != rot.current_version:
+            rot.write_version(
+                prev_data, new, f"write the previous key back to {rot.mount}/{rot.key_path}"
+            )
+        rot.write_record(record)
+        rot.refresh()
+    return rot.result(
+        True, steps, "rollback", rotation_id=rid, target_version=target, diff=diff_of(before, after)
+    )
+
+
+def finalize(rot, check_mode):
+    """Destroy every held version older than the new one; state complete, confirmed_at."""
+    rid = rot.params["rotation_id"]
+    if rot.state == "complete" and rot.record.get("rotation_id") == rid:
+        return rot.result(False, [], f"rotation {rid} is already complete", destroyed_versions=[])
+    require_rotation(rot, ("awaiting_revocation",), rid)
+    new = rot.record_int("new_version")
+    if rot.current_version != new:
+        raise RotationRefused(f"Rotation {rid}: version {new} is not current; nothing changed")
+    extra = {}
+    if rot.params["return_keys"]:
+        # Read before the destroy below: afterwards the old key cannot be read again.
+        prev = rot.record_int("previous_version")
+        old_key = (rot.version_data(prev) or {}).get("api_key") if prev else None
+        extra["previous_key"] = old_key or ""
+    old_versions = [v for v in rot.held if v < new]
+    record = dict(rot.record, rotation_state="complete", confirmed_at=now_utc())
+    steps = [
+        f"destroy versions {old_versions} of {rot.mount}/{rot.key_path}",
+        f"mark rotation {rid} complete",
+    ]
+    if not check_mode:
+        if old_versions:
+            rot.call(
+                f"destroy the old versions of {rot.mount}/{rot.key_path}",
+                rot.kv.destroy_secret_versions,
+                path=rot.key_path,
+                versions=old_versions,
+                mount_point=rot.mount,
+            )
+        rot.write_record(record)
+        rot.refresh()
+    return rot.result(
+        True,
+        steps,
+        "revocation confirmed",
+        destroyed_versions=old_versions,
+        diff=diff_of({"held": sorted([*old_versions, new])}, {"held": [new]}),
+        **extra,
+    )
+
+
+ACTIONS = {
+    "plan": plan,
+    "put": put,
+    "mark": mark,
+    "rollback": rollback,
+    "finalize": finalize,
+}

@@ -1,0 +1,560 @@
+# Copyright: captcha key vault kit contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""key_rotation_state: each action's plan, writes, check mode and diff against the in-memory
+FakeVault, run through the module's real main() (argument spec, no_log, exit_json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from ansible.module_utils import _internal as ansible_internal
+from ansible.module_utils import basic
+from ansible.module_utils.testing import patch_module_args
+from ansible_collections.captcha_kit.vault.plugins.module_utils.contract import (
+    DEFAULT_KV_MOUNT,
+    KEY_PATTERN,
+)
+from ansible_collections.captcha_kit.vault.plugins.modules import key_rotation_state
+from ansible_collections.captcha_kit.vault.tests.unit.plugins.modules.rotation_fakes import (
+    KEY_PATH,
+    STAGED_PATH,
+    FakeVault,
+    env_with_key,
+    mid_rotation,
+    new_key,
+)
+
+COLLECTION = Path(key_rotation_state.__file__).resolve().parents[2]
+
+
+def _all_keys(vault):
+    keys = set()
+    for secret in vault.store.values():
+        for version in secret.versions.values():
+            data = version["data"]
+            keys.update(k for k in [data.get("api_key"), *(data.get("backup_keys") or [])] if k)
+    return keys
+
+
+@pytest.fixture
+def rotate(monkeypatch, capsys):
+    """``rotate(vault, check_mode=False, diff=False, **params) -> result`` runs the module's
+    main() on ``vault`` and returns what exit_json / fail_json printed. It fails the test when
+    any key the vault holds (or held) or ``new_key`` appears in the result outside the fields
+    ``return_keys`` asks for."""
+    monkeypatch.setattr(basic.AnsibleModule, "_log_invocation", lambda module: None)
+    # A module runs apart from the controller: once any test imported controller code (a filter
+    # plugin imports ansible.errors), module warnings would go to the display, not the result.
+    monkeypatch.setattr(ansible_internal, "is_controller", False)
+
+    def run(vault, check_mode=False, diff=False, **params):
+        monkeypatch.setattr(key_rotation_state, "get_client", lambda module: vault)
+        keys = _all_keys(vault) | ({params["new_key"]} if params.get("new_key") else set())
+        args = {"env": "dev", "url": "https://vault.test:8200", "token": "hvs.unit-test"}
+        args.update(params, _ansible_check_mode=check_mode, _ansible_diff=diff)
+        with patch_module_args(args), pytest.raises(SystemExit):
+            key_rotation_state.main()
+        result = json.loads(capsys.readouterr().out)
+        shown = {k: v for k, v in result.items() if k not in ("staged_key", "previous_key")}
+        text = json.dumps(shown)
+        for key in keys | _all_keys(vault):
+            assert key not in text, f"key …{key[-4:]} in the result"
+        assert "hvs.unit-test" not in json.dumps(result)
+        return result
+
+    return run
+
+
+# ---- the interface ------------------------------------------------------------------------
+def test_the_argument_spec_matches_the_documentation():
+    documented = yaml.safe_load(key_rotation_state.DOCUMENTATION)["options"]
+    assert set(documented) == set(key_rotation_state.OPTIONS)
+    for name, spec in key_rotation_state.OPTIONS.items():
+        doc = documented[name]
+        for field, default in (("type", "str"), ("required", False), ("default", None)):
+            assert doc.get(field, default) == spec.get(field, default), f"{name}.{field}"
+        assert doc.get("choices") == spec.get("choices"), f"{name}.choices"
+
+
+def test_the_defaults_are_the_contract():
+    assert key_rotation_state.OPTIONS["key_pattern"]["default"] == KEY_PATTERN
+    assert key_rotation_state.OPTIONS["mount"]["default"] == DEFAULT_KV_MOUNT
+
+
+def test_the_documentation_promises_diff_mode():
+    doc = yaml.safe_load(key_rotation_state.DOCUMENTATION)
+    assert "captcha_kit.vault.connection.changes" in doc["extends_documentation_fragment"]
+
+
+def test_every_module_of_the_collection_is_in_the_action_group():
+    runtime = yaml.safe_load((COLLECTION / "meta" / "runtime.yml").read_text())
+    modules = {p.stem for p in (COLLECTION / "plugins" / "modules").glob("*.py")}
+    assert set(runtime["action_groups"]["vault"]) == modules
+
+
+def test_an_env_name_outside_the_contract_fails_before_vault_is_asked(rotate):
+    vault = env_with_key()
+    result = rotate(vault, action="plan", env="Dev_1")
+    assert result["failed"]
+    assert result["msg"] == "Unknown environment 'Dev_1': not a valid name"
+
+
+def test_an_env_without_a_key_is_unknown(rotate):
+    result = rotate(FakeVault(), action="plan", env="ghost")
+    assert result["msg"].startswith(
+        "Unknown environment 'ghost': there is no key at secret/captchaai/ghost"
+    )
+
+
+def test_missing_rights_fail_the_plan_with_the_list(rotate):
+    vault = env_with_key()
+    vault.capabilities = {}
+    result = rotate(vault, action="plan", new_key=new_key())
+    assert result["failed"]
+    assert len(result["missing_rights"]) == 7
+    assert "current_version" not in result, "nothing was read"
+    assert rotate(vault, action="plan", check_rights=False)["next"] == "need_key"
+
+
+def test_a_refused_step_reports_the_state(rotate):
+    result = rotate(env_with_key(), action="plan", new_key="NOT-A-KEY")
+    assert result["failed"]
+    assert "is malformed: it does not match the key pattern '^[0-9a-f]{32}$'" in result["msg"]
+    assert result["current_version"] == 1
+    assert result["candidate"]["format_ok"] is False
+
+
+# ---- plan ------------------------------------------------------------------------------------
+def test_plan_of_a_new_rotation(rotate):
+    vault = env_with_key()
+    key = new_key()
+    result = rotate(vault, action="plan", new_key=key)
+    assert result["changed"] is False
+    assert result["next"] == "put"
+    assert result["rotation_id"].startswith("dev-")
+    assert result["target_version"] == 2
+    assert result["candidate"]["fingerprint"] == "***" + key[-4:]
+    assert result["plan"] == [
+        f"record rotation {result['rotation_id']} as propagating in the custom_metadata of "
+        "secret/captchaai/dev",
+        f"write the variable key ***{key[-4:]} as version 2 (check-and-set on version 1)",
+    ]
+    assert "staged_key" not in result
+    assert vault.writes == []
+
+
+def test_plan_of_a_staged_key_mentions_its_deletion(rotate):
+    vault = env_with_key()
+    vault.put(STAGED_PATH, {"api_key": new_key()})
+    result = rotate(vault, action="plan", key_source="staged")
+    assert result["plan"][-1] == "delete the staged key at secret/captchaai-staged/dev"
+    assert result["candidate"]["source"] == "staged"
+
+
+def test_plan_hands_the_staged_key_over_only_when_asked(rotate):
+    vault = env_with_key()
+    staged = new_key()
+    vault.put(STAGED_PATH, {"api_key": staged})
+    assert "staged_key" not in rotate(vault, action="plan")
+    assert rotate(vault, action="plan", return_keys=True)["staged_key"] == staged
+    given = rotate(vault, action="plan", return_keys=True, new_key=new_key())
+    assert "staged_key" not in given, "a key from new_key is the caller's own"
+
+
+def test_plan_hands_nothing_over_when_there_is_nothing_to_put(rotate):
+    vault, _, _ = mid_rotation("propagating")
+    vault.put(STAGED_PATH, {"api_key": vault.key(2)})
+    result = rotate(vault, action="plan", return_keys=True)
+    assert result["next"] == "wait"
+    assert "staged_key" not in result
+
+
+@pytest.mark.parametrize(
+    ("state", "params", "nxt", "steps"),
+    [
+        ("propagating", {}, "wait", ["nudge and wait until every worker reports version 2"]),
+        (
+            "awaiting_revocation",
+            {},
+            "confirm",
+            ["ask for the confirmation that the old key was revoked at the provider"],
+        ),
+        (
+            "awaiting_revocation",
+            {"rollback": True},
+            "rollback",
+            ["write version 1 back as a new version; state rolled_back"],
+        ),
+        ("rolled_back", {"rollback": True}, "noop", ["nothing to do"]),
+        ("complete", {}, "need_key", ["a new key is needed (variable, prompt or staged key)"]),
+    ],
+)
+def test_plan_steps(rotate, state, params, nxt, steps):
+    vault, _, _ = mid_rotation(state)
+    result = rotate(vault, action="plan", **params)
+    assert (result["next"], result["plan"]) == (nxt, steps)
+    # The recorded rotation's id while it is the business at hand; none for a new rotation.
+    assert result["rotation_id"] == ("" if state == "complete" else "dev-r1")
+    assert vault.writes == []
+
+
+def test_plan_in_check_mode_is_the_same_plan(rotate):
+    vault = env_with_key()
+    key = new_key()
+    result = rotate(vault, check_mode=True, action="plan", new_key=key)
+    assert result["next"] == "put"
+    assert vault.writes == []
+
+
+# ---- put ---------------------------------------------------------------------------------------
+def test_put_records_the_rotation_then_writes_with_check_and_set(rotate):
+    vault = env_with_key()
+    old, key = vault.key(), new_key()
+    result = rotate(
+        vault, diff=True, action="put", new_key=key, rotation_id="dev-r9", actor="alice"
+    )
+    assert result["changed"] is True
+    assert result["target_version"] == 2
+    assert [w[0] for w in vault.writes] == ["metadata", "write"]
+    assert vault.key() == key
+    record = vault.record()
+    assert record["rotation_id"] == "dev-r9"
+    assert record["rotation_state"] == "propagating"
+    assert (record["previous_version"], record["new_version"]) == ("1", "2")
+    assert record["actor"] == "alice"
+    assert result["rotation_state"] == "propagating"
+    before, after = json.loads(result["diff"]["before"]), json.loads(result["diff"]["after"])
+    assert before == {"version": 1, "key": "***" + old[-4:]}
+    assert after["key"] == "***" + key[-4:]
+    assert after["rotation_state"] == "propagating"
+
+
+def test_put_keeps_the_other_fields_of_the_version(rotate):
+    backup = new_key()
+    vault = FakeVault()
+    vault.put(KEY_PATH, {"api_key": new_key(), "backup_keys": [backup]})
+    rotate(vault, action="put", new_key=new_key(), rotation_id="dev-r9")
+    assert vault.store[("secret", KEY_PATH)].versions[2]["data"]["backup_keys"] == [backup]
+
+
+def test_put_in_check_mode_writes_nothing_and_shows_the_diff(rotate):
+    vault = env_with_key()
+    vault.put(STAGED_PATH, {"api_key": new_key()})
+    result = rotate(vault, check_mode=True, diff=True, action="put", rotation_id="dev-r9")
+    assert result["changed"] is True
+    assert result["plan"] == [
+        "record rotation dev-r9 as propagating",
+        f"write {result['candidate']['fingerprint']} as version 2 with check-and-set on version 1",
+    ]
+    assert json.loads(result["diff"]["after"])["version"] == 2
+    assert vault.writes == []
+    assert vault.exists(STAGED_PATH)
+
+
+def test_put_promotes_the_staged_key_and_deletes_it(rotate):
+    vault = env_with_key()
+    staged = new_key()
+    vault.put(STAGED_PATH, {"api_key": staged})
+    result = rotate(vault, action="put", rotation_id="dev-r9")
+    assert vault.key() == staged
+    assert not vault.exists(STAGED_PATH)
+    assert result["staged_deleted"] is True
+    assert result["plan"][-1] == "deleted the promoted staged key"
+
+
+def test_put_again_for_the_same_rotation_writes_nothing_new(rotate):
+    vault = env_with_key()
+    key = new_key()
+    rotate(vault, action="put", new_key=key, rotation_id="dev-r9")
+    writes = list(vault.writes)
+    again = rotate(vault, action="put", new_key=key, rotation_id="dev-r9")
+    assert again["changed"] is False
+    assert again["reason"] == "rotation dev-r9 already put version 2"
+    assert vault.writes == writes
+    assert vault.current_version() == 2
+
+
+def test_a_rerun_finishes_the_deletion_of_the_promoted_staged_key(rotate):
+    vault = env_with_key()
+    staged = new_key()
+    vault.put(STAGED_PATH, {"api_key": staged})
+    rotate(vault, action="put", rotation_id="dev-r9")
+    vault.put(STAGED_PATH, {"api_key": staged})  # as if the run died before the deletion
+    again = rotate(vault, action="put", rotation_id="dev-r9")
+    assert again["changed"] is True
+    assert again["staged_deleted"] is True
+    assert not vault.exists(STAGED_PATH)
+
+
+def test_put_needs_a_rotation_id(rotate):
+    result = rotate(env_with_key(), action="put", new_key=new_key())
+    assert result["msg"] == "put needs rotation_id (from action=plan)"
+
+
+def test_put_refuses_when_the_record_says_something_else(rotate):
+    vault, _, _ = mid_rotation("propagating")
+    result = rotate(vault, action="put", rotation_id="dev-other")
+    assert result["msg"] == (
+        "Cannot put for rotation dev-other: the recorded state says 'wait' "
+        "(resuming rotation dev-r1 (propagating, version 1 -> 2))"
+    )
+
+
+def test_put_refuses_a_second_rotation_while_one_is_recorded(rotate):
+    vault, _, _ = mid_rotation("propagating", written=False)
+    result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-other")
+    assert result["msg"] == (
+        "Cannot put for rotation dev-other: rotation dev-r1 is recorded; resume that"
+    )
+
+
+def test_put_resumes_a_rotation_whose_key_was_never_written(rotate):
+    vault, _, _ = mid_rotation("propagating", written=False)
+    key = new_key()
+    result = rotate(vault, action="put", new_key=key, rotation_id="dev-r1")
+    assert result["changed"] is True
+    assert vault.key() == key
+    assert vault.record()["started_at"] == "2026-01-01T00:00:00Z", "the first start is kept"
+
+
+def test_a_lost_check_and_set_is_a_concurrent_rotation(rotate):
+    """Another run records its rotation and writes its key between this run's record and its
+    check-and-set write: this run writes no version and leaves the other run's record alone."""
+    vault = env_with_key(owner="ops")
+    other = new_key()
+    theirs = {"owner": "ops", "rotation_id": "dev-other", "rotation_state": "propagating"}
+
+    def concurrent_rotation(mount_point, path):
+        vault.before_write = lambda *_: None
+        vault.set_record(theirs)
+        vault.put(KEY_PATH, {"api_key": other})
+
+    vault.before_write = concurrent_rotation
+    result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-r9")
+    assert result["failed"]
+    assert result["msg"] == (
+        "Concurrent rotation refused: secret/captchaai/dev moved from version 1 to 2 while "
+        "this run prepared rotation dev-r9 (check-and-set failed); this run wrote no version"
+    )
+    assert vault.key() == other
+    assert vault.record() == theirs
+
+
+def test_a_failed_write_gives_the_record_back(rotate):
+    vault = env_with_key(owner="ops")
+
+    def broken(mount_point, path):
+        raise RuntimeError("disk full")
+
+    vault.before_write = broken
+    result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-r9")
+    assert result["msg"] == "Cannot write the new key to secret/captchaai/dev: disk full"
+    assert vault.record() == {"owner": "ops"}, "the record this run wrote is taken back"
+    assert vault.current_version() == 1
+
+
+# ---- mark ----------------------------------------------------------------------------------
+def test_mark_moves_to_awaiting_revocation_with_a_true_diff(rotate):
+    vault, _, _ = mid_rotation("propagating")
+    result = rotate(vault, diff=True, action="mark", rotation_id="dev-r1")
+    assert result["changed"] is True
+    assert result["rotation_state"] == "awaiting_revocation"
+    assert vault.record()["converged_at"]
+    before, after = json.loads(result["diff"]["before"]), json.loads(result["diff"]["after"])
+    assert before["rotation_state"] == "propagating"
+    assert after["rotation_state"] == "awaiting_revocation"
+    assert "converged_at" in after
+
+
+def test_mark_in_check_mode_writes_nothing(rotate):
+    vault, _, _ = mid_rotation("propagating")
+    result = rotate(vault, check_mode=True, action="mark", rotation_id="dev-r1")
+    assert result["changed"] is True
+    assert vault.writes == []
+    assert vault.record()["rotation_state"] == "propagating"
+
+
+def test_mark_again_is_a_noop(rotate):
+    vault, _, _ = mid_rotation("awaiting_revocation")
+    result = rotate(vault, action="mark", rotation_id="dev-r1")
+    assert result["changed"] is False
+    assert vault.writes == []
+
+
+@pytest.mark.parametrize(
+    ("state", "written", "rid", "msg"),
+    [
+        (
+            "propagating",
+            False,
+            "dev-r1",
+            "Rotation dev-r1: the new version was never written; nothing changed",
+        ),
+        (
+            "propagating",
+            True,
+            "dev-r2",
+            "Rotation dev-r2 is not the recorded rotation of dev (recorded: dev-r1); "
+            "nothing changed",
+        ),
+        (
+            "complete",
+            True,
+            "dev-r1",
+            "Rotation dev-r1 of dev is complete, not propagating or awaiting_revocation; "
+            "nothing changed",
+        ),
+        ("propagating", True, None, "mark needs rotation_id"),
+    ],
+)
+def test_mark_refusals(rotate, state, written, rid, msg):
+    vault, _, _ = mid_rotation(state, written=written)
+    assert rotate(vault, action="mark", rotation_id=rid)["msg"] == msg
+    assert vault.writes == []
+
+
+# ---- rollback ----------------------------------------------------------------------------------
+def test_rollback_writes_the_previous_key_back_as_a_new_version(rotate):
+    vault, old, _ = mid_rotation("awaiting_revocation")
+    result = rotate(vault, diff=True, action="rollback", rotation_id="dev-r1")
+    assert result["changed"] is True
+    assert result["target_version"] == 3
+    assert vault.key() == old
+    assert vault.record()["rotation_state"] == "rolled_back"
+    assert result["plan"] == [
+        "write version 1's data back as version 3 (check-and-set on version 2)",
+        "mark rotation dev-r1 rolled_back",
+    ]
+    assert json.loads(result["diff"]["after"])["key"] == "***" + old[-4:]
+
+
+def test_rollback_takes_the_recorded_rotation_when_none_is_given(rotate):
+    vault, old, _ = mid_rotation("propagating")
+    result = rotate(vault, action="rollback")
+    assert result["rotation_id"] == "dev-r1"
+    assert vault.key() == old
+
+
+def test_rollback_in_check_mode_writes_nothing(rotate):
+    vault, _, new = mid_rotation("propagating")
+    result = rotate(vault, check_mode=True, action="rollback", rotation_id="dev-r1")
+    assert result["target_version"] == 3
+    assert vault.writes == []
+    assert vault.key() == new
+
+
+def test_rollback_of_an_unwritten_key_only_marks_it(rotate):
+    vault, _, _ = mid_rotation("propagating", written=False)
+    result = rotate(vault, action="rollback", rotation_id="dev-r1")
+    assert result["plan"][0] == "version 1 already holds the previous key"
+    assert [w[0] for w in vault.writes] == ["metadata"]
+
+
+def test_rollback_again_is_a_noop(rotate):
+    vault, _, _ = mid_rotation("rolled_back")
+    result = rotate(vault, action="rollback", rotation_id="dev-r1")
+    assert result["changed"] is False
+    assert result["reason"] == "rotation dev-r1 is already rolled back"
+
+
+def test_rollback_after_finalize_is_refused(rotate):
+    vault, _, _ = mid_rotation("complete")
+    result = rotate(vault, action="rollback", rotation_id="dev-r1")
+    assert result["msg"].startswith("Rollback refused: rotation dev-r1 was finalized at ")
+
+
+def test_rollback_without_the_previous_version_is_impossible(rotate):
+    vault, _, _ = mid_rotation("propagating")
+    vault.store[("secret", KEY_PATH)].versions[1]["destroyed"] = True
+    result = rotate(vault, action="rollback", rotation_id="dev-r1")
+    assert result["msg"] == "Rollback impossible: version 1 is no longer held; nothing changed"
+
+
+def test_rollback_refuses_a_key_path_moved_elsewhere(rotate):
+    vault, _, _ = mid_rotation("propagating")
+    vault.put(KEY_PATH, {"api_key": new_key()})
+    result = rotate(vault, action="rollback", rotation_id="dev-r1")
+    assert result["msg"] == (
+        "Rollback refused: secret/captchaai/dev is at version 3, not the rotation's new "
+        "version 2; nothing changed"
+    )
+
+
+# ---- finalize ------------------------------------------------------------------------------
+def test_finalize_destroys_the_old_versions_and_completes(rotate):
+    vault, _, _ = mid_rotation("awaiting_revocation")
+    result = rotate(vault, diff=True, action="finalize", rotation_id="dev-r1")
+    assert result["changed"] is True
+    assert result["destroyed_versions"] == [1]
+    assert vault.destroyed(1)
+    assert not vault.destroyed(2)
+    assert vault.record()["rotation_state"] == "complete"
+    assert vault.record()["confirmed_at"]
+    assert result["versions_held"] == [2]
+    assert json.loads(result["diff"]["before"]) == {"held": [1, 2]}
+    assert "previous_key" not in result
+
+
+def test_finalize_hands_the_old_key_over_when_asked(rotate):
+    vault, old, _ = mid_rotation("awaiting_revocation")
+    result = rotate(vault, action="finalize", rotation_id="dev-r1", return_keys=True)
+    assert result["previous_key"] == old
+    assert vault.destroyed(1), "handed over, then destroyed"
+
+
+def test_finalize_in_check_mode_writes_nothing(rotate):
+    vault, _, _ = mid_rotation("awaiting_revocation")
+    result = rotate(vault, check_mode=True, action="finalize", rotation_id="dev-r1")
+    assert result["plan"] == [
+        "destroy versions [1] of secret/captchaai/dev",
+        "mark rotation dev-r1 complete",
+    ]
+    assert vault.writes == []
+
+
+def test_finalize_again_is_a_noop(rotate):
+    vault, _, _ = mid_rotation("complete")
+    result = rotate(vault, action="finalize", rotation_id="dev-r1", return_keys=True)
+    assert result["changed"] is False
+    assert result["destroyed_versions"] == []
+    assert "previous_key" not in result
+
+
+def test_finalize_before_the_workers_converged_is_refused(rotate):
+    vault, _, _ = mid_rotation("propagating")
+    result = rotate(vault, action="finalize", rotation_id="dev-r1")
+    assert result["msg"] == (
+        "Rotation dev-r1 of dev is propagating, not awaiting_revocation; nothing changed"
+    )
+    assert vault.writes == []
+
+
+def test_finalize_refuses_a_key_path_moved_elsewhere(rotate):
+    vault, _, _ = mid_rotation("awaiting_revocation")
+    vault.put(KEY_PATH, {"api_key": new_key()})
+    result = rotate(vault, action="finalize", rotation_id="dev-r1")
+    assert result["msg"] == "Rotation dev-r1: version 2 is not current; nothing changed"
+
+
+# ---- a whole rotation ------------------------------------------------------------------------
+def test_a_whole_rotation_plan_put_mark_finalize(rotate):
+    vault = env_with_key()
+    old = vault.key()
+    staged = new_key()
+    vault.put(STAGED_PATH, {"api_key": staged})
+    plan = rotate(vault, action="plan", key_source="staged", return_keys=True)
+    assert plan["staged_key"] == staged
+    rid = plan["rotation_id"]
+    assert rotate(vault, action="put", key_source="staged", rotation_id=rid)["changed"]
+    assert rotate(vault, action="plan", key_source="staged")["next"] == "wait"
+    assert rotate(vault, action="mark", rotation_id=rid)["changed"]
+    assert rotate(vault, action="plan", confirm=True)["next"] == "confirm"
+    done = rotate(vault, action="finalize", rotation_id=rid, return_keys=True)
+    assert done["previous_key"] == old
+    assert done["rotation"]["rotation_state"] == "complete"
+    assert done["versions_held"] == [2]
+    assert vault.key() == staged
+    assert rotate(vault, action="plan", key_source="staged")["next"] == "noop"

@@ -1,0 +1,1 @@
+../../../collections/ansible_collections/captcha_kit/vault/plugins/module_utils/contract.py
