@@ -13,8 +13,10 @@ run the product against. Everything here is real and listens on 127.0.0.1 only.
 - ``testkit.worker_hosts``: worker hosts deployed by the kit's own playbook.
 - ``testkit.playbook``: one ``ansible-playbook`` runner and the inventories it is given.
 - ``testkit.rotation``: rotation environments, workers and runs of playbooks/rotate-key.yml.
+- ``testkit.faults``: the fault tests' environments, provisioning and rotation inventories.
 - ``testkit.loadgen``: solve traffic against workers.
 - ``testkit.fixtures``: the pytest fixtures built on these (the shared test Vault and friends).
+- ``testkit.portlock``: one test run at a time on this machine (the fixed test ports).
 
 Suites import from here and from the product only; nothing here imports a suite.
 """

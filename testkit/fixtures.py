@@ -7,10 +7,14 @@
 - ``vault_client`` (session): an ``hvac.Client`` with the root token.
 - ``snapshot``: ``snapshot(only)`` -> ``vault_snapshot`` of the test server for names with ``only``.
 - ``playbook``: ``testkit.playbook.run_playbook`` as a fixture.
+
+``pytest_sessionstart`` / ``pytest_sessionfinish`` hold the machine's test-port lock
+(``testkit.portlock``) for the session: import them into a suite's top conftest.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,8 +23,19 @@ import pytest
 
 from testkit.paths import TEST_VAULT_DIR, TEST_VAULT_PORT
 from testkit.playbook import run_playbook
+from testkit.portlock import hold_test_ports
 from testkit.vault import LocalVault
 from testkit.vault_ops import admin_client, vault_snapshot
+
+_PORTS = contextlib.ExitStack()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _PORTS.enter_context(hold_test_ports())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _PORTS.close()
 
 
 @pytest.fixture(scope="session")

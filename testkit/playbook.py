@@ -131,6 +131,36 @@ def playbook_argv(
     return argv + list(args)
 
 
+def run_argv(
+    argv: list[str], env: Mapping[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run an ``ansible-playbook`` argv from the repository, no stdin, output captured."""
+    return subprocess.run(
+        argv,
+        cwd=REPO,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_argv(argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Start an ``ansible-playbook`` argv in a process group of its own (so a test can kill
+    the whole run), stdout and stderr in one pipe."""
+    return subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def run_playbook(
     playbook: str | Path,
     *,
@@ -163,16 +193,7 @@ def run_playbook(
         if extra_vars:
             vars_file = write_private(Path(tmp) / "extra-vars.json", json.dumps(dict(extra_vars)))
         started = time.monotonic()
-        proc = subprocess.run(
-            playbook_argv(playbook, inventory, vars_file, flags),
-            cwd=REPO,
-            env=run_env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        proc = run_argv(playbook_argv(playbook, inventory, vars_file, flags), run_env, timeout)
         seconds = time.monotonic() - started
     data: dict[str, Any] = {}
     start = proc.stdout.find("{")
@@ -206,21 +227,25 @@ def provision_vars(vault: LocalVault, tag: str, **overrides: Any) -> dict[str, A
     return values
 
 
-def write_inventory(
-    directory: Path, groups: Mapping[str, Any], variables: Mapping[str, Any]
-) -> Path:
-    """A YAML inventory: localhost (local connection) plus ``groups`` (name -> hosts), ``variables``
-    for all; a new file name each call."""
-    directory.mkdir(parents=True, exist_ok=True)
-    inventory = {
+def inventory_data(groups: Mapping[str, Any], variables: Mapping[str, Any]) -> dict[str, Any]:
+    """An inventory: localhost (local connection) plus ``groups`` (name -> {host: vars}),
+    ``variables`` for all."""
+    return {
         "all": {
             "hosts": {"localhost": dict(LOCALHOST)},
             "children": {name: {"hosts": dict(hosts)} for name, hosts in groups.items()},
             "vars": dict(variables),
         }
     }
+
+
+def write_inventory(
+    directory: Path, groups: Mapping[str, Any], variables: Mapping[str, Any]
+) -> Path:
+    """``inventory_data`` as a YAML file in ``directory`` (a new file name each call)."""
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"inventory-{secrets.token_hex(3)}.yml"
-    path.write_text(yaml.safe_dump(inventory))
+    path.write_text(yaml.safe_dump(inventory_data(groups, variables)))
     return path
 
 

@@ -16,10 +16,10 @@ every playbook run is checked for leaked keys and tokens.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import secrets
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +31,13 @@ import pytest
 from testkit.creds import assert_no_secrets, new_key, write_private
 from testkit.emulator import EmulatorProcess
 from testkit.net import free_port
-from testkit.paths import PROVISION, REPO, ROTATE
+from testkit.paths import PROVISION, ROTATE
 from testkit.playbook import (
     ansible_env,
     playbook_argv,
     process_host,
     provision_inventory,
+    run_argv,
     run_playbook,
 )
 from testkit.playbook import (
@@ -128,6 +129,17 @@ class RotEnv:
         stager.secrets.kv.v2.create_or_update_secret(
             self.staged_path, {"api_key": key}, cas=0, mount_point="secret"
         )
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a refused run must leave as it was: versions, record, staged key, key hash."""
+        meta = self.metadata()
+        return {
+            "current_version": meta["current_version"],
+            "custom_metadata": meta.get("custom_metadata"),
+            "versions": sorted(meta["versions"]),
+            "staged": self.staged_exists(),
+            "key_sha256": hashlib.sha256(self.current_key().encode()).hexdigest(),
+        }
 
     def staged_exists(self) -> bool:
         try:
@@ -310,17 +322,16 @@ def run_rotation(
 ) -> Run:
     """Run playbooks/rotate-key.yml unattended-style (no TTY); check the output for secrets."""
     argv, status_file = rotation_argv(rot_env, inventory, variables or {}, check)
-    proc = subprocess.run(
-        argv,
-        cwd=REPO,
-        env=rotation_env(rot_env, token),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    proc = run_argv(argv, rotation_env(rot_env, token), timeout)
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
     run = Run(proc.returncode, proc.stdout, proc.stderr, status)
     assert_no_secrets(run.output + json.dumps(status), rot_env.secrets)
     return run
+
+
+def run_unattended(
+    rot_env: RotEnv, inventory: Path, variables: dict[str, Any] | None = None, **kwargs: Any
+) -> Run:
+    """A scheduler's run: ``key_rotation_unattended`` with a rotator token of the env."""
+    variables = {**(variables or {}), "key_rotation_unattended": True}
+    return run_rotation(rot_env, inventory, variables, token=rot_env.rotator_token(), **kwargs)

@@ -17,7 +17,15 @@ from typing import Any
 import yaml
 
 from testkit.creds import new_key, new_tag
-from testkit.hosts import CONTAINERS_CONF, remove_host, ssh_host_vars, start_host
+from testkit.hosts import (
+    CONTAINERS_CONF,
+    IMAGE,
+    Recipe,
+    build,
+    remove_host,
+    ssh_host_vars,
+    start_host,
+)
 from testkit.net import free_port
 from testkit.playbook import inventory_data, provision_vars, run_playbook
 
@@ -172,3 +180,14 @@ def deploy(vault, deployment: Deployment, **extra):
         env={"CONTAINERS_CONF": str(CONTAINERS_CONF)},
         timeout=600,
     )
+
+
+@contextmanager
+def deployed_host(vault, prefix: str, directory: Path) -> Iterator[tuple[Host, Deployment]]:
+    """A fresh worker host with the worker deployed by the kit's own playbook (first run)."""
+    build(Recipe.load())
+    with worker_container(IMAGE, prefix) as host:
+        deployment = make_deployment(vault, host, directory)
+        first = deploy(vault, deployment)
+        assert first.rc == 0, first.failure_messages(host.name)[-3000:]
+        yield host, deployment

@@ -4,11 +4,12 @@
     python tests/stages.py --list     # the lanes and their stages
 
 The machine has 2 cores, so the suites run in two lanes that share no port and no container
-name (docs/interfaces.md): the playbook suites under tests/ in one; lint, the solver package,
-the fault tests (all but the slow ones: `make test-faults`) and the molecule scenarios in the
-other. Both use the shared
-test OpenBao on 18250, which is started here first, so that no two stages race to initialise
-it, and stopped here at the end, pass or fail, with the emulator the scenarios share.
+name (docs/interfaces.md): the playbook suites under tests/ in one; lint, the collections' unit
+tests, the solver package, the fault tests (all but the slow ones: `make test-faults`) and the
+molecule scenarios in the other. Both use the shared test OpenBao on 18250, which is started
+here first, so that no two stages race to initialise it, and stopped here at the end, pass or
+fail, with the emulator the scenarios share. The whole run holds the machine's test-port lock
+(testkit.portlock): a second checkout's run waits for this one.
 
 Each stage's output goes to ``.state/test/logs/<stage>.log``; a stage that fails has its whole
 log printed, one that passes its closing lines. The exit status is 0 only when every stage
@@ -18,6 +19,7 @@ passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -26,10 +28,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testkit.portlock import hold_test_ports
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOG_DIR = REPO / ".state" / "test" / "logs"
 TESTBED = REPO / "molecule" / "shared" / "testbed.py"
+# The collections' unit tests (seconds, no server): plans, decide(), normalisers, filters.
+COLLECTION_TESTS = [
+    "collections/ansible_collections/captcha_kit/vault/tests/unit",
+    "collections/ansible_collections/captcha_kit/captchaai/tests/unit",
+]
 
 
 @dataclass
@@ -59,11 +68,12 @@ def lanes() -> list[list[Stage]]:
         Stage("lint-ansible", [_bin("ansible-lint"), "--profile", "production"]),
         Stage("lint-python", ["make", "--no-print-directory", "lint-python"]),
     ]
+    units = Stage("collection-units", [pytest, *COLLECTION_TESTS])
     solver = Stage("solver", [pytest], cwd=REPO / "solver")
     faults = Stage("faults", [pytest, "tests/faults", "-m", "not slow_faults"])
     scenarios = ("vault_provision", "captcha_worker", "key_rotation")
     molecule = [Stage(f"molecule-{s}", [_bin("molecule"), "test", "-s", s]) for s in scenarios]
-    return [[playbooks], [*lint, solver, faults, *molecule]]
+    return [[playbooks], [*lint, units, solver, faults, *molecule]]
 
 
 def _summary(log: Path) -> str:
@@ -134,15 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     started = time.monotonic()
     lock = threading.Lock()
-    try:
+    with hold_test_ports(), contextlib.ExitStack() as stop:
+        stop.callback(stop_testbed)
         start_testbed()
         threads = [threading.Thread(target=run_lane, args=(lane, lock)) for lane in plan]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        stop_testbed()
     total = time.monotonic() - started
     stages = [s for lane in plan for s in lane]
     print("\n| stage | lane | wall time | result |\n|---|---|---|---|")

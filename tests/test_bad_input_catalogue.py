@@ -12,7 +12,6 @@ it names with pytest, so the catalogue cannot point at a test that was renamed o
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import re
@@ -30,8 +29,9 @@ import hvac
 import pytest
 import yaml
 from captcha_solver.cli import read_health
+from captcha_solver.config import render_config
 
-from testkit.creds import new_key, new_tag
+from testkit.creds import new_key, new_tag, write_private
 from testkit.hosts import CONTAINERS_CONF, IMAGE, Recipe, build
 from testkit.net import free_port
 from testkit.paths import REPO
@@ -46,17 +46,6 @@ DEPLOY = "playbooks/deploy-workers.yml"
 
 
 # --------------------------------------------------------------------------- rotate-key
-
-
-def _rotation_snapshot(rot_env: RotEnv) -> dict[str, Any]:
-    meta = rot_env.metadata()
-    return {
-        "current_version": meta["current_version"],
-        "custom_metadata": meta.get("custom_metadata"),
-        "versions": sorted(meta["versions"]),
-        "staged": rot_env.staged_exists(),
-        "key_sha256": hashlib.sha256(rot_env.current_key().encode()).hexdigest(),
-    }
 
 
 INVALID_MODE = (
@@ -97,12 +86,12 @@ def test_rotation_invalid_mode_is_refused(
     values = {k: (v.format(env=env) if isinstance(v, str) else v) for k, v in variables.items()}
     text = expected.format(env=env)
     inv = write_inventory(rot_env)
-    before = _rotation_snapshot(rot_env)
+    before = rot_env.snapshot()
     run = run_rotation(rot_env, inv, values, token=rot_env.rotator_token())
     output = run.output
     assert run.rc == 2, output[-3000:]
     assert text in output, output[-3000:]
-    after = _rotation_snapshot(rot_env)
+    after = rot_env.snapshot()
     assert after == before
 
 
@@ -125,37 +114,37 @@ def _wrapper(rot_env: RotEnv, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_unattended_confirm_and_rollback_together_is_a_usage_error(rot_env: RotEnv):
     """--confirm-revoked with --rollback: exit 64 before ansible-playbook runs; nothing changed."""
-    before = _rotation_snapshot(rot_env)
+    before = rot_env.snapshot()
     proc = _wrapper(rot_env, "--confirm-revoked", "--rollback")
     assert proc.returncode == 64
     assert (
         proc.stderr.strip() == "key-rotation: --confirm-revoked and --rollback exclude each other"
     )
     assert proc.stdout == ""
-    assert _rotation_snapshot(rot_env) == before
+    assert rot_env.snapshot() == before
 
 
 def test_unattended_unreadable_extra_vars_file_is_a_usage_error(rot_env: RotEnv):
     """An --extra-vars-file that cannot be read: exit 64 naming the file; nothing changed."""
     missing = rot_env.tmp / "no-such-vars.yml"
-    before = _rotation_snapshot(rot_env)
+    before = rot_env.snapshot()
     proc = _wrapper(rot_env, "--extra-vars-file", str(missing))
     assert proc.returncode == 64
     assert proc.stderr.strip() == f"key-rotation: cannot read {missing}"
     assert proc.stdout == ""
-    assert _rotation_snapshot(rot_env) == before
+    assert rot_env.snapshot() == before
 
 
 def test_unattended_unknown_key_source_is_a_usage_error(rot_env: RotEnv):
     """--key-source outside staged|auto: argparse's usage error (exit 2); nothing changed."""
-    before = _rotation_snapshot(rot_env)
+    before = rot_env.snapshot()
     proc = _wrapper(rot_env, "--key-source", "variable")
     assert proc.returncode == 2
     assert (
         "python -m tools.rotate_unattended: error: argument --key-source: invalid choice: "
         "'variable' (choose from 'staged', 'auto')"
     ) in proc.stderr
-    assert _rotation_snapshot(rot_env) == before
+    assert rot_env.snapshot() == before
 
 
 # --------------------------------------------------------------------------- the worker process
@@ -220,7 +209,9 @@ class WorkerFiles:
     port: int
 
 
-def _worker_files(we: WorkerEnv, tmp: Path, *, addr: str | None = None) -> WorkerFiles:
+def _worker_files(we: WorkerEnv, tmp: Path, *, plain_http: bool = False) -> WorkerFiles:
+    """A worker's files for ``we``; ``plain_http``: the config names the Vault over plain http
+    (written as a valid config first, by the solver's own render_config, then spoilt)."""
     state = tmp / "state"
     state.mkdir(mode=0o700)
     files = WorkerFiles(
@@ -232,36 +223,30 @@ def _worker_files(we: WorkerEnv, tmp: Path, *, addr: str | None = None) -> Worke
         free_port(),
     )
     files.role_id.write_text(we.role_id + "\n")
-    files.config.write_text(
-        f"""env = "{we.env}"
-[vault]
-addrs = ["{addr or we.addr}"]
-ca_file = "{we.ca_file}"
-approle_mount = "{we.mount}"
-role_id_file = "{files.role_id}"
-secret_id_file = "{files.secret_id}"
-wrapped_secret_id_file = "{files.wrapped}"
-kv_mount = "{we.kv_mount}"
-key_path = "captchaai/{we.env}"
-refresh_interval = 30.0
-retries = 1
-[provider]
-url = "http://127.0.0.1:{free_port()}"
-[server]
-host = "127.0.0.1"
-port = {files.port}
-[logging]
-format = "json"
-level = "INFO"
-"""
+    text = render_config(
+        {
+            "env": we.env,
+            "vault": {
+                "addrs": [we.addr],
+                "ca_file": str(we.ca_file),
+                "approle_mount": we.mount,
+                "role_id_file": str(files.role_id),
+                "secret_id_file": str(files.secret_id),
+                "wrapped_secret_id_file": str(files.wrapped),
+                "kv_mount": we.kv_mount,
+                "key_path": f"captchaai/{we.env}",
+                "refresh_interval": 30.0,
+                "retries": 1,
+            },
+            "provider": {"url": f"http://127.0.0.1:{free_port()}"},
+            "server": {"host": "127.0.0.1", "port": files.port},
+            "logging": {"format": "json", "level": "INFO"},
+        }
     )
+    if plain_http:
+        text = text.replace(we.addr, we.addr.replace("https://", "http://"))
+    files.config.write_text(text)
     return files
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
 
 
 def _solver_env() -> dict[str, str]:
@@ -329,11 +314,11 @@ def test_worker_invalid_config_leaves_the_wrapping_token_unspent(
 ):
     """A config with a plain-http Vault address: exit 78 naming the field, before any Vault call:
     the single-use wrapping token stays valid and in place, no secret-id is written."""
-    files = _worker_files(worker_env, tmp_path, addr=worker_env.addr.replace("https", "http"))
+    files = _worker_files(worker_env, tmp_path, plain_http=True)
     wrapped = worker_env.client.auth.approle.generate_secret_id(
         worker_env.role, mount_point=worker_env.mount, wrap_ttl="120s"
     )["wrap_info"]["token"]
-    _write_private(files.wrapped, wrapped + "\n")
+    write_private(files.wrapped, wrapped + "\n")
     accessors = worker_env.accessors()
     proc = subprocess.run(
         [str(SOLVER), "serve", "--config", str(files.config)],
@@ -363,7 +348,7 @@ def test_worker_wrong_secret_id_is_unhealthy_and_keeps_its_files(
     loaded; the secret-id file is not rewritten and the key in Vault is untouched."""
     files = _worker_files(worker_env, tmp_path)
     bogus = str(uuid.uuid4())
-    _write_private(files.secret_id, bogus + "\n")
+    write_private(files.secret_id, bogus + "\n")
     meta = worker_env.key_meta()
     proc = serve(files.config, tmp_path / "worker.log")
     status, health = _health_error(files.port, proc)
@@ -388,7 +373,7 @@ def test_worker_missing_role_id_file_is_unhealthy_and_keeps_the_secret_id(
     secret_id = worker_env.client.auth.approle.generate_secret_id(
         worker_env.role, mount_point=worker_env.mount
     )["data"]["secret_id"]
-    _write_private(files.secret_id, secret_id + "\n")
+    write_private(files.secret_id, secret_id + "\n")
     accessors = worker_env.accessors()
     meta = worker_env.key_meta()
     proc = serve(files.config, tmp_path / "worker.log")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from testkit.creds import new_key
 from testkit.emulator import (
     COUNTER_NAMES,
     DelaySpec,
@@ -23,14 +24,7 @@ from testkit.emulator import (
     EmulatorProcess,
 )
 from testkit.emulator.__main__ import main as emulator_main
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
+from testkit.net import free_port
 
 START_OPTIONS: dict[str, Any] = {
     "solve_delay": "fixed:0.3",
@@ -142,7 +136,7 @@ def api(emulator: EmulatorProcess, admin: EmulatorAdmin) -> Public:
 
 @pytest.fixture
 def key(admin: EmulatorAdmin) -> str:
-    k = secrets.token_hex(16)
+    k = new_key()
     admin.add_key(k, balance=5.0)
     return k
 
@@ -216,7 +210,7 @@ def test_bulk_ids_plain_and_json(api: Public, admin: EmulatorAdmin, key: str) ->
     admin.set_options(method_delays={"turnstile": "fixed:30"})
     fast = api.submit(key)
     slow = api.submit(key, method="turnstile", sitekey="s", pageurl="https://a.test/")
-    other_key = secrets.token_hex(16)
+    other_key = new_key()
     admin.add_key(other_key)
     foreign = api.submit(other_key)
     wait_ready(api, key, fast)
@@ -299,7 +293,7 @@ def test_header_acao(api: Public, key: str) -> None:
 
 @pytest.mark.parametrize(
     "bad_key",
-    ["", "abc", secrets.token_hex(16).upper(), secrets.token_hex(16)[:31], "g" * 32],
+    ["", "abc", new_key().upper(), new_key()[:31], "g" * 32],
     ids=["missing", "short", "uppercase", "31-chars", "not-hex"],
 )
 def test_malformed_key(api: Public, bad_key: str) -> None:
@@ -310,7 +304,7 @@ def test_malformed_key(api: Public, bad_key: str) -> None:
 
 
 def test_unknown_and_revoked_key(api: Public, admin: EmulatorAdmin, key: str) -> None:
-    unknown = secrets.token_hex(16)
+    unknown = new_key()
     assert api.text("in.php", {"key": unknown, **RECAPTCHA}) == "ERROR_KEY_DOES_NOT_EXIST"
     task = api.submit(key)
     admin.revoke_key(key)
@@ -341,7 +335,7 @@ def test_zero_balance(api: Public, admin: EmulatorAdmin, key: str) -> None:
 
 
 def test_no_slot_available(api: Public, admin: EmulatorAdmin) -> None:
-    k = secrets.token_hex(16)
+    k = new_key()
     admin.add_key(k, balance=5.0, max_slots=2)
     first = api.submit(k)
     api.submit(k)
@@ -384,7 +378,7 @@ def test_wrong_file_extension(api: Public, key: str) -> None:
 
 
 def test_res_php_id_and_action_errors(api: Public, admin: EmulatorAdmin, key: str) -> None:
-    other = secrets.token_hex(16)
+    other = new_key()
     admin.add_key(other)
     foreign = api.submit(other)
     assert api.get(key, foreign) == "ERROR_WRONG_CAPTCHA_ID"  # another key's task
@@ -416,7 +410,7 @@ def loopback_alias_usable(port: int) -> bool:
 
 def test_ip_ban_after_bad_key_requests(api: Public, admin: EmulatorAdmin, key: str) -> None:
     admin.set_options(ban_threshold=3, ban_window=30.0, ban_duration=300.0)
-    bad = secrets.token_hex(16)
+    bad = new_key()
     assert api.text("in.php", {"key": bad, **RECAPTCHA}) == "ERROR_KEY_DOES_NOT_EXIST"
     assert api.text("res.php", {"key": "x", "action": "getbalance"}) == "ERROR_WRONG_USER_KEY"
     assert admin.bans() == {}
@@ -507,7 +501,7 @@ def test_seed_makes_delays_reproducible(api: Public, admin: EmulatorAdmin) -> No
     for _ in range(2):
         admin.reset()
         admin.set_options(solve_delay="uniform:1:30", time_scale=0.001, seed=42)
-        k = secrets.token_hex(16)
+        k = new_key()
         admin.add_key(k)
         ids = [api.submit(k) for _ in range(5)]
         rows = {str(r["id"]): r["nominal_delay"] for r in admin.tasks(k)}
@@ -552,7 +546,7 @@ def test_add_key_validates(admin: EmulatorAdmin) -> None:
     with pytest.raises(EmulatorAdminError, match="32 lowercase hex"):
         admin.add_key("ABC")
     with pytest.raises(EmulatorAdminError) as err:
-        admin.revoke_key(secrets.token_hex(16))
+        admin.revoke_key(new_key())
     assert err.value.status == 404
 
 
@@ -618,7 +612,7 @@ def test_keys_never_logged_in_full(
     emulator: EmulatorProcess, api: Public, admin: EmulatorAdmin, key: str
 ) -> None:
     admin.set_options(ban_threshold=2)
-    revoked = secrets.token_hex(16)
+    revoked = new_key()
     admin.add_key(revoked)
     admin.revoke_key(revoked)
     task = api.submit(key)
@@ -673,7 +667,7 @@ def test_in_process_server_on_free_ports() -> None:
         options = Options(solve_delay="fixed:0", seed=7)
         async with EmulatorServer(0, 0, options) as srv:
             assert srv.port != srv.admin_port
-            k = secrets.token_hex(16)
+            k = new_key()
             srv.emulator.add_key(k)
             api = Public(srv.port)
             loop = asyncio.get_running_loop()

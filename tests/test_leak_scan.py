@@ -42,6 +42,7 @@ import hvac
 import pytest
 import yaml
 
+from testkit.creds import new_key
 from testkit.hosts import CONTAINERS_CONF, DEFAULT_SSH_KEY, Recipe, build
 from testkit.paths import BIN, REPO
 
@@ -338,7 +339,7 @@ def demo(*args: str, timeout: float) -> subprocess.CompletedProcess[bytes]:
 def test_scanner_finds_planted_values_and_reports_them_masked():
     """The scanner itself: an exact value and an unknown token-shaped string are both found,
     reported with their location and masked; an allowed location is kept apart."""
-    key = secrets.token_hex(16)
+    key = new_key()
     token = "s." + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
     scan = Scan({key: "api key"})
     scan.allowed.add(("vault/root-token", token))

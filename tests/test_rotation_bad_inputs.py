@@ -8,19 +8,9 @@ from typing import Any
 import pytest
 
 from testkit.creds import new_key
-from testkit.rotation import RotEnv, run_rotation, write_inventory
+from testkit.rotation import RotEnv, run_rotation, run_unattended, write_inventory
 
 FIXED = {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
-
-
-def snapshot(rot_env: RotEnv) -> dict[str, Any]:
-    meta = rot_env.metadata()
-    return {
-        "current_version": meta["current_version"],
-        "custom_metadata": meta.get("custom_metadata"),
-        "versions": sorted(meta["versions"]),
-        "staged": rot_env.staged_exists(),
-    }
 
 
 def refused(
@@ -32,11 +22,11 @@ def refused(
     workers: list | None = None,
 ):
     inv = write_inventory(rot_env, workers or [], inventory_vars)
-    before = snapshot(rot_env)
+    before = rot_env.snapshot()
     run = run_rotation(rot_env, inv, variables, token=token or rot_env.rotator_token())
     assert run.rc == 2, run.output[-3000:]
     assert run.status["outcome"] == "failed"
-    assert snapshot(rot_env) == before, "a refused run must change nothing"
+    assert rot_env.snapshot() == before, "a refused run must change nothing"
     return run
 
 
@@ -70,17 +60,12 @@ def test_key_still_held_in_an_older_version_is_refused(rot_env: RotEnv):
 def test_no_staged_key_in_scheduled_mode_is_a_noop_that_says_so(rot_env: RotEnv):
     """Scheduled (staged source, unattended) with nothing staged: rc 0, outcome noop, unchanged."""
     inv = write_inventory(rot_env)
-    before = snapshot(rot_env)
-    run = run_rotation(
-        rot_env,
-        inv,
-        {"key_rotation_key_source": "staged", "key_rotation_unattended": True},
-        token=rot_env.rotator_token(),
-    )
+    before = rot_env.snapshot()
+    run = run_unattended(rot_env, inv, {"key_rotation_key_source": "staged"})
     assert run.rc == 0, run.output[-3000:]
     assert run.status["outcome"] == "noop"
     assert f"no staged key at secret/captchaai-staged/{rot_env.name}" in run.status["message"]
-    assert snapshot(rot_env) == before
+    assert rot_env.snapshot() == before
 
 
 def test_unknown_env_is_refused(rot_env: RotEnv):

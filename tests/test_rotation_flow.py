@@ -6,7 +6,7 @@ import hvac
 import pytest
 
 from testkit.creds import new_key
-from testkit.rotation import RotEnv, run_rotation, write_inventory
+from testkit.rotation import RotEnv, run_rotation, run_unattended, write_inventory
 
 
 def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEnv, start_workers):
@@ -49,7 +49,7 @@ def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEn
 
     # The operator revokes the old key at the provider, then confirms with a second run.
     rot_env.emulator.admin.revoke_key(rot_env.old_key)
-    done = run_rotation(
+    done = run_unattended(
         rot_env,
         inv,
         {"key_rotation_confirm_revoked": rot_env.name},
@@ -109,12 +109,7 @@ def test_no_workers_fixed_wait_mode_waits_the_window(rot_env: RotEnv):
     """The no-poll mode never contacts workers and waits interval x (1 + jitter) + margin."""
     inv, new = _fixed_wait_rotation(rot_env)
 
-    run = run_rotation(
-        rot_env,
-        inv,
-        {"key_rotation_new_key": new, "key_rotation_unattended": True},
-        token=rot_env.rotator_token(),
-    )
+    run = run_rotation(rot_env, inv, {"key_rotation_new_key": new})
 
     assert run.rc == 0, run.output[-3000:]
     assert run.status["outcome"] == "awaiting_revocation"

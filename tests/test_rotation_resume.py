@@ -6,12 +6,18 @@ import datetime as dt
 import json
 import os
 import signal
-import subprocess
 import time
 
 from testkit.creds import assert_no_secrets, new_key
-from testkit.paths import REPO
-from testkit.rotation import RotEnv, rotation_argv, rotation_env, run_rotation, write_inventory
+from testkit.playbook import start_argv
+from testkit.rotation import (
+    RotEnv,
+    rotation_argv,
+    rotation_env,
+    run_rotation,
+    run_unattended,
+    write_inventory,
+)
 
 FIXED = {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
 
@@ -28,15 +34,7 @@ def test_resume_after_the_run_is_killed_after_the_put(rot_env: RotEnv):
     )
     argv, _ = rotation_argv(rot_env, slow, {"key_rotation_unattended": True}, check=False)
     env = rotation_env(rot_env, rot_env.rotator_token())
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_argv(argv, env)
     try:
         deadline = time.monotonic() + 90
         while rot_env.current_version() == before:
@@ -53,12 +51,7 @@ def test_resume_after_the_run_is_killed_after_the_put(rot_env: RotEnv):
     assert not rot_env.staged_exists()
 
     fast = write_inventory(rot_env, [], FIXED)
-    run = run_rotation(
-        rot_env,
-        fast,
-        {"key_rotation_key_source": "staged", "key_rotation_unattended": True},
-        token=rot_env.rotator_token(),
-    )
+    run = run_unattended(rot_env, fast, {"key_rotation_key_source": "staged"})
 
     assert run.rc == 0, run.output[-3000:]
     assert "resuming rotation " + record["rotation_id"] in run.stdout
@@ -68,12 +61,7 @@ def test_resume_after_the_run_is_killed_after_the_put(rot_env: RotEnv):
     assert rot_env.record()["rotation_state"] == "awaiting_revocation"
 
     # The same key given again as a variable is also a resume, not a new rotation.
-    again = run_rotation(
-        rot_env,
-        fast,
-        {"key_rotation_new_key": key, "key_rotation_unattended": True},
-        token=rot_env.rotator_token(),
-    )
+    again = run_unattended(rot_env, fast, {"key_rotation_new_key": key})
     assert again.rc == 0, again.output[-3000:]
     assert rot_env.current_version() == before + 1
 
@@ -97,12 +85,7 @@ def test_resume_when_the_record_was_written_but_not_the_key(rot_env: RotEnv):
         f"/v1/secret/metadata/{rot_env.key_path}", json={"custom_metadata": record}
     )
     inv = write_inventory(rot_env, [], FIXED)
-    run = run_rotation(
-        rot_env,
-        inv,
-        {"key_rotation_new_key": key, "key_rotation_unattended": True},
-        token=rot_env.rotator_token(),
-    )
+    run = run_unattended(rot_env, inv, {"key_rotation_new_key": key})
     assert run.rc == 0, run.output[-3000:]
     assert rot_env.current_version() == before + 1
     assert rot_env.current_key() == key
@@ -116,8 +99,7 @@ def test_stale_worker_fails_the_wait_then_the_rerun_resumes(rot_env: RotEnv, sta
     """A worker that does not move within the window is named; no prompt; a rerun resumes."""
     good, lagging = start_workers(2)
     lagging.stop()
-    text = lagging.config.read_text().replace("refresh_interval = 2.0", "refresh_interval = 3600")
-    lagging.config.write_text(text)
+    lagging.settings["vault"]["refresh_interval"] = 3600.0
     lagging.start()
     key = new_key()
     rot_env.secrets.append(key)
@@ -125,12 +107,7 @@ def test_stale_worker_fails_the_wait_then_the_rerun_resumes(rot_env: RotEnv, sta
     before = rot_env.current_version()
     inv = write_inventory(rot_env, [good, lagging], {"key_rotation_window_margin": 2})
 
-    run = run_rotation(
-        rot_env,
-        inv,
-        {"key_rotation_new_key": key, "key_rotation_unattended": True},
-        token=rot_env.rotator_token(),
-    )
+    run = run_unattended(rot_env, inv, {"key_rotation_new_key": key})
 
     assert run.rc == 2
     assert run.status["outcome"] == "failed"
@@ -141,7 +118,7 @@ def test_stale_worker_fails_the_wait_then_the_rerun_resumes(rot_env: RotEnv, sta
     assert rot_env.record()["rotation_state"] == "propagating"
 
     lagging.stop()
-    lagging.config.write_text(text.replace("refresh_interval = 3600", "refresh_interval = 2.0"))
+    lagging.settings["vault"]["refresh_interval"] = 2.0
     lagging.start()
     rerun = run_rotation(
         rot_env, inv, {"key_rotation_unattended": True}, token=rot_env.rotator_token()
@@ -224,14 +201,7 @@ def test_two_rotations_started_at_once_write_one_version(rot_env: RotEnv):
         )
         procs.append(
             (
-                subprocess.Popen(
-                    argv,
-                    cwd=REPO,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                ),
+                start_argv(argv, env),
                 status,
             )
         )

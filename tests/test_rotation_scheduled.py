@@ -121,9 +121,7 @@ def test_scheduled_failures_map_to_distinct_codes(rot_env: RotEnv, start_workers
         rot_env.staged_path, mount_point="secret"
     )
     worker.stop()
-    worker.config.write_text(
-        worker.config.read_text().replace("refresh_interval = 2.0", "refresh_interval = 3600")
-    )
+    worker.settings["vault"]["refresh_interval"] = 3600.0
     worker.start()
     key = new_key()
     rot_env.secrets.append(key)

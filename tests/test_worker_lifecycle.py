@@ -14,9 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from testkit.hosts import IMAGE, Recipe, build
 from testkit.net import free_port
-from testkit.worker_hosts import Deployment, Host, deploy, make_deployment, worker_container
+from testkit.worker_hosts import (
+    Deployment,
+    Host,
+    deploy,
+    deployed_host,
+)
 
 pytestmark = pytest.mark.containers
 
@@ -26,12 +30,8 @@ CONFIG = "/etc/captcha-solver/config.toml"
 
 @pytest.fixture(scope="module")
 def deployed(vault, tmp_path_factory) -> Iterator[tuple[Host, Deployment]]:
-    build(Recipe.load())
-    with worker_container(IMAGE, "kit-lifecycle") as host:
-        deployment = make_deployment(vault, host, tmp_path_factory.mktemp("lifecycle"))
-        first = deploy(vault, deployment)
-        assert first.rc == 0, first.failure_messages(host.name)[-3000:]
-        yield host, deployment
+    with deployed_host(vault, "kit-lifecycle", tmp_path_factory.mktemp("lifecycle")) as made:
+        yield made
 
 
 def _plan(result, host: Host) -> str:

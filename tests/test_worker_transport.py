@@ -21,9 +21,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testkit.hosts import IMAGE, Recipe, build, ssh_host_vars
+from testkit.hosts import IMAGE, ssh_host_vars
 from testkit.net import free_port
-from testkit.worker_hosts import Deployment, Host, deploy, make_deployment, worker_container
+from testkit.worker_hosts import (
+    Deployment,
+    Host,
+    deploy,
+    deployed_host,
+    worker_container,
+)
 
 pytestmark = pytest.mark.containers
 
@@ -31,12 +37,8 @@ pytestmark = pytest.mark.containers
 @pytest.fixture(scope="module")
 def healthy(vault, tmp_path_factory) -> Iterator[tuple[Host, Deployment]]:
     """A host that already runs a worker."""
-    build(Recipe.load())
-    with worker_container(IMAGE, "kit-transport-ok") as host:
-        deployment = make_deployment(vault, host, tmp_path_factory.mktemp("transport"))
-        first = deploy(vault, deployment)
-        assert first.rc == 0, first.failure_messages(host.name)[-3000:]
-        yield host, deployment
+    with deployed_host(vault, "kit-transport-ok", tmp_path_factory.mktemp("transport")) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ CaptchaAI emulator.
 from __future__ import annotations
 
 import asyncio
-import secrets
-import socket
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,19 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from testkit.creds import new_key
+from testkit.net import free_port
 
 from captcha_solver.config import Config, parse_config
 from captcha_solver.vault import KvSecret, VaultUnavailable
 
-
-def new_key() -> str:
-    return secrets.token_hex(16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "new_key"]
 
 
 def make_config(tmp: Path, **over: Any) -> Config:

@@ -22,8 +22,8 @@ import pytest
 
 from testkit.creds import assert_no_secrets, new_key
 from testkit.faults import Env, rotation_inventory, rotation_vars
-from testkit.paths import REPO, ROTATE
-from testkit.playbook import ansible_env, playbook_argv
+from testkit.paths import ROTATE
+from testkit.playbook import ansible_env, playbook_argv, run_argv, start_argv
 
 # (step that has just finished, the task header that shows it, the run it is in)
 KILL_POINTS = [
@@ -47,15 +47,7 @@ def reset_env(env: Env) -> None:
 def run_until(argv, run_env, marker: str, timeout: float = 180) -> tuple[bool, str]:
     """Run ``argv``; SIGKILL its process group when ``marker`` appears in a TASK header.
     Returns (killed, output)."""
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=run_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_argv(argv, run_env)
     out: list[str] = []
     killed = False
     deadline = time.monotonic() + timeout
@@ -84,16 +76,7 @@ def run_until(argv, run_env, marker: str, timeout: float = 180) -> tuple[bool, s
 
 
 def run(argv, run_env, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        argv,
-        cwd=REPO,
-        env=run_env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_argv(argv, run_env, timeout)
 
 
 @pytest.mark.parametrize(("step", "marker", "phase"), KILL_POINTS, ids=[k[0] for k in KILL_POINTS])

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -15,18 +14,9 @@ import pytest
 from testkit.creds import assert_no_secrets, new_key
 from testkit.faults import SESSION, Env, provision, rotation_inventory, rotation_vars
 from testkit.loadgen import LoadGenerator
-from testkit.paths import REPO, ROTATE
-from testkit.playbook import ansible_env, playbook_argv
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+from testkit.net import wait_for
+from testkit.paths import ROTATE
+from testkit.playbook import ansible_env, playbook_argv, run_argv, start_argv
 
 
 def refreshed_since(worker, wall: float) -> bool:
@@ -102,14 +92,7 @@ def test_leader_killed_in_the_middle_of_a_rotation(ha, ha_envs, emulator, tmp_pa
         run_env = ansible_env(ha, token=ha.root_token(), addrs=others) | {"VAULT_ADDR": leader.addr}
         load = LoadGenerator(fleet.urls, clients=4, duration=240, pause=0.05).start()
         try:
-            proc = subprocess.Popen(
-                playbook_argv(ROTATE, inventory, vars_file),
-                cwd=REPO,
-                env=run_env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
+            proc = start_argv(playbook_argv(ROTATE, inventory, vars_file), run_env)
             try:
                 wait_for(lambda: env.current_version() > before, 120, "the put")
                 assert proc.poll() is None, "the run ended before the leader could be killed"
@@ -123,15 +106,10 @@ def test_leader_killed_in_the_middle_of_a_rotation(ha, ha_envs, emulator, tmp_pa
             assert_no_secrets(output, [key, old_key, ha.root_token()])
             status = json.loads(status_file.read_text()) if status_file.exists() else {}
             if proc.returncode != 0:  # the run gave up: a rerun must resume it
-                rerun = subprocess.run(
+                rerun = run_argv(
                     playbook_argv(ROTATE, inventory, vars_file),
-                    cwd=REPO,
-                    env=run_env | {"VAULT_ADDR": others[0]},
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=240,
-                    check=False,
+                    run_env | {"VAULT_ADDR": others[0]},
+                    240,
                 )
                 assert "resuming rotation" in rerun.stdout, rerun.stdout[-3000:]
                 assert rerun.returncode == 0, rerun.stdout[-3000:]
@@ -144,15 +122,10 @@ def test_leader_killed_in_the_middle_of_a_rotation(ha, ha_envs, emulator, tmp_pa
             confirm_vars, confirm_status = rotation_vars(
                 env, tmp_path, {"key_rotation_confirm_revoked": env.name}
             )
-            done = subprocess.run(
+            done = run_argv(
                 playbook_argv(ROTATE, inventory, confirm_vars),
-                cwd=REPO,
-                env=run_env | {"VAULT_ADDR": others[0]},
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=240,
-                check=False,
+                run_env | {"VAULT_ADDR": others[0]},
+                240,
             )
             assert done.returncode == 0, done.stdout[-3000:]
             assert json.loads(confirm_status.read_text())["outcome"] == "complete"

@@ -7,6 +7,7 @@ import time
 
 from testkit.faults import Env
 from testkit.loadgen import LoadGenerator
+from testkit.net import wait_for
 
 BAD_KEY_BOUND = 4  # bad-key provider requests one worker may send (its tasks in flight)
 
@@ -16,16 +17,6 @@ def refreshes(metrics: str, reason: str) -> int:
         rf'captcha_solver_key_refreshes_total\{{[^}}]*reason="{reason}"[^}}]*\}} (\d+)', metrics
     )
     return sum(int(n) for n in found)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def test_revoked_key_bounded_bad_requests_unhealthy_until_a_new_key(
