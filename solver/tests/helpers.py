@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class FakeVault:
     custom_metadata: dict[str, str] = field(default_factory=dict)
     down: bool = False
     reads: int = 0
+    read_delay: float = 0.0  # seconds between taking the answer and returning it (on the wire)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def read_kv(self, mount: str, path: str) -> KvSecret:
@@ -76,7 +78,9 @@ class FakeVault:
             self.reads += 1
             if self.down:
                 raise VaultUnavailable("read: no Vault address answered (fake)")
-            return KvSecret(dict(self.data), self.version, dict(self.custom_metadata), "")
+            answer = KvSecret(dict(self.data), self.version, dict(self.custom_metadata), "")
+        time.sleep(self.read_delay)
+        return answer
 
     def write(self, data: dict[str, Any]) -> None:
         with self.lock:
@@ -94,6 +98,7 @@ class FakeProvider:
     submit_errors: list[str] = field(default_factory=list)  # popped per submit
     poll_status: list[int] = field(default_factory=list)  # HTTP statuses to answer res.php with
     unsolvable: bool = False
+    submit_delay: float = 0.0  # seconds each in.php answer takes (requests pile up meanwhile)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[dict[str, str]] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
@@ -114,6 +119,8 @@ class FakeProvider:
         form = dict(await request.post())
         self.requests.append({"endpoint": "in", **{k: str(v) for k, v in form.items()}})
         self.urls.append(str(request.url))
+        if self.submit_delay:
+            await asyncio.sleep(self.submit_delay)
         key = str(form.get("key", ""))
         err = self._key_error(key)
         if err:

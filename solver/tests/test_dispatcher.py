@@ -195,6 +195,36 @@ def test_rejected_key_still_in_vault_opens_circuit_and_stops_calls(tmp_path):
     asyncio.run(_run(tmp_path, fake, vault, body, provider__circuit_cooldown=60.0))
 
 
+def test_a_revoked_key_under_heavy_traffic_costs_few_bad_requests(tmp_path):
+    """40 solves at once with a key the provider no longer knows, and a slow in.php: at most
+    ``max_submits_in_flight`` submits are ever on the wire, and the ones waiting behind them
+    never leave once the first refusal opened the circuit (CaptchaAI bans an address after
+    about 20 bad-key requests a minute)."""
+    key = new_key()
+    fake = FakeProvider(valid_keys=set(), submit_delay=0.2)
+
+    async def body(dispatcher, keys, metrics):
+        results = await asyncio.gather(
+            *(dispatcher.solve("userrecaptcha", PARAMS) for _ in range(40)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, SolveError) for r in results)
+        assert keys.circuit_open
+        return len([r for r in fake.requests if r["endpoint"] == "in"])
+
+    submits = asyncio.run(
+        _run(
+            tmp_path,
+            fake,
+            FakeVault({"api_key": key}),
+            body,
+            provider__circuit_cooldown=60.0,
+            provider__max_submits_in_flight=4,
+        )
+    )
+    assert submits <= 4
+
+
 def test_zero_balance_switches_to_backup_key(tmp_path):
     primary, backup = new_key(), new_key()
     fake = FakeProvider(valid_keys={primary, backup}, zero_balance={primary}, ready_after=0)

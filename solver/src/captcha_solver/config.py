@@ -87,6 +87,10 @@ class ProviderConfig:
         default_factory=lambda: dict(DEFAULT_FIRST_POLL_DELAY)
     )
     max_in_flight: int = 1000
+    # in.php requests on the wire at once. A key the provider no longer accepts (revoked) costs
+    # at most this many refused submits before the circuit opens: the others wait here and
+    # never leave (CaptchaAI bans an address after about 20 bad-key requests a minute).
+    max_submits_in_flight: int = 8
     backoff_base: float = 1.0
     backoff_max: float = 30.0
     circuit_cooldown: float = 300.0
@@ -290,6 +294,7 @@ _SCHEMA: dict[str, dict[str, Parser]] = {
         "poll_tick": _float_in(0.0, lo_open=True),
         "first_poll_delay": _delays,
         "max_in_flight": _int_in(1, 100_000),
+        "max_submits_in_flight": _int_in(1, 1_000),
         "backoff_base": _float_in(0.0, lo_open=True),
         "backoff_max": _float_in(0.0, lo_open=True),
         "circuit_cooldown": _float_in(0.0),

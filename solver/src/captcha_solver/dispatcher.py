@@ -84,6 +84,7 @@ class Dispatcher:
         self._wakeup = asyncio.Event()
         self._last_poll = float("-inf")
         self._poller: asyncio.Task[None] | None = None
+        self._submit_gate = asyncio.Semaphore(cfg.max_submits_in_flight)
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -142,11 +143,14 @@ class Dispatcher:
                     f"no result within {self._cfg.task_timeout:g}s (last: {last_code})",
                 )
             try:
-                key = self._keys.current_key()
-            except KeyUnavailable as exc:
-                raise SolveError(exc.reason.upper(), "unavailable", str(exc)) from None
-            try:
-                task_id = await self._provider.submit(key, method, params)
+                async with self._submit_gate:
+                    # The key is taken only now: a submit that waited here while another one
+                    # was refused finds the circuit open and never reaches the provider.
+                    try:
+                        key = self._keys.current_key()
+                    except KeyUnavailable as exc:
+                        raise SolveError(exc.reason.upper(), "unavailable", str(exc)) from None
+                    task_id = await self._provider.submit(key, method, params)
                 self._keys.report_accepted(key)
                 token = await self._await_result(task_id, key, method, deadline)
             except ProviderError as exc:
