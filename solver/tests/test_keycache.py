@@ -285,3 +285,32 @@ def test_refresh_delay_is_spread_by_the_jitter(tmp_path):
         vault__refresh_jitter=0.0,
     )
     assert {still._next_delay() for _ in range(20)} == {100.0}
+
+
+def test_a_rejection_reads_vault_again_even_while_an_older_read_is_on_the_wire(tmp_path):
+    """The interval read started before the provider refused the key (and before the operator
+    put a new one) must not stand in for the re-read the refusal asks for: the cache gets the
+    new key at once, the circuit stays closed, and the re-read counts as key_rejected."""
+    old, new = new_key(), new_key()
+    vault = FakeVault({"api_key": old})
+    cfg = make_config(tmp_path)
+    metrics = new_metrics()
+    cache = KeyCache(cfg.vault, cfg.provider, vault, metrics)
+
+    async def scenario() -> Secret | None:
+        await cache.refresh("startup")
+        vault.read_delay = 0.3
+        interval = asyncio.ensure_future(cache.refresh("interval"))  # answer: the old key
+        await asyncio.sleep(0.1)
+        vault.write({"api_key": new})
+        vault.read_delay = 0.0
+        replacement = await cache.report_rejected(Secret(old), "ERROR_KEY_DOES_NOT_EXIST")
+        await interval
+        return replacement
+
+    assert asyncio.run(scenario()) == Secret(new)
+    assert cache.current_key() == Secret(new)
+    assert not cache.circuit_open
+    assert vault.reads == 3
+    text = metrics.render()
+    assert 'key_refreshes_total{reason="key_rejected",result="ok"} 1' in text

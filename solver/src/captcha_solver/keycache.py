@@ -129,13 +129,26 @@ class KeyCache:
         self._wake = asyncio.Event()
         self._wake_reason = "interval"
         self._inflight_refresh: asyncio.Task[bool] | None = None
+        self._refresh_seq = 0  # reads started so far; _inflight_seq: the number of the last one
+        self._inflight_seq = 0
         self._loop_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ refresh
-    async def refresh(self, reason: str) -> bool:
-        """Read the key from Vault now; concurrent callers share one read."""
+    async def refresh(self, reason: str, *, fresh: bool = False) -> bool:
+        """Read the key from Vault now; concurrent callers share one read.
+
+        ``fresh``: only a read that starts after this call will do. A refusal by the provider
+        asks what Vault holds *now*: a read already on the wire may carry the answer from
+        before an operator put the new key, and would open the circuit on a stale answer.
+        """
+        called = self._refresh_seq
         task = self._inflight_refresh
+        while fresh and task is not None and not task.done() and self._inflight_seq <= called:
+            await asyncio.shield(task)  # let the older read land, then read again
+            task = self._inflight_refresh
         if task is None or task.done():
+            self._refresh_seq += 1
+            self._inflight_seq = self._refresh_seq
             task = asyncio.ensure_future(self._do_refresh(reason))
             self._inflight_refresh = task
         return await asyncio.shield(task)
@@ -337,7 +350,7 @@ class KeyCache:
                 "provider rejected the key, refreshing from Vault",
                 extra={"code": code, "key_fingerprint": key.fingerprint},
             )
-        await self.refresh("key_rejected")
+        await self.refresh("key_rejected", fresh=True)
         now = self._clock()
         usable = self._usable_key(now)
         if (
