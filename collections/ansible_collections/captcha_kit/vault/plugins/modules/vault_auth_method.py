@@ -16,8 +16,9 @@ description:
   - Never disables an auth method (that would revoke every token it issued).
   - With O(user_lockout), keeps the mount's user lockout settings (how many refused logins
     lock a role-id or user, for how long, and when the count starts again) at the given values,
-    reading, comparing and tuning only what differs. A server without user lockout settings is an
-    error that names it.
+    reading, comparing and tuning only what differs. A mount that was never tuned reports no
+    user lockout settings (the server's defaults apply); the diff shows them as unset, and they
+    are written. A server that does not take them is an error that names it.
 options:
   path:
     description: Mount path under C(auth/), without slashes. Defaults to O(type).
@@ -106,16 +107,14 @@ def wanted_lockout(module, lockout):
 
 
 def read_lockout(module, client, path):
-    """The mount's user lockout settings as compared; fails when the server has none."""
+    """The mount's user lockout settings as compared; None when the mount was never tuned for
+    them (Vault and OpenBao report them only once set: the server's defaults apply)."""
     tune = vault_call(
         module, f"read the settings of auth/{path}/", client.sys.read_auth_method_tuning, path
     )
     tune = tune.get("data", tune)
     if "user_lockout_threshold" not in tune:
-        module.fail_json(
-            msg=f"auth/{path}/ reports no user lockout settings: this server cannot manage them "
-            "(leave user_lockout unset for it)"
-        )
+        return None
     return {
         "threshold": int(tune.get("user_lockout_threshold") or 0),
         "duration": int(tune.get("user_lockout_duration") or 0),

@@ -118,13 +118,35 @@ def test_a_new_method_gets_its_user_lockout_right_away(vault, run):
     assert vault.lockout["approle"]["threshold"] == 3
 
 
-def test_a_server_without_user_lockout_settings_is_named(vault, run):
+def test_a_mount_never_tuned_for_lockout_gets_the_settings(vault, run):
+    """An existing approle mount (another team's, or the kit's before lockout was managed)
+    reports no user lockout until tuned: shown as unset in the diff, then written."""
+    vault.add_auth("approle")
+    vault.lockout_unset.add("approle")
+    result = run(MAIN, type="approle", user_lockout=LOCKOUT | {"threshold": 3}, diff=True)
+    assert result["changed"] is True
+    assert result["diff"]["before"]["user_lockout"] is None
+    assert result["diff"]["after"]["user_lockout"]["threshold"] == 3
+    assert [name for name, _ in vault.writes] == ["adapter.post"]
+    assert vault.lockout["approle"]["threshold"] == 3
+    again = run(MAIN, type="approle", user_lockout=LOCKOUT | {"threshold": 3})
+    assert again["changed"] is False
+
+
+def test_a_mount_never_tuned_in_check_mode_writes_nothing(vault, run):
+    vault.add_auth("approle")
+    vault.lockout_unset.add("approle")
+    result = run(MAIN, type="approle", user_lockout=LOCKOUT, check_mode=True)
+    assert result["changed"] is True
+    assert vault.writes == []
+
+
+def test_a_server_without_user_lockout_is_named(vault, run):
     vault.add_auth("approle")
     vault.lockout_supported = False
     result = run(MAIN, type="approle", user_lockout=LOCKOUT)
     assert result["failed"] is True
-    assert result["msg"].startswith("auth/approle/ reports no user lockout settings")
-    assert vault.writes == []
+    assert result["msg"].startswith("auth/approle/ did not take the user lockout settings")
 
 
 def test_a_server_that_does_not_take_the_settings_fails_after_checking(vault, run):

@@ -158,7 +158,8 @@ class FakeVault:
         self._failures = {}
         self._hooks = {}
 
-        self.lockout_supported = True  # False: the tune endpoint reports no user lockout
+        self.lockout_supported = True  # False: the server neither reports nor takes user lockout
+        self.lockout_unset = set()  # mounts never tuned: no user lockout reported until a tune
         self.lockout_ignored = set()  # settings the tune endpoint silently does not take
         self.audit_api_refused = False  # True: enabling an audit device answers as OpenBao
         self.unknown_accessor_status = 404  # or 204: how an unknown secret-id accessor answers
@@ -313,7 +314,7 @@ class FakeSys(_Api):
         if path + "/" not in self.vault.auth_methods:
             raise _not_found(f"sys/auth/{path}/tune")
         data = {"description": self.vault.auth_methods[path + "/"]["description"]}
-        if self.vault.lockout_supported:
+        if self.vault.lockout_supported and path not in self.vault.lockout_unset:
             lockout = self.vault.lockout[path]
             data.update(
                 user_lockout_threshold=lockout["threshold"],
@@ -502,8 +503,11 @@ class FakeAdapter(_Api):
             "counter_reset": int(config["lockout_counter_reset_duration"].rstrip("s")),
             "disable": bool(config["lockout_disable"]),
         }
+        if not self.vault.lockout_supported:
+            return
         ignored = self.vault.lockout_ignored
         self.vault.lockout[path].update({k: v for k, v in given.items() if k not in ignored})
+        self.vault.lockout_unset.discard(path)
 
     def _role(self, mount, name, json):
         if (mount, name) not in self.vault.roles:
