@@ -48,6 +48,7 @@ lint-python: venv  ## module docs, ruff, mypy, detect-secrets
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cd solver && ../$(BIN)/mypy
+	$(BIN)/mypy
 	git ls-files -z | xargs -0 $(BIN)/detect-secrets-hook --baseline .secrets.baseline
 
 test-units: venv  ## the collections' unit tests (seconds, no server)

@@ -340,7 +340,7 @@ def worker_requests(server: LocalVault, since: float) -> int:
 def per_task_cost(inventory: Path, host: str) -> dict[str, float]:
     """Seconds per trivial task: SSH as deploy with become vs podman exec as root."""
     pb = STATE / "ten-tasks.yml"
-    kinds = [
+    kinds: list[dict[str, Any]] = [
         {"ansible.builtin.command": "true"},
         {"ansible.builtin.copy": {"content": "x\n", "dest": "/root/ten-tasks", "mode": "0600"}},
         {"ansible.builtin.stat": {"path": "/etc/hostname"}},

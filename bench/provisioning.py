@@ -47,10 +47,10 @@ def provision_envs(vault: LocalVault, n: int, tmp: Path) -> dict[str, Any]:
         },
     )
     env = ansible_env(vault, token=vault.root_token())
-    first = run_playbook(PROVISION, inventory, env)
+    first = run_playbook(PROVISION, inventory=inventory, env=env)
     if first.rc != 0:
         raise RuntimeError(f"provisioning {n} envs failed:\n{first.output[-3000:]}")
-    rerun = run_playbook(PROVISION, inventory, env)
+    rerun = run_playbook(PROVISION, inventory=inventory, env=env)
     if rerun.rc != 0:
         raise RuntimeError(f"rerun for {n} envs failed:\n{rerun.output[-3000:]}")
     return {

@@ -34,14 +34,19 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import hvac
 
 from bench.provisioning import bench_vault
 from bench.report import report
@@ -49,7 +54,8 @@ from testkit.creds import new_key
 from testkit.emulator import EmulatorProcess
 from testkit.loadgen import LoadGenerator
 from testkit.paths import PROVISION
-from testkit.playbook import ansible_env, provision_inventory, run_playbook
+from testkit.playbook import provision_inventory, run_playbook
+from testkit.vault import LocalVault
 from testkit.vault_ops import admin_client, put_key
 from testkit.worker import Fleet, WorkerProc
 
@@ -213,21 +219,41 @@ def fmt(seconds: float) -> str:
 
 
 def run(sizes: list[int], scale: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with bench_env("rp", "prop") as b:
+        for n in sizes:
+            rows += run_size(b.vault, b.emulator, n, scale, b.tmp, b.mount, b.approle, b.env)
+    return rows
+
+
+@dataclass
+class BenchEnv:
+    """A provisioned env of its own (mounts named after the run) with its first key in Vault
+    and at the emulator."""
+
+    vault: LocalVault
+    admin: hvac.Client
+    emulator: EmulatorProcess
+    tmp: Path
+    mount: str
+    approle: str
+    env: str
+
+
+@contextlib.contextmanager
+def bench_env(prefix: str, suffix: str) -> Iterator[BenchEnv]:
     vault = bench_vault()
     admin = admin_client(vault)
-    tag = f"rp{secrets.token_hex(2)}"
-    mount, approle, env = f"kv-{tag}", f"approle-{tag}", f"{tag}-prop"
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-prop-") as tmp_name:
+    tag = f"{prefix}{secrets.token_hex(2)}"
+    mount, approle, env = f"kv-{tag}", f"approle-{tag}", f"{tag}-{suffix}"
+    with tempfile.TemporaryDirectory(prefix=f"bench-{suffix}-") as tmp_name:
         tmp = Path(tmp_name)
         provision(vault, env, mount, approle, tmp)
         with EmulatorProcess(*EMULATOR_PORTS, solve_delay="fixed:0.2", ban_threshold=0) as emu:
             key = new_key()
             emu.admin.add_key(key, balance=1e6)
             put_key(admin, env, key, mount=mount)
-            for n in sizes:
-                rows += run_size(vault, emu, n, scale, tmp, mount, approle, env)
-    return rows
+            yield BenchEnv(vault, admin, emu, tmp, mount, approle, env)
 
 
 def provision(vault, env: str, mount: str, approle: str, tmp: Path) -> None:
@@ -238,7 +264,7 @@ def provision(vault, env: str, mount: str, approle: str, tmp: Path) -> None:
         tmp,
         {"vault_provision_kv_mount": mount, "vault_provision_approle_mount": approle},
     )
-    done = run_playbook(PROVISION, inventory, ansible_env(vault, token=vault.root_token()))
+    done = run_playbook(PROVISION, vault=vault, inventory=inventory)
     if done.rc != 0:
         raise RuntimeError(done.output[-3000:])
 

@@ -296,15 +296,17 @@ def run(args: argparse.Namespace) -> tuple[list[Phase], dict[str, Any]]:
         print("[bench] starting OpenBao and the worker", flush=True)
         vault = provision_vault(state, args.vault_port, key)
         directory = state / "worker"
-        with worker_process(vault, emu.url, args.worker_port, scale, directory) as proc:
-            info["worker_rss_idle_mb"] = round(rss_mb(proc.pid)[0], 1)
+        with worker_process(vault, emu.url, args.worker_port, scale, directory) as worker:
+            assert worker.proc is not None
+            pid = worker.proc.pid
+            info["worker_rss_idle_mb"] = round(rss_mb(pid)[0], 1)
             for clients in (args.low, args.high):
                 name = f"worker @{clients}"
                 print(f"[bench] {name}: {clients} clients x {args.tasks_per_client}", flush=True)
                 phase = Phase(name, clients)
                 before = admin.counters(key)
                 ids = asyncio.run(
-                    drive_worker(args.worker_port, proc.pid, clients, args.tasks_per_client, phase)
+                    drive_worker(args.worker_port, pid, clients, args.tasks_per_client, phase)
                 )
                 emulator_figures(admin, key, before, ids, phase)
                 phases.append(phase)

@@ -17,21 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.provisioning import bench_vault
 from bench.report import report
-from bench.rotation_propagation import EMULATOR_PORTS, WORKER_PORTS, provision
-from testkit.creds import new_key
-from testkit.emulator import EmulatorProcess
+from bench.rotation_propagation import WORKER_PORTS, bench_env
 from testkit.loadgen import LoadGenerator
-from testkit.vault_ops import admin_client, put_key
 from testkit.worker import Fleet
 
 KIT_DEFAULT_INTERVAL = 300.0
@@ -71,42 +65,33 @@ def count(audit: Path, offset: int, role: str, approle: str, mount: str) -> Coun
 
 
 def run(workers: int, interval: float, window: float) -> dict[str, Any]:
-    vault = bench_vault()
-    admin = admin_client(vault)
-    tag = f"vr{secrets.token_hex(2)}"
-    mount, approle, env = f"kv-{tag}", f"approle-{tag}", f"{tag}-req"
-    with tempfile.TemporaryDirectory(prefix="bench-req-") as tmp_name:
-        tmp = Path(tmp_name)
-        provision(vault, env, mount, approle, tmp)
-        with EmulatorProcess(*EMULATOR_PORTS, solve_delay="fixed:0.2", ban_threshold=0) as emu:
-            key = new_key()
-            emu.admin.add_key(key, balance=1e6)
-            put_key(admin, env, key, mount=mount)
-            fleet = Fleet(
-                admin=admin,
-                env=env,
-                directory=tmp / "fleet",
-                vault_addrs=[vault.addr],
-                ca_file=vault.ca_file,
-                provider_url=emu.url,
-                ports=iter(WORKER_PORTS),
-                approle_mount=approle,
-                refresh_interval=interval,
-                refresh_jitter=0.1,
-                settings={"vault": {"kv_mount": mount, "approle_mount": approle}},
-            )
-            with fleet:
-                fleet.start(workers, timeout=300)
-                time.sleep(5)  # past the start-up reads
-                load = LoadGenerator(fleet.urls, clients=4, duration=window, pause=0.2)
-                offset = vault.audit_log.stat().st_size
-                started = time.monotonic()
-                load.start()
-                load.wait()
-                time.sleep(max(0.0, window - (time.monotonic() - started)))
-                measured = time.monotonic() - started
-                counts = count(vault.audit_log, offset, f"captcha-worker-{env}", approle, mount)
-                solves = load.summary()
+    with bench_env("vr", "req") as b:
+        vault, mount, approle, env = b.vault, b.mount, b.approle, b.env
+        fleet = Fleet(
+            admin=b.admin,
+            env=env,
+            directory=b.tmp / "fleet",
+            vault_addrs=[vault.addr],
+            ca_file=vault.ca_file,
+            provider_url=b.emulator.url,
+            ports=iter(WORKER_PORTS),
+            approle_mount=approle,
+            refresh_interval=interval,
+            refresh_jitter=0.1,
+            settings={"vault": {"kv_mount": mount, "approle_mount": approle}},
+        )
+        with fleet:
+            fleet.start(workers, timeout=300)
+            time.sleep(5)  # past the start-up reads
+            load = LoadGenerator(fleet.urls, clients=4, duration=window, pause=0.2)
+            offset = vault.audit_log.stat().st_size
+            started = time.monotonic()
+            load.start()
+            load.wait()
+            time.sleep(max(0.0, window - (time.monotonic() - started)))
+            measured = time.monotonic() - started
+            counts = count(vault.audit_log, offset, f"captcha-worker-{env}", approle, mount)
+            solves = load.summary()
     hours = workers * measured / 3600
     per_hour = {k: round(v / hours, 1) for k, v in sorted(counts.items())}
     total = round(sum(counts.values()) / hours, 1)

@@ -438,8 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "smoke":
             print(f"systemd in {IMAGE}: {smoke()}")
     except HostImageError as exc:
-        print(f"testkit.hosts: {exc}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"testkit.hosts: {exc}") from None  # exit status 1
     return 0
 
 

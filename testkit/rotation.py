@@ -20,7 +20,7 @@ import hashlib
 import itertools
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,15 @@ class RotEnv:
             self.staged_path, {"api_key": key}, cas=0, mount_point="secret"
         )
 
+    def next_key(self, *, at_provider: bool = True) -> str:
+        """A key made now, kept among the secrets no output may show, and (unless
+        ``at_provider`` is false) known to the emulator as a valid key."""
+        key = new_key()
+        self.secrets.append(key)
+        if at_provider:
+            self.emulator.admin.add_key(key)
+        return key
+
     def snapshot(self) -> dict[str, Any]:
         """What a refused run must leave as it was: versions, record, staged key, key hash."""
         meta = self.metadata()
@@ -230,7 +239,7 @@ def rotation_inventory(
     envs: list[str],
     vault: LocalVault,
     provider_url: str,
-    workers: list[WorkerProc] | list[tuple[str, int]] = (),
+    workers: Sequence[WorkerProc | tuple[str, int]] = (),
     vault_addr: str | None = None,
     window_margin: float = 8,
     extra_vars: dict[str, Any] | None = None,
@@ -270,7 +279,7 @@ def rotation_vars(directory: Path, env: str, variables: dict[str, Any]) -> tuple
 
 def write_inventory(
     rot_env: RotEnv,
-    workers: list[WorkerProc] | list[tuple[str, int]] = (),
+    workers: Sequence[WorkerProc | tuple[str, int]] = (),
     extra_vars: dict[str, Any] | None = None,
 ) -> Path:
     """The rotation inventory of a ``RotEnv`` (the env pool's names, the session emulator)."""

@@ -732,8 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(vault.shell_exports())
     except LocalVaultError as exc:
-        print(f"testkit.vault: {exc}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"testkit.vault: {exc}") from None  # exit status 1
     return 0
 
 

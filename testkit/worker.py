@@ -262,7 +262,7 @@ class Fleet:
                 self.directory / "creds",
                 mount=self.approle_mount,
             )
-        new = []
+        new: list[WorkerProc] = []
         for _ in range(n):
             i = len(self.workers) + 1
             config = worker_config(

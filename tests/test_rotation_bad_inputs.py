@@ -48,8 +48,7 @@ def test_same_key_as_current_is_refused(rot_env: RotEnv):
 def test_key_still_held_in_an_older_version_is_refused(rot_env: RotEnv):
     """A key still held in an older version (e.g. a rolled-back bad key) cannot come back."""
     older = rot_env.old_key
-    newer = new_key()
-    rot_env.secrets.append(newer)
+    newer = rot_env.next_key(at_provider=False)
     rot_env.admin.secrets.kv.v2.create_or_update_secret(
         rot_env.key_path, {"api_key": newer}, cas=1, mount_point="secret"
     )
@@ -70,8 +69,7 @@ def test_no_staged_key_in_scheduled_mode_is_a_noop_that_says_so(rot_env: RotEnv)
 
 def test_unknown_env_is_refused(rot_env: RotEnv):
     """An env outside captcha_kit_envs, and a listed env without a key in Vault, are refused."""
-    key = new_key()
-    rot_env.secrets.append(key)
+    key = rot_env.next_key(at_provider=False)
     inv = write_inventory(rot_env)
     run = run_rotation(
         rot_env,
@@ -95,9 +93,7 @@ def test_unknown_env_is_refused(rot_env: RotEnv):
 @pytest.mark.parametrize("policy", ["captcha-worker", "captcha-stager"])
 def test_token_without_rotator_rights_is_refused(rot_env: RotEnv, policy: str):
     """Worker and stager tokens are not rotators: the missing capabilities are named."""
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     run = refused(
         rot_env,
         {"key_rotation_new_key": key},
@@ -113,9 +109,7 @@ def test_unreachable_worker_is_refused_before_the_put(rot_env: RotEnv, start_wor
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     run = refused(
         rot_env,
         {"key_rotation_new_key": key},
@@ -128,8 +122,7 @@ def test_unreachable_worker_is_refused_before_the_put(rot_env: RotEnv, start_wor
 
 def test_provider_rejecting_the_new_key_is_refused(rot_env: RotEnv):
     """getbalance validation (on by default): a key the provider does not know is refused."""
-    key = new_key()  # never registered at the emulator
-    rot_env.secrets.append(key)
+    key = rot_env.next_key(at_provider=False)  # never registered at the emulator
     run = refused(rot_env, {"key_rotation_new_key": key})
     assert "The provider did not accept the new key" in run.status["message"]
     assert "ERROR_KEY_DOES_NOT_EXIST" in run.status["message"]
@@ -144,9 +137,7 @@ def test_confirmation_without_pending_rotation_is_refused(rot_env: RotEnv):
 
 def test_rollback_after_finalize_is_refused(rot_env: RotEnv):
     """Once finalized (old version destroyed) a rollback is refused with a clear message."""
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     inv = write_inventory(rot_env, [], FIXED)
     token = rot_env.rotator_token()
     first = run_rotation(

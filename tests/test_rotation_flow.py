@@ -5,7 +5,6 @@ from __future__ import annotations
 import hvac
 import pytest
 
-from testkit.creds import new_key
 from testkit.rotation import RotEnv, run_rotation, run_unattended, write_inventory
 
 
@@ -13,8 +12,7 @@ def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEn
     """A staged key is promoted, every worker reports it, and a confirmation run finalizes."""
     workers = start_workers(3)
     inv = write_inventory(rot_env, workers)
-    new = new_key()
-    rot_env.secrets.append(new)
+    new = rot_env.next_key(at_provider=False)
     rot_env.emulator.admin.add_key(new, balance=5.0)
     rot_env.stage(new)
     before = rot_env.current_version()
@@ -49,7 +47,7 @@ def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEn
 
     # The operator revokes the old key at the provider, then confirms with a second run.
     rot_env.emulator.admin.revoke_key(rot_env.old_key)
-    done = run_unattended(
+    done = run_rotation(
         rot_env,
         inv,
         {"key_rotation_confirm_revoked": rot_env.name},
@@ -74,9 +72,7 @@ def test_check_mode_shows_the_plan_and_changes_nothing(rot_env: RotEnv, start_wo
     """--check lists what would be written and which workers would be asked; Vault is unchanged."""
     workers = start_workers(1)
     inv = write_inventory(rot_env, workers)
-    new = new_key()
-    rot_env.secrets.append(new)
-    rot_env.emulator.admin.add_key(new)
+    new = rot_env.next_key()
     before = rot_env.metadata()
 
     run = run_rotation(
@@ -99,9 +95,7 @@ def _fixed_wait_rotation(rot_env: RotEnv):
     inv = write_inventory(
         rot_env, [], {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 1}
     )
-    new = new_key()
-    rot_env.secrets.append(new)
-    rot_env.emulator.admin.add_key(new)
+    new = rot_env.next_key()
     return inv, new
 
 
@@ -109,7 +103,7 @@ def test_no_workers_fixed_wait_mode_waits_the_window(rot_env: RotEnv):
     """The no-poll mode never contacts workers and waits interval x (1 + jitter) + margin."""
     inv, new = _fixed_wait_rotation(rot_env)
 
-    run = run_rotation(rot_env, inv, {"key_rotation_new_key": new})
+    run = run_unattended(rot_env, inv, {"key_rotation_new_key": new})
 
     assert run.rc == 0, run.output[-3000:]
     assert run.status["outcome"] == "awaiting_revocation"
@@ -125,9 +119,7 @@ def test_emergency_rotation_revoke_first_then_one_shot_with_confirmation(
     workers = start_workers(2)
     inv = write_inventory(rot_env, workers)
     rot_env.emulator.admin.revoke_key(rot_env.old_key)
-    new = new_key()
-    rot_env.secrets.append(new)
-    rot_env.emulator.admin.add_key(new)
+    new = rot_env.next_key()
     before = rot_env.current_version()
 
     run = run_rotation(

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from testkit.creds import assert_no_secrets, new_key
+from testkit.creds import assert_no_secrets
 from testkit.paths import REPO
 from testkit.rotation import RotEnv, rotation_argv, rotation_env, write_inventory
 
@@ -65,9 +65,7 @@ def test_interactive_rotation_prompts_privately_and_confirms(rot_env: RotEnv, st
     """Key typed at a hidden prompt; the confirm prompt shows only the masked old key."""
     workers = start_workers(2)
     inv = write_inventory(rot_env, workers)
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
 
     def revoke_and_confirm():
         return rot_env.name
@@ -95,9 +93,7 @@ def test_interactive_wrong_answer_leaves_the_rotation_awaiting(rot_env: RotEnv):
     inv = write_inventory(
         rot_env, [], {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
     )
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
 
     rc, text, status = run_in_pty(
         rot_env,

@@ -24,9 +24,7 @@ FIXED = {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
 
 def test_resume_after_the_run_is_killed_after_the_put(rot_env: RotEnv):
     """Killed while waiting (after the put): the rerun continues, no second new version."""
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     rot_env.stage(key)
     before = rot_env.current_version()
     slow = write_inventory(
@@ -68,9 +66,7 @@ def test_resume_after_the_run_is_killed_after_the_put(rot_env: RotEnv):
 
 def test_resume_when_the_record_was_written_but_not_the_key(rot_env: RotEnv):
     """Interrupted between recording and writing: the rerun writes once, same rotation id."""
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     before = rot_env.current_version()
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     record = {
@@ -101,9 +97,7 @@ def test_stale_worker_fails_the_wait_then_the_rerun_resumes(rot_env: RotEnv, sta
     lagging.stop()
     lagging.settings["vault"]["refresh_interval"] = 3600.0
     lagging.start()
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     before = rot_env.current_version()
     inv = write_inventory(rot_env, [good, lagging], {"key_rotation_window_margin": 2})
 
@@ -131,9 +125,7 @@ def test_stale_worker_fails_the_wait_then_the_rerun_resumes(rot_env: RotEnv, sta
 def test_rollback_restores_the_previous_key_on_every_worker(rot_env: RotEnv, start_workers):
     """Rollback before finalize writes the old data back (new version) and workers follow."""
     workers = start_workers(2)
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     before = rot_env.current_version()
     inv = write_inventory(rot_env, workers)
     token = rot_env.rotator_token()

@@ -75,9 +75,7 @@ def test_scheduled_rotation_exit_codes_and_webhook(rot_env: RotEnv, start_worker
     workers = start_workers(2)
     inv = write_inventory(rot_env, workers)
     hook_file = write_private(rot_env.tmp / "webhook-url", url + "\n")
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     rot_env.stage(key)
 
     rc, out = wrapper(rot_env, inv, "--webhook-url-file", str(hook_file))
@@ -123,9 +121,7 @@ def test_scheduled_failures_map_to_distinct_codes(rot_env: RotEnv, start_workers
     worker.stop()
     worker.settings["vault"]["refresh_interval"] = 3600.0
     worker.start()
-    key = new_key()
-    rot_env.secrets.append(key)
-    rot_env.emulator.admin.add_key(key)
+    key = rot_env.next_key()
     rot_env.stage(key)
     rc, out = wrapper(rot_env, inv)
     assert rc == 3, out[-3000:]

@@ -51,6 +51,24 @@ class Secret:
 
 
 # --------------------------------------------------------------------------- hosts
+def converge(*args: str) -> dict[str, Any]:
+    """Run the scenario's converge playbook again (``args``: --limit, --check, -e ...); the json
+    callback's document, with the exit status as ``rc``."""
+    scenario = os.environ["MOLECULE_SCENARIO_DIRECTORY"]
+    inventory = os.environ["MOLECULE_INVENTORY_FILE"]
+    res = subprocess.run(
+        ["ansible-playbook", "-i", inventory, *args, f"{scenario}/converge.yml"],
+        env={**os.environ, "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    doc: dict[str, Any] = json.loads(res.stdout[res.stdout.index("{") :])
+    doc["rc"] = res.returncode
+    return doc
+
+
 def _inventory() -> dict[str, Any]:
     inventory_file = os.environ.get("MOLECULE_INVENTORY_FILE")
     if not inventory_file:

@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve_forever(server))
     except OSError as exc:
-        print(f"testkit.emulator: cannot listen: {exc}", file=sys.stderr)
-        return 1
+        raise SystemExit(f"testkit.emulator: cannot listen: {exc}") from None  # exit status 1
     return 0
 
 

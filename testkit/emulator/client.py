@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .core import Options, mask_key
+from .core import Endpoints, Options, mask_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,19 +64,24 @@ class EmulatorAdmin:
                 message = str(exc.reason)
             raise EmulatorAdminError(exc.code, str(message)) from None
 
+    def _key_call(
+        self, path: str, key: str, balance: float | None, max_slots: int | None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": key}
+        if balance is not None:
+            body["balance"] = balance
+        if max_slots is not None:
+            body["max_slots"] = max_slots
+        result: dict[str, Any] = self._call("POST", path, body)
+        return result
+
     # -- the contract of docs/interfaces.md ---------------------------------
 
     def add_key(
         self, key: str, balance: float | None = None, max_slots: int | None = None
     ) -> dict[str, Any]:
         """Register ``key`` (32 lowercase hex). ``max_slots`` 0 or None = option default."""
-        body: dict[str, Any] = {"key": key}
-        if balance is not None:
-            body["balance"] = balance
-        if max_slots is not None:
-            body["max_slots"] = max_slots
-        result: dict[str, Any] = self._call("POST", "/keys", body)
-        return result
+        return self._key_call("/keys", key, balance, max_slots)
 
     def revoke_key(self, key: str) -> dict[str, Any]:
         """The key answers ERROR_KEY_DOES_NOT_EXIST from now on."""
@@ -109,13 +114,7 @@ class EmulatorAdmin:
         self, key: str, balance: float | None = None, max_slots: int | None = None
     ) -> dict[str, Any]:
         """Change a key's balance and/or slot limit."""
-        body: dict[str, Any] = {"key": key}
-        if balance is not None:
-            body["balance"] = balance
-        if max_slots is not None:
-            body["max_slots"] = max_slots
-        result: dict[str, Any] = self._call("POST", "/keys/update", body)
-        return result
+        return self._key_call("/keys/update", key, balance, max_slots)
 
     def set_balance(self, key: str, balance: float) -> dict[str, Any]:
         return self.set_key(key, balance=balance)
@@ -163,7 +162,7 @@ def options_to_argv(opts: Mapping[str, Any]) -> list[str]:
     return argv
 
 
-class EmulatorProcess:
+class EmulatorProcess(Endpoints):
     """Start ``python -m testkit.emulator`` as a subprocess and wait until ready.
 
     ``with EmulatorProcess(18350, 18351, solve_delay="fixed:1", time_scale=0.01) as emu:``
@@ -201,14 +200,6 @@ class EmulatorProcess:
 
     def __repr__(self) -> str:
         return f"EmulatorProcess(url={self.url!r}, admin_url={self.admin_url!r})"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{self.host}:{self.admin_port}"
 
     @property
     def pid(self) -> int | None:

@@ -799,3 +799,19 @@ def _check_image(data: bytes) -> str | None:
     ):
         return ERROR_IMAGE_TYPE_NOT_SUPPORTED
     return None
+
+
+class Endpoints:
+    """Where an emulator listens: the CaptchaAI API on ``port``, the admin API on ``admin_port``."""
+
+    host: str
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.host}:{self.admin_port}"

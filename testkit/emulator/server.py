@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .core import KEY_RE, Emulator, Options, Reply, key_id, mask_key
+from .core import KEY_RE, Emulator, Endpoints, Options, Reply, key_id, mask_key
 
 log = logging.getLogger("captchaai_emulator")
 
@@ -298,7 +298,7 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class EmulatorServer:
+class EmulatorServer(Endpoints):
     """Both ports in the current asyncio loop (``async with EmulatorServer(...) as srv``).
 
     Port 0 picks a free port; see ``.port`` / ``.admin_port`` after start.
@@ -318,14 +318,6 @@ class EmulatorServer:
         self.admin_port = admin_port
         self.emulator = emulator or Emulator(options)
         self._runners: list[web.AppRunner] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{self.host}:{self.admin_port}"
 
     async def start(self) -> None:
         ports = []

@@ -43,18 +43,18 @@ def test_revoked_key_bounded_bad_requests_unhealthy_until_a_new_key(
             emulator.admin.revoke_key(old_key)
             for w in workers:
                 wait_for(lambda w=w: w.health().get("status") == "unhealthy", 30, f"{w.name} 503")
-            states = [w.health() for w in workers]
+            states = [w.healthz() for w in workers]
             bad_then = emulator.admin.counters(old_key)["bad_key"]
             time.sleep(5)  # the load goes on; no worker may try the revoked key again
-            states_later = [w.health() for w in workers]
+            states_later = [w.healthz() for w in workers]
             bad_later = emulator.admin.counters(old_key)["bad_key"]
         finally:
             revoked = during.summary()
         metrics = [w.metrics() for w in workers]
 
-        for state in states + states_later:
+        for http_status, state in states + states_later:
             assert state["status"] == "unhealthy", state
-            assert state["_http"] == 503
+            assert http_status == 503
             assert state["circuit"] == "open"
             assert state["key_version"] == 1
         assert bad_later == bad_then, "a worker kept sending the revoked key"

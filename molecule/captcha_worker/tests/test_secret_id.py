@@ -6,8 +6,6 @@ take the per-host ``host`` fixture; they leave the worker healthy on a fresh sec
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import time
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import pytest
 import testbed
 import testinfra
+from conftest import converge
 from hvac.exceptions import InvalidPath
 
 from testkit.worker_hosts import STATUS_COMMAND, status_json
@@ -27,16 +26,7 @@ WRAPPED = f"{STATE_DIR}/secret-id.wrapped"
 
 def _converge(name: str, *extra: str) -> dict[str, Any]:
     """Run the scenario's converge on one host; returns the json callback's document."""
-    scenario = os.environ["MOLECULE_SCENARIO_DIRECTORY"]
-    res = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], "--limit", name,
-         *extra, f"{scenario}/converge.yml"],
-        env={**os.environ, "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"},
-        capture_output=True, text=True, check=False, timeout=900,
-    )  # fmt: skip
-    doc = json.loads(res.stdout[res.stdout.index("{") :])
-    doc["rc"] = res.returncode
-    return doc
+    return converge("--limit", name, *extra)
 
 
 def _failure_messages(doc: dict[str, Any], name: str) -> str:

@@ -7,14 +7,13 @@ run time and are wrapped in ``Secret`` at once, so no assertion or log line can 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
 
 import pytest
 import testbed
-from conftest import Secret
+from conftest import Secret, converge
 
 from testkit.worker_hosts import STATUS_COMMAND, status_json
 
@@ -358,16 +357,7 @@ def _no_secret_in_reports(request):
 @pytest.fixture(scope="module")
 def check_run() -> dict:
     """One `--check --diff` run of the converge playbook on every host (json callback)."""
-    scenario = os.environ["MOLECULE_SCENARIO_DIRECTORY"]
-    res = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], "--check", "--diff",
-         f"{scenario}/converge.yml"],
-        env={**os.environ, "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"},
-        capture_output=True, text=True, check=False, timeout=900,
-    )  # fmt: skip
-    doc = json.loads(res.stdout[res.stdout.index("{") :])
-    doc["rc"] = res.returncode
-    return doc
+    return converge("--check", "--diff")
 
 
 def test_check_and_diff_mode_after_converge_report_no_change(host, check_run):

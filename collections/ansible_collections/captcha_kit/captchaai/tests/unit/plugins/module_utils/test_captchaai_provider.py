@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import secrets
 import socket
 
 import pytest
@@ -13,24 +12,6 @@ from ansible_collections.captcha_kit.captchaai.plugins.module_utils.provider imp
     check_key,
     mask_key,
 )
-from ansible_collections.captcha_kit.captchaai.tests.unit.plugins.getbalance_fake import (
-    GetbalanceFake,
-)
-
-PROXY_ENV = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
-
-
-@pytest.fixture
-def provider(monkeypatch):
-    for name in PROXY_ENV:
-        monkeypatch.delenv(name, raising=False)
-    with GetbalanceFake() as fake:
-        yield fake
-
-
-@pytest.fixture
-def key():
-    return secrets.token_hex(16)
 
 
 def test_an_accepted_key_shows_its_balance(provider, key):

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 
 import pytest
 import yaml
@@ -14,24 +13,6 @@ from ansible.module_utils import basic
 from ansible.module_utils.common import warnings as ansible_warnings
 from ansible.module_utils.testing import patch_module_args
 from ansible_collections.captcha_kit.captchaai.plugins.modules import key_check
-from ansible_collections.captcha_kit.captchaai.tests.unit.plugins.getbalance_fake import (
-    GetbalanceFake,
-)
-
-PROXY_ENV = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
-
-
-@pytest.fixture
-def provider(monkeypatch):
-    for name in PROXY_ENV:
-        monkeypatch.delenv(name, raising=False)
-    with GetbalanceFake() as fake:
-        yield fake
-
-
-@pytest.fixture
-def key():
-    return secrets.token_hex(16)
 
 
 @pytest.fixture

@@ -92,17 +92,14 @@ def test_mask_shows_only_the_last_four_characters():
     assert mask_key("") == mask_key(None) == ""
 
 
-def test_rotation_record_fields():
-    assert ROTATION_RECORD_FIELDS == (
-        "rotation_id",
-        "rotation_state",
-        "previous_version",
-        "new_version",
-        "started_at",
-        "converged_at",
-        "confirmed_at",
-        "actor",
-    )
+def test_rotation_record_fields_and_states_are_the_documented_ones():
+    """docs/interfaces.md documents the record: the same fields in the same order, the same
+    states."""
+    text = " ".join((REPO / "docs" / "interfaces.md").read_text().split())
+    line = text[text.index("(all values strings):") :].split(" - ", 1)[0]
+    assert tuple(re.findall(r"`([a-z_]+)`", line)) == ROTATION_RECORD_FIELDS
+    states = re.search(r"\(`([a-z_|]+)`\)", line).group(1).split("|")
+    assert tuple(states) == contract.ROTATION_STATES
     assert set(contract.ROTATION_IN_PROGRESS) < set(contract.ROTATION_STATES)
 
 
