@@ -1,4 +1,4 @@
-"""The seed guide's client, as the benchmark's baseline.
+"""The baseline's client, as the benchmark's baseline.
 
 Algorithm (per task, one task at a time): submit to ``in.php``, wait a fixed 15 s, then ask
 ``res.php`` for that one id, and again every 5 s until the answer is there. Both waits are
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-FIRST_WAIT = 15.0  # seconds, as in the seed guide
+FIRST_WAIT = 15.0  # seconds, as in the naive baseline
 POLL_EVERY = 5.0
 NOT_READY = "CAPCHA_NOT_READY"
 

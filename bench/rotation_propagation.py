@@ -9,7 +9,7 @@ rotation role does) while ``testkit.loadgen`` keeps every worker solving, and it
   ``last_refresh`` of the new version, read from /healthz, minus the put time);
 * **put -> confirm**: from the put until the rotation may ask for the old key's revocation —
   for the kit, when the /healthz poll has seen every worker on the new version and the
-  ``awaiting_revocation`` record is written; for the seed guide, the end of its fixed window;
+  ``awaiting_revocation`` record is written; for the naive baseline, the end of its fixed window;
 * **failed solves** during the rotation (attempted / failed, from testkit/loadgen.py).
 
 Approaches (same workers, same Vault, same load):
@@ -18,7 +18,7 @@ Approaches (same workers, same Vault, same load):
    put (what ``systemctl reload`` sends), poll /healthz. Real time, not scaled.
 2. ``kit, no nudge``: refresh_interval 300 s, jitter 0.1; the workers find the version on their
    own refresh; poll /healthz.
-3. ``seed guide``: one Vault read an hour (refresh_interval 3600 s) and a fixed refresh window
+3. ``naive baseline``: one Vault read an hour (refresh_interval 3600 s) and a fixed refresh window
    (confirmation after 3600 s, no polling).
 
 Without the nudge the figure depends on where each worker is in its refresh cycle, so those
@@ -154,7 +154,14 @@ def run_size(
     approaches = [
         ("kit + nudge", KIT_INTERVAL, JITTER, 1.0, True, True),
         ("kit, no nudge", KIT_INTERVAL / scale, JITTER, scale, False, True),
-        ("seed guide (1 read/h, fixed window)", SEED_INTERVAL / scale, 0.0, scale, False, False),
+        (
+            "naive baseline (1 read/h, fixed window)",
+            SEED_INTERVAL / scale,
+            0.0,
+            scale,
+            False,
+            False,
+        ),
     ]
     for name, interval, jitter, factor, nudge, poll in approaches:
         fleet = Fleet(

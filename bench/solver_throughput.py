@@ -1,4 +1,4 @@
-"""Throughput benchmark: the seed guide's baseline client vs the captcha-solver worker.
+"""Throughput benchmark: the baseline's baseline client vs the captcha-solver worker.
 
 Everything runs on 127.0.0.1 with real parts: the CaptchaAI emulator (subprocess), a real
 OpenBao (``testkit.vault``, its own state directory) holding the key, and the worker as a
@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.write_results:
         args.write_results.write_text(
-            f"# Benchmark: captcha-solver worker vs the seed guide's client\n\n"
+            "# Benchmark: captcha-solver worker vs the naive baseline client"
+            " (bench/baseline.py)\n\n"
             f"Command: `{command.strip()}`\n\n```\n{header}```\n\n{table}\n"
         )
     return 0

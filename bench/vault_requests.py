@@ -10,7 +10,7 @@ and everything sent with their tokens (``auth.metadata.role_name`` = the worker 
 reads, token renewals and lookups. A light solve load runs meanwhile (it must not add Vault
 requests: the key is cached). Rates are per worker-hour; key reads scale with 1/interval, so the
 table also gives them at the kit's default ``refresh_interval`` of 300 s (measured x
-interval / 300), next to the seed guide's one read an hour.
+interval / 300), next to the baseline's one read an hour.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run(workers: int, interval: float, window: float) -> dict[str, Any]:
         "per_worker_hour": per_hour,
         "total_per_worker_hour": total,
         "total_per_worker_hour_at_300s": at_default,
-        "seed_guide_per_worker_hour": 1.0,
+        "baseline_per_worker_hour": 1.0,
         "solves_attempted": solves["attempted"],
         "solves_failed": solves["failed"],
     }
@@ -127,8 +127,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"At the kit's default refresh_interval of 300 s: about "
         f"**{r['total_per_worker_hour_at_300s']}** requests per worker-hour (key reads scaled "
-        f"by {r['interval_s']:g}/300); the seed guide's approach: 1 read per worker-hour "
-        f"(ratio {r['total_per_worker_hour_at_300s'] / r['seed_guide_per_worker_hour']:.0f}x).",
+        f"by {r['interval_s']:g}/300); the baseline's approach: 1 read per worker-hour "
+        f"(ratio {r['total_per_worker_hour_at_300s'] / r['baseline_per_worker_hour']:.0f}x).",
     ]
     return "\n".join(lines)
 

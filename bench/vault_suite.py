@@ -55,13 +55,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     for n in sorted({r["workers"] for r in rows}):
         by = {r["approach"]: r for r in rows if r["workers"] == n}
         nudge = by.get("kit + nudge")
-        seed = next((r for k, r in by.items() if k.startswith("seed")), None)
+        seed = next((r for k, r in by.items() if k.startswith("naive")), None)
         plain = by.get("kit, no nudge")
         if nudge and seed:
             confirm = max(nudge["put_to_confirm_real_s"], 1e-3)
             confirm_ratio = seed["put_to_confirm_real_s"] / confirm
             out.append(
-                f"- {n} workers: put -> all workers, seed guide / kit + nudge = "
+                f"- {n} workers: put -> all workers, naive baseline / kit + nudge = "
                 f"{seed['put_to_all_real_s'] / max(nudge['put_to_all_real_s'], 1e-3):,.0f}x; "
                 f"put -> confirmation point {seed['put_to_confirm_real_s']:.0f} s vs "
                 f"{nudge['put_to_confirm_real_s']:.2f} s "
@@ -71,7 +71,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
             out.append(
                 f"- {n} workers: without the nudge the kit's 300 s refresh still converges "
                 f"{seed['put_to_all_real_s'] / max(plain['put_to_all_real_s'], 1e-3):.1f}x "
-                f"sooner than the seed guide's hourly read"
+                f"sooner than the baseline's hourly read"
             )
     return out
 
@@ -109,7 +109,7 @@ def render(raw: dict[str, Any], meta: dict[str, Any]) -> str:
             "",
             "Nudge = SIGHUP to every worker right after the put (`systemctl reload` in the "
             "role). Without the nudge the workers find the version on their own refresh "
-            "(300 s +-10 %, phases spread over one interval); the seed guide's workers read once "
+            "(300 s +-10 %, phases spread over one interval); the baseline's workers read once "
             "an hour and its rotation waits a fixed hour. Scaled rows ran with every interval "
             f"divided by {meta['scale']:g} and are shown multiplied back; the last column is the "
             "steady load (8 clients, from 2 s before the put to 1 s after the confirmation "
