@@ -45,6 +45,12 @@ path "auth/approle/role/captcha-*" {
   capabilities = ["create", "read", "update"]
 }
 
+# Which role-ids the user lockout holds locked: a failed deploy names a locked env role-id as
+# the cause (captcha_kit.vault.vault_approle_lockout; read-only, never shows a role-id).
+path "sys/locked-users" {
+  capabilities = ["read"]
+}
+
 # Audit devices: list them (sudo); enable the file device where the server allows it (Vault).
 path "sys/audit" {
   capabilities = ["read", "sudo"]

@@ -151,6 +151,7 @@ class FakeVault:
         self.role_ids = {}  # (mount, name) -> role-id
         self.secret_ids = {}  # (mount, name) -> {accessor: lookup data}
         self.audit_devices = {}  # "file/" -> {"type", "description", "options"}
+        self.locked = {}  # auth path -> role-ids the user lockout holds locked
 
         self.calls = []
         self.writes = []
@@ -482,6 +483,25 @@ class FakeAdapter(_Api):
     """``client.adapter``: the raw writes the modules send, recorded as ``adapter.post``."""
 
     prefix = "adapter"
+
+    def get(self, url, **_):
+        if url.removeprefix("/v1/").strip("/") != "sys/locked-users":
+            raise AssertionError(f"the fake Vault has no endpoint GET {url}")
+        return self.vault.dispatch(f"{self.prefix}.get", False, {"url": url}, self._locked_users)
+
+    def _locked_users(self):
+        mounts = [
+            {
+                "mount_accessor": self.vault.auth_methods[path + "/"]["accessor"],
+                "counts": len(ids),
+                "aliases": [{"alias_identifier": i, "mount_accessor": "x"} for i in ids],
+            }
+            for path, ids in self.vault.locked.items()
+            if ids
+        ]
+        total = sum(m["counts"] for m in mounts)
+        namespace = {"namespace_id": "root", "namespace_path": "", "counts": total}
+        return {"data": {"by_namespace": [{**namespace, "mount_accessors": mounts}]}}
 
     def post(self, url, json=None, **_):
         parts = url.removeprefix("/v1/").strip("/").split("/")
