@@ -97,3 +97,16 @@ def test_the_worker_template_writes_what_render_config_writes(tmp_path):
     assert again == data
     assert parse_config(again, environ={}) == parse_config(data, environ={})
     assert data["vault"]["key_path"] == "captchaai/staging"
+
+
+def test_the_worker_venv_pins_what_the_solver_package_pins():
+    """solver/pyproject.toml is the one place a runtime dependency of the worker is chosen; the
+    role's constraints (the whole locked venv of a worker host) must pin the same versions."""
+    project = tomllib.loads((REPO / "solver" / "pyproject.toml").read_text())["project"]
+    defaults, _ = _load("captcha_worker")
+    constraints = dict(line.split("==", 1) for line in defaults["captcha_worker_pip_constraints"])
+    for requirement in project["dependencies"]:
+        name, version = requirement.split("==", 1)
+        assert constraints.get(name) == version, (
+            f"{name}: role {constraints.get(name)}, solver {version}"
+        )
