@@ -16,8 +16,9 @@ path "sys/mounts/secret" {
 path "sys/mounts/secret/tune" {
   capabilities = ["read", "update"]
 }
+# The mount's own config is read, never changed: secret/ is usually shared with other teams.
 path "secret/config" {
-  capabilities = ["read", "update"]
+  capabilities = ["read"]
 }
 
 # Auth methods: list them; enable and tune AppRole (enabling an auth method needs sudo).
@@ -59,9 +60,22 @@ path "sys/audit/file" {
   capabilities = ["create", "update", "sudo"]
 }
 
-# Optional first keys: create-only (check-and-set 0) needs the version number and a create.
+# Check-and-set and the version limit of the kit's key paths (KV v2 metadata per secret, not
+# the mount's config), and nothing else of their metadata (the rotation record stays the
+# rotator's). The first keys are create-only (check-and-set 0): their version number is read.
 path "secret/metadata/captchaai/*" {
-  capabilities = ["read"]
+  capabilities = ["create", "read", "update"]
+  allowed_parameters = {
+    "cas_required" = []
+    "max_versions" = []
+  }
+}
+path "secret/metadata/captchaai-staged/*" {
+  capabilities = ["create", "read", "update"]
+  allowed_parameters = {
+    "cas_required" = []
+    "max_versions" = []
+  }
 }
 path "secret/data/captchaai/*" {
   capabilities = ["create"]

@@ -42,9 +42,10 @@ def test_first_run_creates_everything_and_second_run_changes_nothing(vault, vaul
     mounts = vault_client.sys.list_mounted_secrets_engines()["data"]
     assert mounts[f"kv-{tag}/"]["type"] == "kv"
     assert mounts[f"kv-{tag}/"]["options"]["version"] == "2"
-    config = vault_client.secrets.kv.v2.read_configuration(mount_point=f"kv-{tag}")["data"]
-    assert config["max_versions"] == 10
-    assert config["cas_required"] is True
+    kv = vault_client.secrets.kv.v2
+    for env in ("dev", "staging", "prod"):  # per key path, never the mount (see shared mount)
+        meta = kv.read_secret_metadata(f"captchaai/{tag}-{env}", mount_point=f"kv-{tag}")["data"]
+        assert (meta["max_versions"], meta["cas_required"]) == (10, True)
     policies = vault_client.sys.list_acl_policies()["data"]["keys"]
     assert set(_policy_names(tag)) <= set(policies)
     for env in ("dev", "staging", "prod"):

@@ -65,6 +65,13 @@ def policy_items(policies: Iterable[Mapping[str, Any]], texts: Mapping[str, str]
     return [{"name": item["name"], "policy": texts[item["name"]]} for item in policies]
 
 
+def env_paths(envs: Iterable[Any], prefixes: Iterable[Any]) -> list[str]:
+    """``<prefix>/<env>`` for every environment, prefix by prefix within each environment: the
+    KV paths an environment's key (and staged key) live at."""
+    prefixes = [str(prefix).strip("/") for prefix in prefixes]
+    return [f"{prefix}/{env}" for env in envs for prefix in prefixes]
+
+
 def provision_capabilities(
     envs: Iterable[Any],
     kv_mount: str,
@@ -73,20 +80,23 @@ def provision_capabilities(
     role_kinds: Iterable[Any],
     key_path_prefix: str,
     first_key_envs: Iterable[Any] = (),
+    staged_path_prefix: str | None = None,
 ) -> dict[str, list[str]]:
     """Every right the admin token needs for one provisioning run, as ``{path: [capabilities]}``
     for ``vault_token_check``.
 
-    The KV mount (read the mount table, create/tune the mount, its ``config``), the AppRole auth
-    mount (with ``sudo``: tuning user lockout is root-protected), the audit devices, each policy
-    ``<policy kind>-<env>``, each AppRole role ``<role kind>-<env>`` and its role-id, and for each
-    env of ``first_key_envs`` the metadata (read) and data (create) of ``<key_path_prefix>/<env>``.
+    The KV mount (read the mount table, create the mount, read its ``config``: a mount that is
+    there already is never changed), the AppRole auth mount (with ``sudo``: tuning user lockout
+    is root-protected), the audit devices, each policy ``<policy kind>-<env>``, each AppRole role
+    ``<role kind>-<env>`` and its role-id, the metadata of each env's key path (and, with
+    ``staged_path_prefix``, its staged key path) where check-and-set and the version limit are
+    kept, and for each env of ``first_key_envs`` the data (create) of ``<key_path_prefix>/<env>``.
     """
     envs = list(envs)
     caps: dict[str, list[str]] = {
         "sys/mounts": ["read"],
         f"sys/mounts/{kv_mount}": list(_WRITE),
-        f"{kv_mount}/config": ["read", "update"],
+        f"{kv_mount}/config": ["read"],
         "sys/auth": ["read"],
         f"sys/auth/{approle_mount}": [*_WRITE, "sudo"],
         "sys/audit": ["read", "sudo"],
@@ -97,10 +107,11 @@ def provision_capabilities(
         base = f"auth/{approle_mount}/role/{role['name']}"
         caps[base] = list(_WRITE)
         caps[f"{base}/role-id"] = ["read"]
+    prefixes = [key_path_prefix] + ([staged_path_prefix] if staged_path_prefix else [])
+    for path in env_paths(envs, prefixes):
+        caps[f"{kv_mount}/metadata/{path}"] = list(_WRITE)
     for env in first_key_envs:
-        key = f"{key_path_prefix}/{env}"
-        caps[f"{kv_mount}/metadata/{key}"] = ["read"]
-        caps[f"{kv_mount}/data/{key}"] = ["create"]
+        caps[f"{kv_mount}/data/{key_path_prefix}/{env}"] = ["create"]
     return caps
 
 
@@ -138,6 +149,7 @@ class FilterModule:
     def filters(self):
         return {
             "per_env": per_env,
+            "env_paths": env_paths,
             "approle_roles": approle_roles,
             "policy_items": policy_items,
             "provision_capabilities": provision_capabilities,

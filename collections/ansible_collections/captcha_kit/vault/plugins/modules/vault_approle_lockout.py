@@ -74,7 +74,7 @@ def locked_aliases(locked_users, mount_accessor):
         for mount in namespace.get("mount_accessors") or []:
             if mount.get("mount_accessor") != mount_accessor:
                 continue
-            found += [a.get("alias_identifier", "") for a in mount.get("aliases") or []]
+            found += list(mount.get("alias_identifiers") or [])
     return found
 
 

@@ -16,6 +16,7 @@ from ansible_collections.captcha_kit.vault.plugins.filter.provision import (
     FilterModule,
     approle_roles,
     approle_summary,
+    env_paths,
     per_env,
     policy_items,
     provision_capabilities,
@@ -39,6 +40,7 @@ def test_the_filters_are_registered_and_documented():
     filters = FilterModule().filters()
     assert filters == {
         "per_env": per_env,
+        "env_paths": env_paths,
         "approle_roles": approle_roles,
         "policy_items": policy_items,
         "provision_capabilities": provision_capabilities,
@@ -165,6 +167,7 @@ def _capabilities(envs, first_key_envs=()):
         role_kinds=ROLE_KINDS,
         key_path_prefix="captchaai",
         first_key_envs=first_key_envs,
+        staged_path_prefix="captchaai-staged",
     )
 
 
@@ -174,7 +177,7 @@ def test_capabilities_of_one_env_with_a_first_key():
     assert caps == {
         "sys/mounts": ["read"],
         "sys/mounts/secret": rw,
-        "secret/config": ["read", "update"],
+        "secret/config": ["read"],
         "sys/auth": ["read"],
         "sys/auth/approle": [*rw, "sudo"],
         "sys/audit": ["read", "sudo"],
@@ -185,22 +188,26 @@ def test_capabilities_of_one_env_with_a_first_key():
         "auth/approle/role/captcha-worker-dev/role-id": ["read"],
         "auth/approle/role/captcha-rotator-dev": rw,
         "auth/approle/role/captcha-rotator-dev/role-id": ["read"],
-        "secret/metadata/captchaai/dev": ["read"],
+        "secret/metadata/captchaai/dev": rw,
+        "secret/metadata/captchaai-staged/dev": rw,
         "secret/data/captchaai/dev": ["create"],
     }
-    # the order the Jinja loop built them in (the module sorts; a reader of the diff does not)
     assert list(caps)[-4:] == [
-        "auth/approle/role/captcha-rotator-dev",
         "auth/approle/role/captcha-rotator-dev/role-id",
         "secret/metadata/captchaai/dev",
+        "secret/metadata/captchaai-staged/dev",
         "secret/data/captchaai/dev",
     ]
 
 
-def test_capabilities_grow_with_the_envs_and_only_first_keys_touch_key_paths():
+def test_capabilities_grow_with_the_envs_and_only_first_keys_write_a_key():
     caps = _capabilities(["dev", "staging", "prod"])
-    assert len(caps) == 6 + 3 * 3 + 3 * 2 * 2
-    assert not [p for p in caps if "captchaai" in p]
+    assert len(caps) == 6 + 3 * 3 + 3 * 2 * 2 + 3 * 2
+    assert [p for p in caps if "captchaai" in p] == [
+        f"secret/metadata/{prefix}/{env}"
+        for env in ("dev", "staging", "prod")
+        for prefix in ("captchaai", "captchaai-staged")
+    ]
 
 
 def test_capabilities_use_the_mounts_and_key_prefix_given():
@@ -226,6 +233,7 @@ def test_capabilities_use_the_mounts_and_key_prefix_given():
         "kv-t1/metadata/keys/t1-prod",
         "kv-t1/data/keys/t1-prod",
     ]
+    assert caps["kv-t1/metadata/keys/t1-prod"] == ["create", "read", "update"]
 
 
 def test_capabilities_lists_are_not_shared_between_paths():
@@ -287,3 +295,12 @@ def test_approle_summary_never_shows_a_role_id_or_secret():
     [line] = approle_summary([result], "approle")
     assert "rid-1234" not in line
     assert "sec-5678" not in line
+
+
+def test_env_paths_go_env_by_env_then_prefix_by_prefix():
+    assert env_paths(["dev", "prod"], ["captchaai", "/captchaai-staged/"]) == [
+        "captchaai/dev",
+        "captchaai-staged/dev",
+        "captchaai/prod",
+        "captchaai-staged/prod",
+    ]

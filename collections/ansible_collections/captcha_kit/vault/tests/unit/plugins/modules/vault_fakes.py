@@ -144,6 +144,7 @@ class FakeVault:
         }
         self.kv2_config = {}  # mount -> {"max_versions", "cas_required", "delete_version_after"}
         self.kv2_versions = {}  # (mount, path) -> current version
+        self.kv2_path_settings = {}  # (mount, path) -> {"cas_required", "max_versions"}
         self.auth_methods = {"token/": {"type": "token", "description": "token based credentials"}}
         self.lockout = {}  # auth path -> settings as LOCKOUT_DEFAULTS
         self.policies = {"default": "# Allow tokens to look up their own properties\n", "root": ""}
@@ -391,9 +392,11 @@ class FakeKv2(_Api):
         if self.vault.answer_upgrading():
             raise hvac.exceptions.InvalidRequest(KV_UPGRADING)
         version = self.vault.kv2_versions.get((mount_point, path))
-        if version is None:
+        settings = self.vault.kv2_path_settings.get((mount_point, path))
+        if version is None and settings is None:
             raise _not_found(f"{mount_point}/metadata/{path}")
-        return {"data": {"current_version": version, "versions": {}}}
+        settings = settings or {"cas_required": False, "max_versions": 0}
+        return {"data": {"current_version": version or 0, "versions": {}, **settings}}
 
     @hvac_method(KvV2.create_or_update_secret, write=True)
     def create_or_update_secret(self, path, secret, cas, mount_point):
@@ -494,7 +497,7 @@ class FakeAdapter(_Api):
             {
                 "mount_accessor": self.vault.auth_methods[path + "/"]["accessor"],
                 "counts": len(ids),
-                "aliases": [{"alias_identifier": i, "mount_accessor": "x"} for i in ids],
+                "alias_identifiers": list(ids),
             }
             for path, ids in self.vault.locked.items()
             if ids
@@ -511,6 +514,8 @@ class FakeAdapter(_Api):
             apply = functools.partial(self._role, parts[1], parts[3], json)
         elif len(parts) == 2 and parts[1] == "config":
             apply = functools.partial(self._kv2_config, parts[0], json)
+        elif len(parts) > 2 and parts[1] == "metadata":
+            apply = functools.partial(self._kv2_metadata, parts[0], "/".join(parts[2:]), json)
         else:
             raise AssertionError(f"the fake Vault has no endpoint POST {url}")
         return self.vault.dispatch(f"{self.prefix}.post", True, {"url": url, "json": json}, apply)
@@ -528,6 +533,14 @@ class FakeAdapter(_Api):
         ignored = self.vault.lockout_ignored
         self.vault.lockout[path].update({k: v for k, v in given.items() if k not in ignored})
         self.vault.lockout_unset.discard(path)
+
+    def _kv2_metadata(self, mount, path, json):
+        unknown = set(json) - {"cas_required", "max_versions"}
+        assert not unknown, f"the kit sends no other metadata field, got {unknown}"
+        settings = self.vault.kv2_path_settings.setdefault(
+            (mount, path), {"cas_required": False, "max_versions": 0}
+        )
+        settings.update(json)
 
     def _role(self, mount, name, json):
         if (mount, name) not in self.vault.roles:
