@@ -12,11 +12,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """The integration tests use the kit's fixed test ports: hold the machine's lock."""
-    from testkit.fixtures import pytest_sessionstart as hold
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The integration tests use the kit's fixed test ports: hold the machine's lock while they
+    run (the unit tests use free ports only and never wait for it)."""
+    if any(item.get_closest_marker("integration") for item in session.items):
+        from testkit.fixtures import pytest_sessionstart as hold
 
-    hold(session)
+        hold(session)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -209,3 +209,111 @@ def test_render_config_refuses_what_would_not_load():
     doc["vault"]["refresh_interval"] = -1
     with pytest.raises(ConfigError, match=r"vault\.refresh_interval"):
         render_config(doc)
+
+
+# --------------------------------------------------------------------------- server.token_file
+
+
+def _token_file(tmp_path: Path, text: str, mode: int = 0o640) -> Path:
+    path = tmp_path / "api-token"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def _server(tmp_path: Path, **server: object) -> dict:
+    return {
+        "env": "dev",
+        "vault": {"addrs": ["https://v:8200"], "role_id_file": "/r", "secret_id_file": "/s"},
+        "provider": {"url": "https://ocr.captchaai.com"},
+        "server": server,
+    }
+
+
+def test_token_file_is_optional_and_read_as_a_masked_secret(tmp_path):
+    import secrets
+
+    from testkit.creds import assert_no_secrets
+
+    from captcha_solver.secret import Secret
+
+    assert parse_config(_server(tmp_path), environ={}).server.read_token() is None
+    token = secrets.token_urlsafe(32)
+    path = _token_file(tmp_path, token + "\n")
+    cfg = parse_config(_server(tmp_path, token_file=str(path)), environ={})
+    assert cfg.server.token_file == path
+    secret = cfg.server.read_token()
+    assert secret == Secret(token)  # stripped; a failure shows only ***<last 4>
+    assert_no_secrets(f"{secret!r} {secret} {cfg!r}", [token])
+    # The environment can set it like any other setting.
+    env = {"CAPTCHA_SOLVER_SERVER_TOKEN_FILE": str(path)}
+    assert parse_config(_server(tmp_path), environ=env).server.token_file == path
+
+
+def test_token_file_must_be_an_absolute_path(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse_config(_server(tmp_path, token_file="api-token"), environ={})
+    assert err.value.field == "server.token_file"
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "reason"),
+    [
+        (None, 0o640, "cannot read"),
+        ("<directory>", 0o750, "cannot read"),
+        ("", 0o640, "is empty"),
+        ("  \n", 0o640, "is empty"),
+        ("x" * 40, 0o000, "cannot read"),
+        ("x" * 40, 0o644, "open to other users (mode 0644)"),
+        ("x" * 40, 0o642, "open to other users"),
+        ("short-one", 0o600, "16 to 4096 visible ASCII characters"),
+        ("two words but long enough", 0o600, "without spaces"),
+        ("a" * 20 + "\n" + "b" * 20, 0o600, "without spaces"),
+        ("\u00e9" * 20, 0o600, "visible ASCII"),
+        ("x" * 5000, 0o600, "16 to 4096"),
+    ],
+)
+def test_a_bad_token_file_is_a_config_error_naming_the_setting(tmp_path, content, mode, reason):
+    """Missing, empty, unreadable, open to other users, or not one token: each is refused
+    with an error that names server.token_file and never quotes the file's content."""
+    import os
+
+    if content is None:
+        path = tmp_path / "missing"
+    elif content == "<directory>":
+        path = tmp_path / "a-directory"
+        path.mkdir(mode)
+        content = None
+    else:
+        path = _token_file(tmp_path, content, mode)
+    if mode == 0o000 and os.geteuid() == 0:
+        pytest.skip("root reads a 0000 file")
+    cfg = parse_config(_server(tmp_path, token_file=str(path)), environ={})
+    with pytest.raises(ConfigError) as err:
+        cfg.server.read_token()
+    assert err.value.field == "server.token_file"
+    assert str(err.value).startswith("server.token_file: ")
+    assert str(path) in str(err.value)
+    assert reason in str(err.value)
+    for part in (content or "").split():
+        assert part not in str(err.value).replace(str(path), "")
+
+
+def test_a_token_of_4096_characters_is_the_longest(tmp_path):
+    path = _token_file(tmp_path, "x" * 4096 + "\n", 0o600)
+    cfg = parse_config(_server(tmp_path, token_file=str(path)), environ={})
+    assert len(cfg.server.read_token() or "") == 4096
+    path.write_text("x" * 4097)
+    with pytest.raises(ConfigError, match="16 to 4096"):
+        cfg.server.read_token()
+
+
+def test_render_config_writes_the_token_file_setting(tmp_path):
+    doc = _document()
+    doc["server"]["token_file"] = "/etc/captcha-solver-client/api-token"
+    doc["server"]["unix_socket"] = "/run/captcha-solver/solve.sock"
+    path = tmp_path / "config.toml"
+    path.write_text(render_config(doc))
+    cfg = load_config(path, environ={})
+    assert cfg.server.token_file == Path("/etc/captcha-solver-client/api-token")
+    assert cfg.server.unix_socket == Path("/run/captcha-solver/solve.sock")

@@ -2,15 +2,32 @@ import asyncio
 import json
 import logging
 import os
+import secrets
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import time
 
 import aiohttp
 import pytest
+from testkit.creds import assert_no_secrets
 
-from captcha_solver.service import Service, StartupTimeout, parse_solve_request
-from captcha_solver.vault import KvSecret, WrappingTokenError
+from captcha_solver.cli import EX_CONFIG, main
+from captcha_solver.config import ConfigError, render_config
+from captcha_solver.service import SecretIdWatch, Service, StartupTimeout, parse_solve_request
+from captcha_solver.vault import KvSecret, SecretIdExpiry, WrappingTokenError
 
-from .helpers import FakeProvider, FakeVault, make_config, new_key, serve_fake_provider
+from .helpers import (
+    FakeProvider,
+    FakeVault,
+    free_port,
+    make_config,
+    new_key,
+    serve_fake_provider,
+    wait_for,
+)
 
 PARAMS = {"googlekey": "g", "pageurl": "https://example.test/"}
 
@@ -19,6 +36,7 @@ class FakeSession(FakeVault):
     """FakeVault plus the token/unwrap surface the service drives."""
 
     has_token = True
+    secret_id_expiry = SecretIdExpiry()  # unknown, as for a secret-id of an older deployment
 
     def unwrap_secret_id(self) -> bool:
         return False
@@ -97,6 +115,9 @@ def test_solve_healthz_metrics(tmp_path):
         "rotation",
         "tasks_in_flight",
         "error",
+        "secret_id_expires_at",
+        "secret_id_expires_in_seconds",
+        "warnings",
     ]
     assert health["status"] == "ok"
     assert health["env"] == "dev"
@@ -381,3 +402,435 @@ def test_sigterm_abandons_tasks_still_in_flight_after_the_grace(tmp_path, caplog
     # aiohttp's own 60 s wait for open requests (systemd would SIGKILL at TimeoutStopSec=35)
     assert all(a != 200 for a in answers), answers
     assert "grace period over, abandoning tasks" in caplog.messages
+
+
+# --------------------------------------------------------------------------- secret-id expiry
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _watch(tmp_path, expiry_box: list[SecretIdExpiry], wall: Clock, mono: Clock, warn=600.0):
+    cfg = make_config(tmp_path, vault__secret_id_warn_before=warn)
+    return SecretIdWatch(cfg.vault, lambda: expiry_box[0], wall=wall, clock=mono)
+
+
+def test_secret_id_watch_warns_once_an_hour_below_the_threshold_and_never_above(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="captcha_solver.service")
+    wall, mono = Clock(1_000_000.0), Clock(50.0)
+    box = [SecretIdExpiry(expires_at=wall.now + 700)]
+    watch = _watch(tmp_path, box, wall, mono)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    # Above vault.secret_id_warn_before (600 s): nothing, and the next look is when it crosses.
+    assert watch.expires_in() == 700
+    assert watch.warning() is None
+    assert watch.check() is False
+    assert watch.next_check_in() == pytest.approx(60.0)
+    wall.now += 50
+    assert watch.next_check_in() == pytest.approx(50.5)
+    assert warnings() == []
+
+    # Below it: one WARNING, then none for an hour however often it is checked.
+    wall.now += 60  # 590 s left
+    assert watch.check() is True
+    assert len(warnings()) == 1
+    assert "secret-id expires in 590 s" in warnings()[0]
+    assert "vault.secret_id_warn_before (600 s)" in warnings()[0]
+    for _ in range(100):
+        wall.now += 1
+        mono.now += 1
+        assert watch.check() is False
+    assert len(warnings()) == 1
+    assert watch.warning() is not None  # /healthz keeps saying it meanwhile
+
+    # A new secret-id, still short: said at once. A long one: silence again.
+    box[0] = SecretIdExpiry(expires_at=wall.now + 300)
+    assert watch.check() is True
+    box[0] = SecretIdExpiry(expires_at=wall.now + 3000)
+    assert watch.check() is False
+    assert watch.warning() is None
+    box[0] = SecretIdExpiry(expires_at=wall.now + 300)
+
+    # An hour after the last one: the next WARNING.
+    mono.now += 3599
+    assert watch.check() is False
+    mono.now += 1
+    assert watch.check() is True
+    assert len(warnings()) == 3
+
+    # Expired: said at once (the next login will be refused), then once an hour; expires_in 0.
+    wall.now += 400
+    assert watch.expires_in() == 0
+    assert watch.check() is True
+    assert "secret-id expired at" in warnings()[-1]
+    assert watch.check() is False
+    assert len(warnings()) == 4
+    record = [r for r in caplog.records if r.levelno == logging.WARNING][-1]
+    assert record.secret_id_warn_before == 600.0
+    assert record.secret_id_expires_in_seconds == 0
+
+
+def test_secret_id_watch_unknown_and_never(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="captcha_solver.service")
+    wall, mono = Clock(1_000_000.0), Clock(50.0)
+    for expiry in (SecretIdExpiry(), SecretIdExpiry(never=True)):
+        watch = _watch(tmp_path, [expiry], wall, mono, warn=10**9)
+        assert watch.expires_in() is None
+        assert watch.warning() is None
+        assert watch.check() is False
+        assert watch.next_check_in() == 60.0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+class ExpiringSession(FakeSession):
+    def __init__(self, data, expiry: SecretIdExpiry) -> None:
+        super().__init__(data)
+        self.secret_id_expiry = expiry  # type: ignore[misc]
+
+
+def _health_and_metrics(tmp_path, expiry: SecretIdExpiry, **over):
+    key = new_key()
+    fake = FakeProvider(valid_keys={key})
+    vault = ExpiringSession({"api_key": key}, expiry)
+
+    async def body(service, http, base):
+        async with http.get(f"{base}/healthz") as r:
+            status, health = r.status, await r.json()
+        async with http.get(f"{base}/metrics") as r:
+            metrics = await r.text()
+        return status, health, metrics
+
+    return asyncio.run(_with_service(tmp_path, fake, vault, body, **over))
+
+
+def _metric(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name + " ")]
+
+
+def test_healthz_and_metrics_show_a_secret_id_expiry_within_the_warning(tmp_path, caplog):
+    """Below vault.secret_id_warn_before: /healthz stays ok (200) and lists the warning, the
+    gauge shows the seconds left, and the journal gets the WARNING at start."""
+    caplog.set_level(logging.INFO, logger="captcha_solver.service")
+    expiry = SecretIdExpiry(expires_at=time.time() + 300)
+    status, health, metrics = _health_and_metrics(
+        tmp_path, expiry, vault__secret_id_warn_before=600.0
+    )
+    assert status == 200
+    assert health["status"] == "ok"
+    assert health["error"] is None
+    assert 295 <= health["secret_id_expires_in_seconds"] <= 300
+    assert health["secret_id_expires_at"] == expiry.text()
+    assert health["secret_id_expires_at"].endswith("Z")
+    [warning] = health["warnings"]
+    assert warning.startswith("secret-id expires in ")
+    assert "vault.secret_id_warn_before (600 s)" in warning
+    [sample] = _metric(metrics, "captcha_solver_secret_id_expires_in_seconds")
+    assert 295 <= float(sample.split()[1]) <= 300
+    assert "# TYPE captcha_solver_secret_id_expires_in_seconds gauge" in metrics
+    assert "captcha_solver_healthy 1" in metrics
+    logged = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(logged) == 1
+    assert logged[0].getMessage().startswith("secret-id expires in ")
+
+
+def test_healthz_and_metrics_of_a_secret_id_far_from_expiry(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="captcha_solver.service")
+    status, health, metrics = _health_and_metrics(
+        tmp_path, SecretIdExpiry(expires_at=time.time() + 30 * 86400)
+    )
+    assert status == 200
+    assert health["warnings"] == []
+    assert health["secret_id_expires_in_seconds"] > 29 * 86400  # default warn_before: 7 days
+    assert _metric(metrics, "captcha_solver_secret_id_expires_in_seconds")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("expiry", "shown", "sample"),
+    [
+        (SecretIdExpiry(), "unknown", []),
+        (SecretIdExpiry(never=True), "never", ["captcha_solver_secret_id_expires_in_seconds +Inf"]),
+    ],
+)
+def test_healthz_and_metrics_of_an_unknown_or_endless_secret_id(tmp_path, expiry, shown, sample):
+    """Unknown (an older deployment, no lookup allowed) or no expiry (TTL 0): null seconds, no
+    warning; the gauge has no sample when unknown (alert on absent()) and +Inf when endless."""
+    status, health, metrics = _health_and_metrics(tmp_path, expiry)
+    assert status == 200
+    assert health["status"] == "ok"
+    assert health["secret_id_expires_at"] == shown
+    assert health["secret_id_expires_in_seconds"] is None
+    assert health["warnings"] == []
+    assert _metric(metrics, "captcha_solver_secret_id_expires_in_seconds") == sample
+
+
+# --------------------------------------------------------------------------- server.token_file
+
+
+def _write_token(path, token: str | None = None) -> str:
+    """A token file as the role writes it (one token, a newline, 0640); returns the token."""
+    token = token or secrets.token_urlsafe(32)
+    path.write_text(token + "\n")
+    path.chmod(0o640)
+    return token
+
+
+def _log_text(caplog) -> str:
+    """Every captured log record: its message and every field given with ``extra=``."""
+    return "\n".join(f"{r.getMessage()} {json.dumps(vars(r), default=str)}" for r in caplog.records)
+
+
+def test_solve_requires_the_bearer_token_over_tcp_and_the_unix_socket(tmp_path, caplog):
+    """With server.token_file, POST /solve answers a request without the token, with a wrong
+    one or another scheme 401 (the usual JSON error, WWW-Authenticate: Bearer), over TCP and the
+    unix socket alike, and solves with it; /healthz and /metrics stay open. No unauthorised
+    request reaches the provider, and the token is in no log record, answer or metric."""
+    caplog.set_level(logging.DEBUG)
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=0)
+    vault = FakeSession({"api_key": key})
+    token_file = tmp_path / "api-token"
+    token = _write_token(token_file)
+    sock_path = tmp_path / "solver.sock"
+    task = {"method": "userrecaptcha", **PARAMS}
+    cases = {
+        "none": {},
+        "wrong": {"Authorization": "Bearer " + secrets.token_urlsafe(32)},
+        "prefix": {"Authorization": "Bearer " + token[:-1]},
+        "longer": {"Authorization": "Bearer " + token + "x"},
+        "basic": {"Authorization": "Basic " + token},
+        "bare": {"Authorization": token},
+        "right": {"Authorization": "Bearer " + token},
+        "scheme in lower case": {"Authorization": "bearer " + token},
+    }
+    answers: list[str] = []
+
+    async def post(http, url, headers):
+        async with http.post(url, json=task, headers=headers) as r:
+            text = await r.text()
+            answers.append(text + json.dumps(dict(r.headers)))
+            return r.status, r.headers.get("WWW-Authenticate"), json.loads(text)
+
+    async def get(http, url):
+        async with http.get(url) as r:
+            answers.append(await r.text())
+            return r.status
+
+    async def body(service, http, base):
+        seen = {}
+        connector = aiohttp.UnixConnector(path=str(sock_path))
+        async with aiohttp.ClientSession(connector=connector) as unix_http:
+            for via, client, root in (("tcp", http, base), ("unix", unix_http, "http://localhost")):
+                for case, headers in cases.items():
+                    seen[via, case] = await post(client, f"{root}/solve", headers)
+                seen[via, "healthz"] = await get(client, f"{root}/healthz")
+                seen[via, "metrics"] = await get(client, f"{root}/metrics")
+        return seen
+
+    seen = asyncio.run(
+        _with_service(
+            tmp_path,
+            fake,
+            vault,
+            body,
+            server__token_file=str(token_file),
+            server__unix_socket=str(sock_path),
+        )
+    )
+    for via in ("tcp", "unix"):
+        for case in ("none", "wrong", "prefix", "longer", "basic", "bare"):
+            status, challenge, doc = seen[via, case]
+            assert (via, case, status, challenge) == (via, case, 401, "Bearer")
+            assert doc == {
+                "status": "error",
+                "error": {
+                    "code": "UNAUTHORIZED",
+                    "kind": "fatal",
+                    "message": "this worker requires Authorization: Bearer <token> (the token"
+                    " in its server.token_file)",
+                },
+            }
+        for case in ("right", "scheme in lower case"):
+            status, challenge, doc = seen[via, case]
+            assert (via, case, status, challenge, doc["status"]) == (via, case, 200, None, "ok")
+        assert seen[via, "healthz"] == 200
+        assert seen[via, "metrics"] == 200
+    assert len([r for r in fake.requests if r["endpoint"] == "in"]) == 4  # the 4 with the token
+    assert "POST /solve requires a bearer token" in caplog.messages
+    assert_no_secrets("\n".join(answers) + _log_text(caplog), [token])
+
+
+def test_without_a_token_file_the_authorization_header_is_ignored(tmp_path):
+    """No server.token_file (the package default): /solve needs no token, and a client that
+    sends one anyway is served."""
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=0)
+    vault = FakeSession({"api_key": key})
+
+    async def body(service, http, base):
+        statuses = []
+        for headers in ({}, {"Authorization": "Bearer " + secrets.token_urlsafe(32)}):
+            task = {"method": "userrecaptcha", **PARAMS}
+            async with http.post(f"{base}/solve", json=task, headers=headers) as r:
+                statuses.append(r.status)
+        return statuses, service.api_token
+
+    assert asyncio.run(_with_service(tmp_path, fake, vault, body)) == ([200, 200], None)
+
+
+def test_sighup_reads_the_token_file_again_and_keeps_the_token_when_it_went_bad(tmp_path, caplog):
+    """``systemctl reload`` (SIGHUP) takes a replaced token at once, without a restart; a token
+    file that became empty keeps the current token (a reload never locks the clients out) and
+    says so in the log, without either token."""
+    caplog.set_level(logging.DEBUG)
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=0)
+    vault = FakeSession({"api_key": key})
+    token_file = tmp_path / "api-token"
+    old = _write_token(token_file)
+    tokens = [old]
+
+    async def body(service, http, base):
+        service.install_signal_handlers()
+
+        async def status(token: str) -> int:
+            task = {"method": "userrecaptcha", **PARAMS}
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.post(f"{base}/solve", json=task, headers=headers) as r:
+                return r.status
+
+        before = await status(old)
+        new = _write_token(token_file)
+        tokens.append(new)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda: service.api_token is not None and service.api_token.reveal() == new)
+        after = (await status(old), await status(new))
+        token_file.write_text("")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda: "API token not reloaded" in " ".join(caplog.messages))
+        kept = await status(new)
+        return before, after, kept
+
+    before, after, kept = asyncio.run(
+        _with_service(tmp_path, fake, vault, body, server__token_file=str(token_file))
+    )
+    assert (before, after, kept) == (200, (401, 200), 200)
+    assert f"API token reloaded from {token_file}" in caplog.messages
+    assert (
+        f"API token not reloaded; keeping the current one: server.token_file: {token_file} is empty"
+        in caplog.messages
+    )
+    assert_no_secrets(_log_text(caplog), tokens)
+
+
+class _CountingSession(FakeSession):
+    unwraps = 0
+
+    def unwrap_secret_id(self) -> bool:
+        self.unwraps += 1
+        return False
+
+
+@pytest.mark.parametrize(
+    ("problem", "reason"),
+    [("missing", "No such file or directory"), ("empty", "is empty"), ("open", "other users")],
+)
+def test_a_bad_token_file_stops_the_start_before_anything_else(tmp_path, problem, reason):
+    """A missing, empty or world-readable token file is a configuration error naming
+    server.token_file (the CLI exits 78): raised before the wrapped secret-id is unwrapped and
+    before anything listens."""
+    token_file = tmp_path / "api-token"
+    if problem != "missing":
+        token_file.write_text("" if problem == "empty" else secrets.token_urlsafe(32))
+        token_file.chmod(0o644 if problem == "open" else 0o640)
+    cfg = make_config(tmp_path, server__token_file=str(token_file))
+    vault = _CountingSession({"api_key": new_key()})
+    service = Service(cfg, vault=vault)
+    with pytest.raises(ConfigError) as err:
+        asyncio.run(service.start())
+    assert err.value.field == "server.token_file"
+    assert reason in str(err.value)
+    assert vault.unwraps == 0
+    with pytest.raises(ConnectionRefusedError):  # nothing listens
+        socket.create_connection(("127.0.0.1", cfg.server.port), timeout=1)
+
+
+def _cli_config(tmp_path, port: int, token_file=None, name: str = "config.toml"):
+    doc: dict = {
+        "env": "dev",
+        "vault": {
+            "addrs": ["https://127.0.0.1:1"],
+            "role_id_file": str(tmp_path / "role-id"),
+            "secret_id_file": str(tmp_path / "secret-id"),
+        },
+        "provider": {"url": "http://127.0.0.1:1", "task_timeout": 5.0},
+        "server": {"port": port, **({"token_file": str(token_file)} if token_file else {})},
+    }
+    path = tmp_path / name
+    path.write_text(render_config(doc))
+    return path
+
+
+def test_serve_exits_78_naming_the_token_file_and_check_config_reports_it(tmp_path, capsys):
+    """``captcha-solver serve`` with an unreadable token file exits 78 (no restart by systemd),
+    naming the setting; ``check-config`` lists it as a problem (``--syntax-only`` does not read
+    the files the configuration names)."""
+    token_file = tmp_path / "api-token"
+    path = _cli_config(tmp_path, free_port(), token_file)
+    proc = subprocess.run(
+        [sys.executable, "-m", "captcha_solver.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == EX_CONFIG, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"captcha-solver: invalid configuration: server.token_file: cannot read {token_file}:"
+        " No such file or directory"
+    )
+    assert main(["check-config", "--config", str(path)]) == EX_CONFIG
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert f"server.token_file: cannot read {token_file}: No such file or directory" in problems
+    assert main(["check-config", "--syntax-only", "--config", str(path)]) == 0
+    capsys.readouterr()
+    token = _write_token(token_file)
+    main(["check-config", "--config", str(path)])
+    out = capsys.readouterr().out
+    assert not [p for p in json.loads(out)["problems"] if "token_file" in p]
+    assert_no_secrets(out, [token])
+
+
+def test_the_solve_command_sends_the_token_of_the_configuration(tmp_path, capsys):
+    """``captcha-solver solve`` reads server.token_file itself and sends the token (never on its
+    command line); a configuration without it gets the worker's 401."""
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=0)
+    vault = FakeSession({"api_key": key})
+    token_file = tmp_path / "api-token"
+    token = _write_token(token_file)
+    argv = ["--method", "userrecaptcha", "--param", "googlekey=g", "--param", "pageurl=u"]
+
+    async def body(service, http, base):
+        port = service.cfg.server.port
+        with_token = _cli_config(tmp_path, port, token_file, "with-token.toml")
+        without = _cli_config(tmp_path, port, None, "without-token.toml")
+        ok = await asyncio.to_thread(main, ["solve", "--config", str(with_token), *argv])
+        ok_out = capsys.readouterr().out
+        refused = await asyncio.to_thread(main, ["solve", "--config", str(without), *argv])
+        return ok, json.loads(ok_out), refused, json.loads(capsys.readouterr().out)
+
+    ok, ok_body, refused, refused_body = asyncio.run(
+        _with_service(tmp_path, fake, vault, body, server__token_file=str(token_file))
+    )
+    assert (ok, ok_body["status"]) == (0, "ok")
+    assert (refused, refused_body["error"]["code"]) == (1, "UNAUTHORIZED")
+    assert_no_secrets(json.dumps([ok_body, refused_body]), [token])

@@ -23,7 +23,7 @@ from typing import Any
 from . import __version__
 from .config import CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from .log import configure_logging
-from .secret import REGISTRY
+from .secret import REGISTRY, Secret
 
 EX_OK = 0
 EX_FAIL = 1
@@ -71,13 +71,18 @@ def _base_url(cfg: Config) -> str:
     return f"http://{host}:{cfg.server.port}"
 
 
-def _http(url: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
+def _http(
+    url: str, body: dict[str, Any] | None, timeout: float, token: Secret | None = None
+) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if token is not None:  # server.token_file: the worker's /solve requires it
+        headers["Authorization"] = f"Bearer {token.reveal()}"
     request = urllib.request.Request(  # noqa: S310 (loopback http from our own config)
         url,
         data=data,
         method="POST" if body is not None else "GET",
-        headers={"Content-Type": "application/json"},
+        headers=headers,
     )
     try:
         with _OPENER.open(request, timeout=timeout) as response:
@@ -112,6 +117,10 @@ def _missing_files(cfg: Config) -> list[str]:
         problems.append(f"vault.ca_file: {v.ca_file} does not exist")
     if not v.secret_id_file.parent.is_dir():
         problems.append(f"vault.secret_id_file: directory {v.secret_id_file.parent} does not exist")
+    try:
+        cfg.server.read_token()  # missing, empty, unreadable or open to others: a problem
+    except ConfigError as exc:
+        problems.append(str(exc))
     return problems
 
 
@@ -155,7 +164,14 @@ def cmd_solve(cfg: Config, method: str, raw_params: Sequence[str], timeout: floa
         params[name] = value
     wait = timeout if timeout is not None else cfg.provider.task_timeout + 10
     try:
-        status, body = _http(f"{_base_url(cfg)}/solve", {"method": method, "params": params}, wait)
+        token = cfg.server.read_token()
+    except ConfigError as exc:
+        print(f"captcha-solver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        status, body = _http(
+            f"{_base_url(cfg)}/solve", {"method": method, "params": params}, wait, token
+        )
     except OSError as exc:
         print(f"captcha-solver: cannot reach {_base_url(cfg)}: {exc}", file=sys.stderr)
         return EX_FAIL
@@ -180,6 +196,10 @@ def cmd_serve(cfg: Config) -> int:
     except WrappingTokenError as exc:
         log.critical("refusing to start: %s", exc)
         print(f"captcha-solver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except ConfigError as exc:  # e.g. server.token_file unreadable: no restart can fix it
+        log.critical("refusing to start: %s", exc)
+        print(f"captcha-solver: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
     except StartupTimeout as exc:  # fail closed; the supervisor starts us again
         print(f"captcha-solver: {exc}", file=sys.stderr)

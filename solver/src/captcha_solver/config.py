@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .contract import ENV_NAME_PATTERN, KEY_PATH_TEMPLATE
+from .secret import Secret
 
 DEFAULT_CONFIG_PATH = Path("/etc/captcha-solver/config.toml")
 ENV_PREFIX = "CAPTCHA_SOLVER_"
@@ -35,6 +36,9 @@ DEFAULT_FIRST_POLL_DELAY: dict[str, float] = {
 
 _ENV_RE = re.compile(ENV_NAME_PATTERN)  # the kit's contract (contract.py)
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# server.token_file: one token of visible ASCII without spaces (what a Bearer header carries).
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,}")
+_TOKEN_MAX_BYTES = 4096
 
 
 class ConfigError(ValueError):
@@ -70,10 +74,19 @@ class VaultConfig:
     # default, so one host with a bad secret-id must stay well under that.
     login_refusal_limit: int = 2
     login_refusal_window: float = 960.0
+    # Warn (journal, once an hour; /healthz "warnings") when the secret-id expires within this
+    # many seconds: the deploy that re-issues it is overdue. Default: 7 days.
+    secret_id_warn_before: float = 604800.0
 
     @property
     def secret_id_accessor_file(self) -> Path:
         return self.secret_id_file.with_name(self.secret_id_file.name + ".accessor")
+
+    @property
+    def secret_id_expiry_file(self) -> Path:
+        """When the secret-id expires (not secret): an ISO 8601 UTC time, ``never``, or
+        ``unknown`` (Vault refused the worker a lookup of an older secret-id's expiry)."""
+        return self.secret_id_file.with_name(self.secret_id_file.name + ".expires")
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,43 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 18401
     unix_socket: Path | None = None
+    # When set, POST /solve requires "Authorization: Bearer <this file's content>" (TCP and
+    # the unix socket alike); read at start and on SIGHUP, never logged (read_token below).
+    token_file: Path | None = None
     shutdown_grace: float = 30.0
+
+    def read_token(self) -> Secret | None:
+        """The API token of ``token_file`` (None when unset), as a :class:`Secret`.
+
+        A file that cannot be read, is empty, is open to other users (any "other" permission
+        bit) or holds something else than one line of at least 16 visible ASCII characters
+        without spaces is a :class:`ConfigError` naming ``server.token_file``; no message ever
+        holds the file's content."""
+        if self.token_file is None:
+            return None
+        name, path = "server.token_file", self.token_file
+        try:
+            with path.open("rb") as fh:
+                mode = os.fstat(fh.fileno()).st_mode
+                raw = fh.read(2 * _TOKEN_MAX_BYTES)  # a longer file is refused below anyway
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {path}: {exc.strerror or exc}") from None
+        if mode & 0o007:
+            raise ConfigError(
+                name,
+                f"{path} is open to other users (mode {mode & 0o7777:04o}): give it to the owner"
+                " and the client group only (e.g. 0640)",
+            )
+        text = raw.decode("ascii", errors="replace").strip()
+        if not text:
+            raise ConfigError(name, f"{path} is empty")
+        if len(text) > _TOKEN_MAX_BYTES or not _TOKEN_RE.fullmatch(text):
+            raise ConfigError(
+                name,
+                f"{path} must hold one token of 16 to {_TOKEN_MAX_BYTES} visible ASCII"
+                " characters without spaces",
+            )
+        return Secret(text)
 
 
 @dataclass(frozen=True)
@@ -285,6 +334,7 @@ _SCHEMA: dict[str, dict[str, Parser]] = {
         "retry_delay": _float_in(0.0),
         "login_refusal_limit": _int_in(1, 100),
         "login_refusal_window": _float_in(0.0),
+        "secret_id_warn_before": _float_in(0.0),
     },
     "provider": {
         "url": _provider_url,
@@ -305,6 +355,7 @@ _SCHEMA: dict[str, dict[str, Parser]] = {
         "host": _host,
         "port": _int_in(1, 65535),
         "unix_socket": _path,
+        "token_file": _path,
         "shutdown_grace": _float_in(0.0),
     },
     "logging": {

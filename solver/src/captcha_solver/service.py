@@ -1,31 +1,38 @@
 """The local HTTP API: ``POST /solve``, ``GET /healthz``, ``GET /metrics`` (loopback only).
 
-SIGHUP reads the key from Vault now. SIGTERM (or SIGINT) stops accepting solves (503), lets
-the tasks in flight finish for up to ``server.shutdown_grace`` seconds, then exits.
+SIGHUP reads the key from Vault now (and ``server.token_file`` again). SIGTERM (or SIGINT)
+stops accepting solves (503), lets the tasks in flight finish for up to
+``server.shutdown_grace`` seconds, then exits.
+
+The secret-id's expiry is watched too: ``/healthz`` and ``/metrics`` show it, and within
+``vault.secret_id_warn_before`` of it ``/healthz`` lists a warning and the journal gets one
+WARNING an hour (:class:`SecretIdWatch`); the status stays ``ok`` while the secret-id is valid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from .config import Config
+from .config import Config, ConfigError, VaultConfig
 from .dispatcher import Dispatcher, SolveError
 from .keycache import KeyCache
 from .metrics import Labels, Metrics, new_metrics
 from .provider import ProviderClient
 from .sdnotify import notify
-from .secret import REGISTRY
-from .vault import KvSecret, VaultClient, VaultError, WrappingTokenError
+from .secret import REGISTRY, Secret
+from .vault import KvSecret, SecretIdExpiry, VaultClient, VaultError, WrappingTokenError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,27 @@ def _error(
     )
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _bearer_matches(header: str, token: Secret) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <token>`` (constant-time compare)."""
+    scheme, _, given = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.reveal().encode("utf-8")
+    )
+
+
+def _unauthorized() -> web.Response:
+    response = _error(
+        "UNAUTHORIZED",
+        "fatal",
+        "this worker requires Authorization: Bearer <token> (the token in its server.token_file)",
+        401,
+    )
+    response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 
@@ -89,11 +117,104 @@ class VaultSession(Protocol):
 
     @property
     def has_token(self) -> bool: ...
+    @property
+    def secret_id_expiry(self) -> SecretIdExpiry: ...
     def unwrap_secret_id(self) -> bool: ...
     def ensure_token(self) -> None: ...
     def seconds_until_renewal(self) -> float: ...
     def read_kv(self, mount: str, path: str) -> KvSecret: ...
     def close(self) -> None: ...
+
+
+# A secret-id close to its expiry is logged at most this often (the journal is not flooded).
+EXPIRY_WARNING_EVERY = 3600.0
+# The watch looks again at least this often (a new secret-id, a threshold crossed).
+_EXPIRY_CHECK_MAX = 60.0
+
+
+class SecretIdWatch:
+    """Reports when the worker's secret-id expires and warns when that is close.
+
+    ``source`` gives the current :class:`SecretIdExpiry` (the Vault session's); ``wall`` is
+    Unix time, ``clock`` a monotonic clock (for the once-an-hour log)."""
+
+    def __init__(
+        self,
+        cfg: VaultConfig,
+        source: Callable[[], SecretIdExpiry],
+        *,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cfg = cfg
+        self._source = source
+        self._wall = wall
+        self._clock = clock
+        self._warned_at: float | None = None
+        self._warned_for: tuple[SecretIdExpiry, bool] | None = None  # (secret-id, expired)
+
+    @property
+    def expiry(self) -> SecretIdExpiry:
+        return self._source()
+
+    def expires_in(self) -> float | None:
+        """Seconds until the secret-id expires (0 once expired); None: no expiry, or unknown."""
+        left = self._source().remaining(self._wall())
+        return None if left is None else max(0.0, left)
+
+    def warning(self) -> str | None:
+        """The warning /healthz lists while the secret-id expires within ``warn_before``."""
+        expiry = self._source()
+        left = expiry.remaining(self._wall())
+        if left is None or left >= self._cfg.secret_id_warn_before:
+            return None
+        if left <= 0:
+            return (
+                f"secret-id expired at {expiry.text()}: Vault refuses this worker's next AppRole"
+                " login; deploy a new one (playbooks/deploy-workers.yml re-issues it)"
+            )
+        return (
+            f"secret-id expires in {left:.0f} s (at {expiry.text()}), within"
+            f" vault.secret_id_warn_before ({self._cfg.secret_id_warn_before:g} s): the"
+            " scheduled deploy (playbooks/deploy-workers.yml) re-issues it; is it running?"
+        )
+
+    def check(self) -> bool:
+        """Log the warning as a WARNING, at most once per :data:`EXPIRY_WARNING_EVERY` for one
+        secret-id and state (at once for a new secret-id, and when it has expired); True when
+        it logged."""
+        expiry = self._source()
+        message = self.warning()
+        if message is None:
+            return False
+        now = self._clock()
+        left = expiry.remaining(self._wall())
+        state = (expiry, left is not None and left <= 0)
+        if (
+            self._warned_for == state
+            and self._warned_at is not None
+            and now - self._warned_at < EXPIRY_WARNING_EVERY
+        ):
+            return False
+        self._warned_for = state
+        self._warned_at = now
+        log.warning(
+            message,
+            extra={
+                "secret_id_expires": expiry.text(),
+                "secret_id_expires_in_seconds": round(self.expires_in() or 0.0),
+                "secret_id_warn_before": self._cfg.secret_id_warn_before,
+            },
+        )
+        return True
+
+    def next_check_in(self) -> float:
+        """Seconds until :meth:`check` may have something new to say (1 to 60)."""
+        left = self._source().remaining(self._wall())
+        wait = _EXPIRY_CHECK_MAX
+        if left is not None and left >= self._cfg.secret_id_warn_before:
+            wait = min(wait, left - self._cfg.secret_id_warn_before + 0.5)
+        return max(1.0, wait)
 
 
 class Service:
@@ -114,7 +235,11 @@ class Service:
         self._runner: web.AppRunner | None = None
         self._token_task: asyncio.Task[None] | None = None
         self._startup_task: asyncio.Task[None] | None = None
+        self._expiry_task: asyncio.Task[None] | None = None
         self._started_at = 0.0
+        # server.token_file's token (None: /solve needs none); read in start(), on SIGHUP again.
+        self.api_token: Secret | None = None
+        self.secret_id = SecretIdWatch(cfg.vault, lambda: self.vault.secret_id_expiry)
         self._register_gauges()
 
     # ------------------------------------------------------------------ metrics
@@ -150,6 +275,13 @@ class Service:
             lambda: one(1.0 if self.keys.circuit_open else 0.0),
         )
         m.gauge(
+            "secret_id_expires_in_seconds",
+            "Seconds until the worker's secret-id expires (+Inf: no expiry; no sample: unknown).",
+            lambda: one(
+                float("inf") if self.secret_id.expiry.never else self.secret_id.expires_in()
+            ),
+        )
+        m.gauge(
             "healthy",
             "1 when the worker can solve.",
             lambda: one(1.0 if self.health()[1] == 200 else 0.0),
@@ -171,6 +303,9 @@ class Service:
             "rotation": key_part["rotation"],
             "tasks_in_flight": self.dispatcher.in_flight,
             "error": key_part["error"],
+            "secret_id_expires_at": self.secret_id.expiry.text(),
+            "secret_id_expires_in_seconds": _rounded(self.secret_id.expires_in()),
+            "warnings": [w for w in (self.secret_id.warning(),) if w],
         }
         if self.draining:
             body["status"] = "unhealthy"
@@ -191,6 +326,13 @@ class Service:
         )
 
     async def handle_solve(self, request: web.Request) -> web.Response:
+        # With server.token_file, only a client that can read the token may solve: any other
+        # local process (another user's, a page in a browser) gets 401 before anything else.
+        token = self.api_token
+        if token is not None and not _bearer_matches(
+            request.headers.get("Authorization", ""), token
+        ):
+            return _unauthorized()
         # JSON only: a page in a scraper's browser can send a "simple" (text/plain) POST
         # without a CORS preflight; it cannot send application/json without one.
         if request.content_type != "application/json":
@@ -252,6 +394,17 @@ class Service:
                 self.metrics.inc("vault_errors_total", kind="unexpected")
                 log.exception("vault token upkeep failed unexpectedly")
 
+    async def _secret_id_watch(self) -> None:
+        """Warn in the journal while the secret-id is close to its expiry (once an hour)."""
+        while True:
+            wait = _EXPIRY_CHECK_MAX
+            try:
+                self.secret_id.check()
+                wait = self.secret_id.next_check_in()
+            except Exception:  # the watch must not die; it only reports
+                log.exception("secret-id expiry check failed unexpectedly")
+            await asyncio.sleep(wait)
+
     async def _startup_deadline(self) -> None:
         """Fail closed at start: no key within ``vault.startup_timeout`` seconds -> stop, exit
         75 (the supervisor restarts the worker). Until then /healthz says why; the loop retries."""
@@ -276,6 +429,9 @@ class Service:
     async def start(self) -> None:
         """Unwrap the secret-id (fatal if replayed), start the loops and the HTTP sites."""
         self._started_at = asyncio.get_running_loop().time()
+        # Before the unwrap: a bad server.token_file stops the start (CLI: exit 78) with the
+        # wrapped secret-id still unused for the next one.
+        self.load_api_token()
         try:
             await asyncio.to_thread(self.vault.unwrap_secret_id)
         except WrappingTokenError:
@@ -286,6 +442,7 @@ class Service:
         await self.provider.start()
         self.dispatcher.start()
         self._token_task = asyncio.create_task(self._token_keeper(), name="token-keeper")
+        self._expiry_task = asyncio.create_task(self._secret_id_watch(), name="secret-id-watch")
         # shutdown() already gave tasks in flight shutdown_grace to finish: the HTTP server
         # must not hold abandoned requests for aiohttp's default 60 s on top of that.
         self._runner = web.AppRunner(
@@ -313,9 +470,32 @@ class Service:
         )
         notify("READY=1")
 
+    def load_api_token(self) -> None:
+        """Read ``server.token_file`` (at start: a :class:`ConfigError` stops the worker)."""
+        self.api_token = self.cfg.server.read_token()
+        if self.api_token is not None:
+            log.info(
+                "POST /solve requires a bearer token",
+                extra={"token_file": str(self.cfg.server.token_file)},
+            )
+
+    def reload(self) -> None:
+        """SIGHUP (``systemctl reload``): read the key from Vault now, and the API token again
+        (a token file that became unreadable keeps the current token and logs why)."""
+        if self.cfg.server.token_file is not None:
+            try:
+                token = self.cfg.server.read_token()
+            except ConfigError as exc:
+                log.error("API token not reloaded; keeping the current one: %s", exc)
+            else:
+                if token != self.api_token:
+                    log.info("API token reloaded from %s", self.cfg.server.token_file)
+                self.api_token = token
+        self.keys.request_refresh("sighup")
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self.keys.request_refresh, "sighup")
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
 
@@ -350,10 +530,11 @@ class Service:
             self._startup_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._startup_task
-        if self._token_task is not None:
-            self._token_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._token_task
+        for task in (self._token_task, self._expiry_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.dispatcher.stop()
         await self.keys.stop()
         await self.provider.close()
@@ -374,6 +555,10 @@ class Service:
             await self.shutdown()
         if self.fatal is not None:
             raise self.fatal
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def parse_solve_request(doc: Any) -> tuple[str, dict[str, str]] | str:

@@ -1,9 +1,12 @@
 """A thin typed wrapper around hvac for the worker's needs.
 
 * AppRole login from a role-id file and a secret-id file.
-* A response-wrapped secret-id file is unwrapped exactly once: the secret-id and its accessor
-  are written as 0600 files and the wrapped file is deleted. A used or expired wrapping token
-  raises :class:`WrappingTokenError` (the CLI exits 78: possible tampering).
+* A response-wrapped secret-id file is unwrapped exactly once: the secret-id, its accessor and
+  its expiry time are written as 0600 files and the wrapped file is deleted. A used or expired
+  wrapping token raises :class:`WrappingTokenError` (the CLI exits 78: possible tampering).
+* The secret-id's expiry (:class:`SecretIdExpiry`) is kept beside it, so a restart still knows
+  it; a secret-id from before that file existed is looked up once by its accessor where the
+  worker's policy allows it (the kit's does not), and is otherwise reported as unknown.
 * The token is renewed before it expires, and a fresh login replaces it when renewal fails.
 * Several Vault addresses (HA nodes) are tried in turn, for a bounded number of rounds.
 * TLS verification is always on (``verify`` is the CA file or the system store, never False).
@@ -14,6 +17,8 @@ A lock serialises calls, so the token state is never updated by two threads at o
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import logging
 import os
 import random
@@ -93,6 +98,92 @@ def write_private_file(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
+NEVER = "never"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class SecretIdExpiry:
+    """When the host's secret-id expires: at ``expires_at`` (Unix time), ``never`` (a secret-id
+    issued without a TTL), or unknown (neither: a secret-id from before the worker kept its
+    expiry, with no lookup allowed)."""
+
+    expires_at: float | None = None
+    never: bool = False
+
+    @property
+    def known(self) -> bool:
+        return self.never or self.expires_at is not None
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds left at *now* (negative once expired); None when it never expires or is
+        unknown."""
+        return None if self.expires_at is None else self.expires_at - now
+
+    def text(self) -> str:
+        """The expiry as the file and /healthz show it: ISO 8601 UTC, ``never`` or ``unknown``."""
+        if self.never:
+            return NEVER
+        if self.expires_at is None:
+            return UNKNOWN
+        return (
+            dt.datetime.fromtimestamp(self.expires_at, dt.UTC)
+            .isoformat(timespec="seconds")
+            .replace("+00:00", "Z")
+        )
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """Unix time of an RFC 3339 time as Vault prints it (nanoseconds, ``Z`` or an offset);
+    None when it is empty, unparseable, or Vault's zero time (``0001-01-01…``: no expiry)."""
+    text = text.strip()
+    if not text or text.startswith("0001-01-01"):
+        return None
+    text = text.replace("Z", "+00:00").replace("z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:  # at most microseconds for datetime
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[:digits][:6].ljust(6, '0')}{rest[digits:]}"
+    try:
+        stamp = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.UTC)
+    return stamp.timestamp()
+
+
+def _expiry_file_text(cfg: VaultConfig) -> str:
+    """The expiry file's content; "" when there is none, it cannot be read, or it is older than
+    the secret-id file (then it belongs to an earlier secret-id)."""
+    path = cfg.secret_id_expiry_file
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+        if path.stat().st_mtime_ns < cfg.secret_id_file.stat().st_mtime_ns:
+            return ""
+    except OSError:
+        return ""
+    return text
+
+
+def read_secret_id_expiry(cfg: VaultConfig) -> SecretIdExpiry:
+    """The expiry kept beside the secret-id file (``unknown`` when there is none of its own)."""
+    text = _expiry_file_text(cfg)
+    if text == NEVER:
+        return SecretIdExpiry(never=True)
+    return SecretIdExpiry(expires_at=parse_rfc3339(text))
+
+
+def write_secret_id_expiry(cfg: VaultConfig, expiry: SecretIdExpiry) -> None:
+    """Keep *expiry* beside the secret-id file (0600 like its neighbours; not a secret); an
+    unknown expiry removes the file, so an earlier secret-id's expiry is never shown. (The file
+    says ``unknown`` when Vault refused to look the expiry up: not asked again.)"""
+    if expiry.known:
+        write_private_file(cfg.secret_id_expiry_file, expiry.text() + "\n")
+    else:
+        cfg.secret_id_expiry_file.unlink(missing_ok=True)
+
+
 def _has_content(path: Path) -> bool:
     try:
         return bool(path.read_text().strip())
@@ -135,6 +226,10 @@ class VaultClient:
         self._renewable = False
         self._capped = False  # the last renewal hit max_ttl: log in next time
         self._expires_at = 0.0  # monotonic
+        # When the secret-id expires (from the file beside it), and the accessor whose expiry
+        # was looked up in Vault already (at most one lookup per secret-id and process).
+        self._secret_id_expiry = read_secret_id_expiry(cfg)
+        self._expiry_looked_up = ""
 
     # ------------------------------------------------------------------ addresses / retries
     @property
@@ -219,6 +314,8 @@ class VaultClient:
             except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
                 raise WrappingTokenError(tampering) from _scrubbed(exc)
             creation_path = str((info.get("data") or {}).get("creation_path", ""))
+            # The secret-id was made with the wrapping token: its TTL counts from then.
+            issued_at = parse_rfc3339(str((info.get("data") or {}).get("creation_time") or ""))
             mount = self._cfg.approle_mount.strip("/")
             if not (
                 creation_path.startswith(f"auth/{mount}/role/")
@@ -255,15 +352,78 @@ class VaultClient:
             write_private_file(self._cfg.secret_id_file, held.reveal() + "\n")
             accessor = str(data.get("secret_id_accessor", ""))
             write_private_file(self._cfg.secret_id_accessor_file, accessor + "\n")
+            expiry = _expiry_from_ttl(data.get("secret_id_ttl"), issued_at or time.time())
+            self._secret_id_expiry = expiry
+            try:  # only a report: it must not undo the unwrap (the token is used up now)
+                write_secret_id_expiry(self._cfg, expiry)
+            except OSError as exc:
+                log.warning("cannot keep the secret-id expiry", extra={"error": str(exc)})
             wrapped_file.unlink()
             log.info(
                 "secret-id unwrapped",
                 extra={
                     "secret_id_file": str(self._cfg.secret_id_file),
                     "accessor_file": str(self._cfg.secret_id_accessor_file),
+                    "secret_id_expires": expiry.text(),
                 },
             )
             return True
+
+    # ------------------------------------------------------------------ secret-id expiry
+    @property
+    def secret_id_expiry(self) -> SecretIdExpiry:
+        """When the secret-id this worker logs in with expires (see :class:`SecretIdExpiry`)."""
+        return self._secret_id_expiry
+
+    def _look_up_unknown_expiry(self, role_name: str) -> None:
+        """A secret-id without a known expiry (delivered before the worker kept it): ask Vault
+        once, by its accessor, with the worker's own token. The kit's worker policy does not
+        grant this (``auth/<mount>/role/<role>/secret-id-accessor/lookup``): the expiry then
+        stays unknown until the next delivery, which the role makes when it is due anyway."""
+        try:
+            accessor = self._cfg.secret_id_accessor_file.read_text(encoding="utf-8").strip()
+        except OSError:
+            accessor = ""
+        if not accessor or not role_name or accessor == self._expiry_looked_up:
+            return
+        self._expiry_looked_up = accessor
+        if _expiry_file_text(self._cfg) == UNKNOWN:  # refused for this secret-id before
+            return
+
+        def op(client: Any) -> Any:
+            return client.auth.approle.read_secret_id_accessor(
+                role_name, accessor, mount_point=self._cfg.approle_mount
+            )
+
+        try:
+            response = self._call("secret-id lookup", op)
+        except (VaultUnavailable, hvac.exceptions.VaultError) as exc:
+            log.info(
+                "secret-id expiry unknown: its accessor lookup was refused or failed"
+                " (the worker's policy need not allow it); known after the next delivery",
+                extra={"error": _reason(exc)},
+            )
+            if isinstance(exc, hvac.exceptions.Forbidden):  # not again for this secret-id
+                with contextlib.suppress(OSError):
+                    write_private_file(self._cfg.secret_id_expiry_file, UNKNOWN + "\n")
+            return
+        info = (response or {}).get("data") if isinstance(response, dict) else None
+        if not isinstance(info, dict) or "expiration_time" not in info:
+            return
+        expires = str(info.get("expiration_time") or "")
+        at = parse_rfc3339(expires)
+        if expires.startswith("0001-01-01"):  # Vault's zero time: no expiry
+            expiry = SecretIdExpiry(never=True)
+        elif at is not None:
+            expiry = SecretIdExpiry(expires_at=at)
+        else:
+            return
+        try:
+            write_secret_id_expiry(self._cfg, expiry)
+        except OSError as exc:
+            log.warning("cannot keep the secret-id expiry", extra={"error": str(exc)})
+        self._secret_id_expiry = expiry
+        log.info("secret-id expiry looked up", extra={"secret_id_expires": expiry.text()})
 
     # ------------------------------------------------------------------ token lifecycle
     def login(self) -> None:
@@ -271,6 +431,8 @@ class VaultClient:
         with self._lock:
             if self.unwrap_secret_id():  # a new secret-id: earlier refusals were for the old one
                 self._refusals_file.unlink(missing_ok=True)
+            else:  # the file may have been replaced since: its expiry is what the file says
+                self._secret_id_expiry = read_secret_id_expiry(self._cfg)
             role_id = _read_credential(self._cfg.role_id_file, "role-id")
             secret_id = _read_credential(self._cfg.secret_id_file, "secret-id")
 
@@ -308,6 +470,9 @@ class VaultClient:
                 "vault login ok",
                 extra={"addr": self.current_addr, "ttl": self._lease, "renewable": self._renewable},
             )
+            if not self._secret_id_expiry.known:
+                metadata = auth.get("metadata") or {}
+                self._look_up_unknown_expiry(str(metadata.get("role_name") or ""))
 
     def _recent_refusals(self) -> list[float]:
         """Refused logins within the window (from the state file; unreadable = none)."""
@@ -428,3 +593,19 @@ def _reason(exc: BaseException) -> str:
 
 def _scrubbed(exc: BaseException) -> VaultError:
     return VaultError(_reason(exc))
+
+
+def _expiry_from_ttl(ttl: Any, issued_at: float) -> SecretIdExpiry:
+    """The expiry of a secret-id issued at *issued_at* with Vault's ``secret_id_ttl`` (seconds;
+    0 = no expiry; missing or malformed = unknown)."""
+    if isinstance(ttl, bool) or ttl is None:
+        return SecretIdExpiry()
+    try:
+        seconds = float(ttl)
+    except (TypeError, ValueError):
+        return SecretIdExpiry()
+    if seconds != seconds or seconds < 0:
+        return SecretIdExpiry()
+    if seconds == 0:
+        return SecretIdExpiry(never=True)
+    return SecretIdExpiry(expires_at=issued_at + seconds)
