@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,9 @@ STATUS_COMMAND = (
     "/opt/captcha-solver/venv/bin/captcha-solver status --config /etc/captcha-solver/config.toml"
 )
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+# The shared CaptchaAI emulator's address (molecule/shared/testbed.py); a suite that needs the
+# workers to solve starts its own (testkit.emulator.EmulatorProcess) and passes its URL.
+EMULATOR_URL = "http://127.0.0.1:18350"
 # Host paths the role creates; none of them may appear when it fails validation.
 ROLE_PATHS = (
     "/etc/captcha-solver",
@@ -80,6 +83,20 @@ class Host:
         the host, as an operator would ask it ({} when the worker does not answer)."""
         return status_json(self.sh(STATUS_COMMAND, check=False).stdout)
 
+    def unit_times(self) -> dict[str, int]:
+        """The worker unit's state-change times in microseconds of CLOCK_MONOTONIC
+        (``ActiveEnterTimestampMonotonic`` etc., 0 = never). The host containers share the
+        kernel's monotonic clock, so times of two hosts compare: which restarted first."""
+        props = ("ActiveEnter", "ActiveExit", "InactiveEnter", "ExecMainStart")
+        argv = " ".join(f"--property={p}TimestampMonotonic" for p in props)
+        out = self.sh(f"systemctl show {argv} captcha-solver.service").stdout
+        times = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        return {p: int(times.get(f"{p}TimestampMonotonic", "0") or 0) for p in props}
+
+    def checksum(self, path: str) -> str:
+        """The sha256 of a file on the host."""
+        return self.sh(f"sha256sum {path}").stdout.split()[0]
+
 
 @contextmanager
 def worker_container(image: str, prefix: str = "kit-worker") -> Iterator[Host]:
@@ -105,6 +122,43 @@ class Deployment:
     def dev(self) -> str:
         return f"{self.tag}-dev"
 
+    def data(self) -> dict[str, Any]:
+        return yaml.safe_load(self.inventory.read_text())
+
+    @property
+    def hosts(self) -> list[str]:
+        """The worker hosts in inventory order (the order of a rolling deploy's batches)."""
+        return list(self.data()["all"]["children"]["workers"]["hosts"])
+
+    def worker_url(self, host: str) -> str:
+        """``http://127.0.0.1:<port>`` of the worker on ``host`` (host network)."""
+        port = self.data()["all"]["children"]["workers"]["hosts"][host]["captcha_worker_port"]
+        return f"http://127.0.0.1:{port}"
+
+    def variant(
+        self,
+        name: str,
+        *,
+        host_vars: Mapping[str, Mapping[str, Any]] | None = None,
+        extra_hosts: Mapping[str, Mapping[str, Any]] | None = None,
+        order: Sequence[str] = (),
+    ) -> Deployment:
+        """A copy of this deployment's inventory (``<name>.yml`` next to it) with more vars
+        for some hosts, more worker hosts after the others (e.g. one no SSH reaches), and the
+        hosts named in ``order`` first, in that order (a rolling deploy's batches follow it)."""
+        data = self.data()
+        workers = data["all"]["children"]["workers"]["hosts"]
+        for host, values in (host_vars or {}).items():
+            workers[host] = {**workers[host], **values}
+        workers.update({h: dict(v) for h, v in (extra_hosts or {}).items()})
+        ordered = {h: workers[h] for h in order}
+        data["all"]["children"]["workers"]["hosts"] = ordered | {
+            h: v for h, v in workers.items() if h not in ordered
+        }
+        path = self.inventory.with_name(f"{name}.yml")
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return Deployment(self.tag, path, self.provision)
+
 
 def status_json(stdout: str) -> dict[str, Any]:
     """The /healthz body ``captcha-solver status`` printed ({} when the worker did not answer)."""
@@ -125,11 +179,16 @@ def worker_inventory(
     ca_file: Path,
     kv_mount: str,
     approle_mount: str,
+    more_hosts: Sequence[Host] = (),
+    provider_url: str = EMULATOR_URL,
+    variables: Mapping[str, Any] | None = None,
 ) -> dict:
-    """An inventory of the controller (local) and one worker container of ``env`` on a free
-    loopback port, with the kit's shared settings for the given Vault names."""
+    """An inventory of the controller (local) and the worker container(s) of ``env``, each on
+    a free loopback port (``host`` first, then ``more_hosts``), with the kit's shared settings
+    for the given Vault names, the provider at ``provider_url`` and ``variables`` for all."""
+    workers = {h.name: ssh_worker(h.ssh_port, env, free_port()) for h in (host, *more_hosts)}
     return inventory_data(
-        {"workers": {host.name: ssh_worker(host.ssh_port, env, free_port())}},
+        {"workers": workers},
         {
             "captcha_kit_envs": envs,
             "captcha_kit_vault_addr": vault_addr,
@@ -140,20 +199,32 @@ def worker_inventory(
             "captcha_kit_approle_mount": approle_mount,
             "captcha_kit_refresh_interval": 30,
             "captcha_kit_refresh_jitter": 0.1,
-            "captcha_kit_provider_url": "http://127.0.0.1:18350",
+            "captcha_kit_provider_url": provider_url,
+            **(variables or {}),
         },
     )
 
 
-def make_deployment(vault, host: Host, directory: Path) -> Deployment:
-    """`<tag>-dev` provisioned with a first key; `<tag>-staging` known but not provisioned."""
+def make_deployment(
+    vault,
+    host: Host,
+    directory: Path,
+    *,
+    more_hosts: Sequence[Host] = (),
+    first_key: str | None = None,
+    provider_url: str = EMULATOR_URL,
+    variables: Mapping[str, Any] | None = None,
+) -> Deployment:
+    """`<tag>-dev` provisioned with a first key (``first_key``, or one made now);
+    `<tag>-staging` known but not provisioned. ``host`` and ``more_hosts`` are workers of
+    `<tag>-dev`; ``provider_url`` and ``variables`` go to the inventory (``worker_inventory``)."""
     tag = new_tag("w")
     envs = [f"{tag}-dev", f"{tag}-staging", f"{tag}-prod"]
     provision = provision_vars(
         vault,
         tag,
         vault_provision_envs=[f"{tag}-dev"],
-        vault_provision_first_keys={f"{tag}-dev": new_key()},
+        vault_provision_first_keys={f"{tag}-dev": first_key or new_key()},
     )
     result = run_playbook("playbooks/provision-vault.yml", vault=vault, extra_vars=provision)
     assert result.rc == 0, result.failure_messages()
@@ -165,9 +236,12 @@ def make_deployment(vault, host: Host, directory: Path) -> Deployment:
         ca_file=vault.ca_file,
         kv_mount=f"kv-{tag}",
         approle_mount=f"approle-{tag}",
+        more_hosts=more_hosts,
+        provider_url=provider_url,
+        variables=variables,
     )
     path = directory / "hosts.yml"
-    path.write_text(yaml.safe_dump(inventory))
+    path.write_text(yaml.safe_dump(inventory, sort_keys=False))
     return Deployment(tag, path, provision)
 
 
