@@ -66,7 +66,7 @@ test-molecule: venv image  ## every molecule scenario
 test-faults: venv image  ## every fault test, the slow ones (minutes each) included
 	$(BIN)/pytest tests/faults
 
-test: venv image  ## everything CI runs: lint, solver, playbook suites, molecule; two lanes, timed
+test: venv image  ## everything CI runs: lint, unit tests, solver, playbook suites, molecule; three lanes, timed
 	$(BIN)/python tests/stages.py
 
 bench: venv  ## benchmarks; results go to bench/results-*.md (see bench/README.md)
