@@ -425,6 +425,69 @@ class BaoNode:
 # --------------------------------------------------------------------------- the server
 
 
+def _answering(node: BaoNode) -> bool:
+    """Whether an OpenBao (this state dir's CA or another's) answers on the node's port."""
+    try:
+        return node.seal_status() is not None
+    except LocalVaultError:  # a server with a certificate of another CA
+        return True
+
+
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _listener_pid(port: int) -> int | None:
+    """The pid of the process listening on 127.0.0.1:``port`` (Linux /proc), or None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])  # state 0A: LISTEN
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return int(proc.name)
+    return None
+
+
+def _listener_command(port: int) -> str:
+    pid = _listener_pid(port)
+    if pid is None:
+        return ""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    return ""
+
+
+def _stop_leftover(port: int) -> bool:
+    """Stop a test OpenBao another checkout left on ``port`` (a run that was killed), but only
+    while this process holds the machine's test-port lock (testkit.portlock): then no other test
+    run is using it. True when the port is free again."""
+    if not os.environ.get("CAPTCHA_KIT_PORTS_HELD"):
+        return False
+    command = _listener_command(port)
+    pid = _listener_pid(port)
+    if pid is None or " server -config=" not in command or "/.state/" not in command:
+        return False
+    print(f"testkit: stopping a leftover test OpenBao on port {port}: {command}", file=sys.stderr)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while _port_taken(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _port_taken(port)
+
+
 class LocalVault:
     """The kit's local OpenBao server in ``state_dir``: one raft node on ``port`` (the default),
     or with ``nodes`` > 1 a raft HA cluster on ``port``, ``port + port_step``, ... (cluster port
@@ -571,9 +634,10 @@ class LocalVault:
         action = "running"
         for node in self.nodes:
             if node.pid() is None:
-                if node.seal_status() is not None:
+                if _answering(node) and not _stop_leftover(node.api_port):
                     raise LocalVaultError(
                         f"port {node.api_port} is used by a server that is not this state dir's"
+                        f" ({_listener_command(node.api_port) or 'unknown process'})"
                     )
                 node.spawn()
                 action = "started"

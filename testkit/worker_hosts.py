@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from testkit.creds import new_key, new_tag
+from testkit.emulator import EmulatorProcess
 from testkit.hosts import (
     CONTAINERS_CONF,
     IMAGE,
@@ -265,3 +266,11 @@ def deployed_host(vault, prefix: str, directory: Path) -> Iterator[tuple[Host, D
         first = deploy(vault, deployment)
         assert first.rc == 0, first.failure_messages(host.name)[-3000:]
         yield host, deployment
+
+
+def emulator_for(key: str) -> EmulatorProcess:
+    """A CaptchaAI emulator on free loopback ports that knows ``key`` (solves take 0.2 s, no
+    bans); worker hosts reach it, they share the host network."""
+    return EmulatorProcess(
+        free_port(), free_port(), solve_delay="fixed:0.2", ban_threshold=0, keys=[key]
+    )

@@ -17,8 +17,9 @@ import pytest
 import requests
 
 from testkit.creds import new_key
+from testkit.net import free_port
 from testkit.paths import REPO, TEST_VAULT_DIR, TEST_VAULT_PORT
-from testkit.vault import LocalVault
+from testkit.vault import LocalVault, LocalVaultError
 
 # The destructive checks (kill -9, seal, stop) use a private instance so that other test sessions
 # sharing the test server on 18250 are not disturbed.
@@ -243,3 +244,28 @@ def _write_when_ready(client: hvac.Client, value: str, timeout: float = 30) -> N
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
+
+
+def test_a_leftover_server_of_another_checkout_is_stopped_under_the_port_lock(
+    tmp_path, monkeypatch
+):
+    """A test OpenBao that another checkout left running (its run was killed) holds a fixed
+    test port. Holding the machine's test-port lock, no other test run can be using it: start()
+    stops it (naming it) and starts this checkout's own. Without the lock it refuses, naming
+    the process on the port."""
+    port = free_port()
+    other = LocalVault(tmp_path / "other-checkout" / ".state" / "vault", port)
+    mine = LocalVault(tmp_path / "this-checkout" / ".state" / "vault", port)
+    other.start()
+    try:
+        monkeypatch.delenv("CAPTCHA_KIT_PORTS_HELD", raising=False)
+        with pytest.raises(LocalVaultError, match="bao server -config="):
+            mine.start()
+        assert other.status()["running"]
+        monkeypatch.setenv("CAPTCHA_KIT_PORTS_HELD", "a test run")
+        assert mine.start() == "initialised"
+        assert not other.status()["running"]
+        assert _client(mine).sys.read_health_status(method="GET")["sealed"] is False
+    finally:
+        mine.stop()
+        other.stop()

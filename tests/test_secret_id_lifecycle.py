@@ -42,9 +42,15 @@ from testkit.creds import new_key
 from testkit.emulator import EmulatorProcess
 from testkit.hosts import IMAGE, Recipe, build
 from testkit.loadgen import LoadGenerator
-from testkit.net import free_port
 from testkit.playbook import PlaybookResult, run_playbook
-from testkit.worker_hosts import Deployment, Host, deploy, make_deployment, worker_container
+from testkit.worker_hosts import (
+    Deployment,
+    Host,
+    deploy,
+    emulator_for,
+    make_deployment,
+    worker_container,
+)
 
 pytestmark = pytest.mark.containers
 
@@ -169,9 +175,7 @@ def box(vault, tmp_path_factory) -> Iterator[Box]:
     key = new_key()
     build(Recipe.load())
     with (
-        EmulatorProcess(
-            free_port(), free_port(), solve_delay="fixed:0.2", ban_threshold=0, keys=[key]
-        ) as emulator,
+        emulator_for(key) as emulator,
         worker_container(IMAGE, "kit-sidlife") as host,
     ):
         deployment = make_deployment(

@@ -33,7 +33,6 @@ from typing import Any
 import pytest
 
 from testkit.creds import new_key
-from testkit.emulator import EmulatorProcess
 from testkit.hosts import CONTAINERS_CONF, IMAGE, Recipe, build, ssh_host_vars
 from testkit.loadgen import LoadGenerator
 from testkit.net import free_port
@@ -43,6 +42,7 @@ from testkit.worker_hosts import (
     Deployment,
     Host,
     deploy,
+    emulator_for,
     make_deployment,
     worker_container,
 )
@@ -82,9 +82,7 @@ def fleet(vault, tmp_path_factory) -> Iterator[Fleet]:
     key = new_key()
     build(Recipe.load())
     with (
-        EmulatorProcess(
-            free_port(), free_port(), solve_delay="fixed:0.2", ban_threshold=0, keys=[key]
-        ) as emulator,
+        emulator_for(key) as emulator,
         worker_container(IMAGE, "kit-redeploy") as one,
         worker_container(IMAGE, "kit-redeploy") as two,
     ):
@@ -138,6 +136,24 @@ def _seconds(duration: dict[str, str]) -> float | None:
     return round((end - start).total_seconds(), 1)
 
 
+def _redeploy_under_load(
+    vault, fleet: Fleet, load: LoadGenerator, settings: dict[str, Any]
+) -> tuple[PlaybookResult, dict[str, Any]]:
+    """A redeploy one host at a time with ``settings`` while ``load`` solves; every worker
+    solves again after it. The run's result and the load's summary."""
+    urls = fleet.urls
+    with load:
+        _wait_for_solves(load, urls, {})
+        result = deploy(
+            vault,
+            fleet.deployment,
+            captcha_kit_deploy_batch=1,
+            captcha_worker_provider_settings=settings,
+        )
+        _wait_for_solves(load, urls, _ok_counts(load, urls))
+    return result, load.summary()
+
+
 def _ran(result: PlaybookResult, host: Host) -> list[str]:
     return [name for name, _ in result.task_results(host.name)]
 
@@ -149,18 +165,9 @@ def _changed(result: PlaybookResult, host: Host) -> list[str]:
 def test_config_change_under_load_restarts_one_host_after_the_other(vault, fleet: Fleet):
     pids = {h.name: h.main_pid() for h in fleet.hosts}
     urls = fleet.urls
+    # Both restarted workers solve again before the load stops.
     load = LoadGenerator(urls, clients=4, duration=600, pause=0.1, timeout=30, retry_for=30)
-    with load:
-        _wait_for_solves(load, urls, {})
-        result = deploy(
-            vault,
-            fleet.deployment,
-            captcha_kit_deploy_batch=1,
-            captcha_worker_provider_settings=CHANGED,
-        )
-        # Both restarted workers solve again before the load stops.
-        _wait_for_solves(load, urls, _ok_counts(load, urls))
-    summary = load.summary()
+    result, summary = _redeploy_under_load(vault, fleet, load, CHANGED)
 
     assert result.rc == 0, result.failure_messages(fleet.second.name)[-3000:]
     for host in fleet.hosts:
@@ -197,16 +204,7 @@ def test_bad_setting_stops_the_rollout_at_the_first_host_and_changes_nothing(vau
     urls = fleet.urls
     # Clients that do not retry: any worker restarting or down would fail solves.
     load = LoadGenerator(urls, clients=2, duration=600, pause=0.1, timeout=30)
-    with load:
-        _wait_for_solves(load, urls, {})
-        result = deploy(
-            vault,
-            fleet.deployment,
-            captcha_kit_deploy_batch=1,
-            captcha_worker_provider_settings=TYPO,
-        )
-        _wait_for_solves(load, urls, _ok_counts(load, urls))
-    summary = load.summary()
+    result, summary = _redeploy_under_load(vault, fleet, load, TYPO)
 
     assert result.rc != 0
     first, second = fleet.first, fleet.second

@@ -7,6 +7,8 @@ CaptchaAI emulator.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -195,3 +197,14 @@ async def wait_for(predicate: Any, within: float = 5.0, interval: float = 0.02) 
         if loop.time() > end:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
+
+
+def serve_once(config: Path) -> subprocess.CompletedProcess[str]:
+    """``captcha-solver serve`` run to its exit (a start that must fail), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "captcha_solver.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -4,7 +4,7 @@ import sys
 
 from captcha_solver.cli import EX_CONFIG, EX_TEMPFAIL, main
 
-from .helpers import free_port
+from .helpers import free_port, serve_once
 
 
 def _config(tmp_path, **extra):
@@ -79,13 +79,7 @@ def test_serve_without_a_key_by_the_startup_timeout_exits_75(tmp_path):
     with the Vault error, so that systemd's Restart=on-failure starts it again."""
     path = _config(tmp_path, port=free_port(), vault_extra="startup_timeout = 1.0\nretries = 1")
     (tmp_path / "state" / "secret-id").write_text("s\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "captcha_solver.cli", "serve", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = serve_once(path)
     assert proc.returncode == EX_TEMPFAIL, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "captcha-solver: no key from Vault within 1s of start: vault unavailable: login:"

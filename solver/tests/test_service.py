@@ -6,8 +6,6 @@ import secrets
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
 
 import aiohttp
@@ -26,6 +24,7 @@ from .helpers import (
     make_config,
     new_key,
     serve_fake_provider,
+    serve_once,
     wait_for,
 )
 
@@ -785,13 +784,7 @@ def test_serve_exits_78_naming_the_token_file_and_check_config_reports_it(tmp_pa
     the files the configuration names)."""
     token_file = tmp_path / "api-token"
     path = _cli_config(tmp_path, free_port(), token_file)
-    proc = subprocess.run(
-        [sys.executable, "-m", "captcha_solver.cli", "serve", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = serve_once(path)
     assert proc.returncode == EX_CONFIG, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"captcha-solver: invalid configuration: server.token_file: cannot read {token_file}:"

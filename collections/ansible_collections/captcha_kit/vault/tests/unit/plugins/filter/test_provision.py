@@ -38,14 +38,8 @@ WORKER = {
 
 def test_the_filters_are_registered_and_documented():
     filters = FilterModule().filters()
-    assert filters == {
-        "per_env": per_env,
-        "env_paths": env_paths,
-        "approle_roles": approle_roles,
-        "policy_items": policy_items,
-        "provision_capabilities": provision_capabilities,
-        "approle_summary": approle_summary,
-    }
+    functions = [per_env, env_paths, approle_roles, policy_items, provision_capabilities]
+    assert filters == {f.__name__: f for f in [*functions, approle_summary]}
     here = Path(provision.__file__).parent
     for name, function in filters.items():
         assert function.__doc__, name
