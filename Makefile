@@ -13,7 +13,7 @@ export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 export CONTAINERS_CONF := $(abspath testkit/containers.conf)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help venv host-deps image lint lint-python test test-units test-solver test-playbooks test-molecule test-faults bench \
+.PHONY: help venv host-deps image lint lint-python test test-units test-long test-solver test-playbooks test-molecule test-faults bench \
 	fleet fleet-down demo demo-down clean
 
 FLEET_HOSTS ?= 20
@@ -58,13 +58,16 @@ test-solver: venv  ## the solver package: unit tests + integration against OpenB
 	cd solver && ../$(BIN)/pytest
 
 test-playbooks: venv image  ## tools, emulator and playbook suites (real Vault, worker containers)
-	$(BIN)/pytest tests -m "not slow_faults"
+	$(BIN)/pytest tests -m "not slow_faults and not long"
 
 test-molecule: venv image  ## every molecule scenario
 	$(BIN)/python -m testkit.portlock -- $(BIN)/molecule test --all
 
 test-faults: venv image  ## every fault test, the slow ones (minutes each) included
 	$(BIN)/pytest tests/faults
+
+test-long: venv image  ## compressed production time: secret-ids expiring under a daily-deploy schedule (about 4 min; not in make test)
+	$(BIN)/pytest tests -m long
 
 test: venv image  ## everything CI runs: lint, unit tests, solver, playbook suites, molecule; three lanes, timed
 	$(BIN)/python tests/stages.py

@@ -67,11 +67,10 @@ HOST_SUITES_A = [
     "tests/test_worker_transport.py",
     "tests/test_worker_bad_inputs.py",
     "tests/test_worker_redeploy.py",
-    "tests/test_secret_id_lifecycle.py",
+    "tests/test_worker_lockout.py",
 ]
 HOST_SUITES_B = [
     "tests/test_worker_local_api.py",
-    "tests/test_worker_lockout.py",
     "tests/test_leak_scan.py",
 ]
 
@@ -82,7 +81,7 @@ def lanes() -> list[list[Stage]]:
     pytest = _bin("pytest")
     hosts = HOST_SUITES_A + HOST_SUITES_B
     ignore = [f"--ignore={path}" for path in [*hosts, "tests/faults"]]
-    playbooks = Stage("playbooks", [pytest, "tests", *ignore])
+    playbooks = Stage("playbooks", [pytest, "tests", *ignore, "-m", "not long"])
     lint = [
         Stage("lint-yaml", [_bin("yamllint"), "--strict", "."]),
         Stage("lint-ansible", [_bin("ansible-lint"), "--profile", "production"]),
@@ -93,7 +92,7 @@ def lanes() -> list[list[Stage]]:
     faults = Stage("faults", [pytest, "tests/faults", "-m", "not slow_faults"])
     scenarios = ("vault_provision", "captcha_worker", "key_rotation")
     molecule = [Stage(f"molecule-{s}", [_bin("molecule"), "test", "-s", s]) for s in scenarios]
-    hosts_a = Stage("hosts-a", [pytest, *HOST_SUITES_A])
+    hosts_a = Stage("hosts-a", [pytest, *HOST_SUITES_A, "-m", "not long"])
     hosts_b = Stage("hosts-b", [pytest, *HOST_SUITES_B])
     return [[playbooks, hosts_b], [*lint, units, solver, faults, *molecule], [hosts_a]]
 

@@ -52,7 +52,7 @@ from testkit.worker_hosts import (
     worker_container,
 )
 
-pytestmark = pytest.mark.containers
+pytestmark = [pytest.mark.containers, pytest.mark.long]
 
 # Compressed TTLs (seconds). A run of deploy-workers.yml re-issues once the secret-id has at
 # most MIN_TTL left. The schedule here is runs back to back, so a secret-id is replaced in time
