@@ -455,6 +455,20 @@ def vault_call_when_ready(module, what, func, *args, timeout=30.0, **kwargs):
     return vault_call(module, what, func, *args, **kwargs)
 
 
+def read_kv2_metadata(module, client, mount, path):
+    """The KV v2 metadata of ``mount``/``path`` (``data``), or None when the path has none."""
+    try:
+        return vault_call_when_ready(
+            module,
+            f"read the metadata of {mount}/{path}",
+            client.secrets.kv.v2.read_secret_metadata,
+            path,
+            mount_point=mount,
+        )["data"]
+    except VaultNotFound:
+        return None
+
+
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TTL_PART = re.compile(r"(\d+)([smhd]?)")
 

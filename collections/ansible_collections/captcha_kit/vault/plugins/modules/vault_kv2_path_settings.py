@@ -58,8 +58,8 @@ changed_paths:
 """
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
-    VaultNotFound,
     get_client,
+    read_kv2_metadata,
     run_module,
     vault_call_when_ready,
 )
@@ -74,15 +74,8 @@ OPTIONS = {
 
 def _settings(module, client, mount, path):
     """The path's (cas_required, max_versions) as KV v2 keeps them; None without metadata."""
-    try:
-        meta = vault_call_when_ready(
-            module,
-            f"read the metadata of {mount}/{path}",
-            client.secrets.kv.v2.read_secret_metadata,
-            path,
-            mount_point=mount,
-        )["data"]
-    except VaultNotFound:
+    meta = read_kv2_metadata(module, client, mount, path)
+    if meta is None:
         return None
     return {
         "cas_required": bool(meta.get("cas_required")),

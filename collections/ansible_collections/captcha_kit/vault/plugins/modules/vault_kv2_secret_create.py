@@ -55,8 +55,8 @@ version:
 """
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
-    VaultNotFound,
     get_client,
+    read_kv2_metadata,
     run_module,
     vault_call_when_ready,
 )
@@ -88,17 +88,8 @@ def create_secret(module):
     if not p["data"]:
         module.fail_json(msg=f"data for {mount}/{path} is empty")
     client = get_client(module)
-    try:
-        metadata = vault_call_when_ready(
-            module,
-            f"read the metadata of {mount}/{path}",
-            client.secrets.kv.v2.read_secret_metadata,
-            path,
-            mount_point=mount,
-        )["data"]
-        version = int(metadata.get("current_version") or 0)
-    except VaultNotFound:
-        version = 0
+    metadata = read_kv2_metadata(module, client, mount, path) or {}
+    version = int(metadata.get("current_version") or 0)
     fields = sorted(p["data"])
     result = {"changed": False, "created": False, "version": version}
     if version == 0:
