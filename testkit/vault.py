@@ -271,11 +271,18 @@ class BaoNode:
             with contextlib.suppress(ChildProcessError):  # reap our own dead child
                 os.waitpid(pid, os.WNOHANG)
             return None
-        if b"bao" not in cmdline or str(self.config_file).encode() not in cmdline:
+        # The `bao` entry point is a Python script that execs the binary; in the middle of
+        # that exec the kernel shows an empty cmdline. Only a cmdline that names another
+        # program means the pid was reused.
+        if cmdline and (b"bao" not in cmdline or str(self.config_file).encode() not in cmdline):
             return None
         return pid
 
     def spawn(self) -> int:
+        # A killed server's threads may still hold its ports for a moment after its main
+        # thread shows as dead; a new server started then would fail to bind and exit.
+        for port in (self.api_port, self.cluster_port):
+            _wait_port_free(port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "raft").mkdir(mode=0o700, exist_ok=True)
         self.config_file.write_text(self.render_config())
@@ -438,6 +445,26 @@ def _port_taken(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex((HOST, port)) == 0
+
+
+def _wait_port_free(port: int, timeout: float = 15.0) -> None:
+    """Wait until 127.0.0.1:``port`` can be bound (no listener, no socket of a dying process)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((HOST, port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise LocalVaultError(
+                        f"port {port} is still in use after {timeout:g} s"
+                        f" ({_listener_command(port) or 'no listener found'})"
+                    ) from None
+        time.sleep(0.1)
 
 
 def _listener_pid(port: int) -> int | None:

@@ -19,7 +19,7 @@ import requests
 from testkit.creds import new_key
 from testkit.net import free_port
 from testkit.paths import REPO, TEST_VAULT_DIR, TEST_VAULT_PORT
-from testkit.vault import LocalVault, LocalVaultError
+from testkit.vault import LocalVault, LocalVaultError, ensure_tls
 
 # The destructive checks (kill -9, seal, stop) use a private instance so that other test sessions
 # sharing the test server on 18250 are not disturbed.
@@ -142,6 +142,31 @@ def test_kill_9_then_start_restarts_and_unseals_with_data_kept(private):
         "probe", mount_point="kv", raise_on_deleted_version=True
     )
     assert read["data"]["data"]["v"] == value
+
+
+def test_a_starting_server_is_never_taken_for_dead(tmp_path):
+    """The `bao` entry point execs the binary; while it does, the kernel shows an empty
+    cmdline. pid() must still name the process then, or start() reports a live server as
+    "exited during start-up" (seen in CI after a kill -9)."""
+    server = LocalVault(tmp_path / "vault", free_port())
+    server.state_dir.mkdir()
+    ensure_tls(server.state_dir)
+    node = server.nodes[0]
+    for _ in range(5):
+        pid = node.spawn()
+        try:
+            deadline = time.monotonic() + 30
+            execed = False  # until the binary itself runs (not the Python entry point)
+            while not execed and time.monotonic() < deadline:
+                stat_line = Path(f"/proc/{pid}/stat").read_text()
+                alive = stat_line.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+                assert node.pid() == pid or not alive, f"pid() lost a live server {node.log_tail()}"
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                program = os.path.basename(argv[0])
+                execed = not alive or (program != b"" and b"python" not in program)
+            node.wait_answering()
+        finally:
+            node.stop()
 
 
 def test_sealed_server_is_unsealed_by_start(private):
