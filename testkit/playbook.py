@@ -24,6 +24,7 @@ import yaml
 
 from testkit.creds import write_private
 from testkit.paths import BIN, REPO
+from testkit.tokens import playbook_token
 from testkit.vault import LocalVault
 
 LOCALHOST = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
@@ -175,13 +176,20 @@ def run_playbook(
 ) -> PlaybookResult:
     """Run ``ansible-playbook`` and return its result.
 
-    ``vault`` puts VAULT_ADDR / VAULT_CACERT / VAULT_TOKEN (root) of that server in the
-    environment; ``env`` then sets single variables (``None`` removes one).
+    ``vault`` puts VAULT_ADDR / VAULT_CACERT of that server in the environment, and as
+    VAULT_TOKEN the smallest token the playbook documents (``testkit.tokens.playbook_token``:
+    the provisioner's or the deployers', never the root token); ``env`` then sets single
+    variables (``None`` removes one).
     """
     run_env = ansible_env()
     run_env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
     if vault is not None:
         run_env.update(vault.env())
+        del run_env["VAULT_TOKEN"]
+        if "VAULT_TOKEN" not in (env or {}):
+            token = playbook_token(vault, playbook, inventory, extra_vars)
+            if token is not None:
+                run_env["VAULT_TOKEN"] = token
     for key, value in (env or {}).items():
         if value is None:
             run_env.pop(key, None)

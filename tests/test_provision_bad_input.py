@@ -41,6 +41,9 @@ def _other_ca(path: Path) -> Path:
         ("malformed_ttl", ["Malformed durations", "an hour"]),
         ("first_key_malformed", ["do not match", "(values not shown)"]),
         ("first_key_unknown_env", ["vault_provision_first_keys"]),
+        ("production_env_unbound", ["must bind", "rotator-v", "-prod: secret_id_bound_cidrs"]),
+        ("production_env_unbound_by_override", ["must bind", "worker-v", "-prod: token_bound"]),
+        ("production_env_blank_waiver", ["must bind", "vault_provision_unbound_cidrs_waivers"]),
     ],
 )
 def test_bad_variables_fail_before_any_change(vault, snapshot, case, phrases):
@@ -69,12 +72,55 @@ def test_bad_variables_fail_before_any_change(vault, snapshot, case, phrases):
         extra["vault_provision_first_keys"] = {envs[0]: secret_value}
     elif case == "first_key_unknown_env":
         extra["vault_provision_first_keys"] = {"elsewhere": secret_value}
+    elif case == "production_env_unbound":  # the rotator roles have no CIDRs here
+        extra["vault_provision_production_envs"] = [envs[2]]
+    elif case == "production_env_unbound_by_override":
+        extra.update(_rotator_bound())
+        extra["vault_provision_production_envs"] = [envs[2]]
+        extra["vault_provision_worker_role_overrides"] = {envs[2]: {"token_bound_cidrs": []}}
+    elif case == "production_env_blank_waiver":
+        extra["vault_provision_production_envs"] = [envs[2]]
+        extra["vault_provision_unbound_cidrs_waivers"] = {envs[2]: " "}
     before = snapshot(tag)
     result = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
     _assert_refused(result, *phrases)
     assert snapshot(tag) == before
     assert before["policies"] == {}
     assert secret_value not in result.output
+
+
+def _rotator_bound() -> dict[str, list[str]]:
+    return {
+        "vault_provision_rotator_secret_id_bound_cidrs": ["127.0.0.1"],
+        "vault_provision_rotator_token_bound_cidrs": ["127.0.0.1/32"],
+    }
+
+
+def test_production_env_with_bindings_or_a_waiver_is_provisioned(vault, vault_client):
+    """A production env whose roles are all bound is provisioned; one whose rotator is not, with
+    a reason in the waivers, is provisioned too and the run says so."""
+    tag = new_tag("w")
+    extra = provision_vars(vault, tag, **_rotator_bound())
+    prod = extra["vault_provision_envs"][2]
+    extra["vault_provision_production_envs"] = [prod]
+    bound = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    assert bound.rc == 0, bound.failure_messages()
+    role = vault_client.auth.approle.read_role(
+        f"captcha-rotator-{prod}", mount_point=f"approle-{tag}"
+    )
+    assert role["data"]["token_bound_cidrs"] == ["127.0.0.1"]
+
+    tag = new_tag("w")
+    extra = provision_vars(vault, tag)
+    prod = extra["vault_provision_envs"][2]
+    extra["vault_provision_production_envs"] = [prod]
+    extra["vault_provision_unbound_cidrs_waivers"] = {prod: "the scheduler moves, TICKET-1"}
+    waived = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra)
+    assert waived.rc == 0, waived.failure_messages()
+    warnings = [r.get("msg", "") for _, r in waived.task_results() if "waived" in str(r.get("msg"))]
+    assert warnings
+    assert f"Production env {prod} is provisioned without network bindings" in warnings[0]
+    assert "TICKET-1" in warnings[0]
 
 
 @pytest.mark.parametrize("kind", ["transit", "kv1"])
@@ -114,7 +160,7 @@ def test_token_without_rights_is_refused(vault, vault_client, snapshot):
     result = run_playbook(
         PLAYBOOK, vault=vault, extra_vars=provision_vars(vault, tag), env={"VAULT_TOKEN": token}
     )
-    _assert_refused(result, "lacks rights", f"sys/mounts/kv-{tag}", "kit-admin.hcl")
+    _assert_refused(result, "lacks rights", f"sys/mounts/kv-{tag}", "captcha-provisioner.hcl")
     assert snapshot(tag) == before
     assert token not in result.output
     vault_client.auth.token.revoke(token)
@@ -181,35 +227,6 @@ def test_broken_policy_template_is_refused(vault, snapshot, tmp_path, kind):
     _assert_refused(result, *phrases)
     assert snapshot(tag) == before
     assert before["policies"] == {}
-
-
-def test_kit_admin_policy_is_enough_to_provision(vault, vault_client):
-    """policies/kit-admin.hcl (names adapted to this test's mounts) grants everything a first
-    run, a first key and a rerun need; the token never shows up in the output."""
-    tag = new_tag("q")
-    text = (REPO / "policies" / "kit-admin.hcl").read_text()
-    text = (
-        text.replace('"sys/mounts/secret', f'"sys/mounts/kv-{tag}')
-        .replace('"secret/', f'"kv-{tag}/')
-        .replace('"sys/auth/approle', f'"sys/auth/approle-{tag}')
-        .replace('"auth/approle/', f'"auth/approle-{tag}/')
-    )
-    assert f"kv-{tag}/config" in text
-    assert f"auth/approle-{tag}/role/captcha-*" in text
-    vault_client.sys.create_or_update_acl_policy(f"kit-admin-{tag}", text)
-    token = vault_client.auth.token.create(policies=[f"kit-admin-{tag}"], ttl="10m")["auth"][
-        "client_token"
-    ]
-    extra = provision_vars(vault, tag, vault_provision_first_keys={f"{tag}-dev": new_key()})
-    first = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, env={"VAULT_TOKEN": token})
-    assert first.rc == 0, first.failure_messages()
-    assert first.changed > 0
-    second = run_playbook(PLAYBOOK, vault=vault, extra_vars=extra, env={"VAULT_TOKEN": token})
-    assert second.rc == 0, second.failure_messages()
-    assert second.changed == 0
-    assert token not in first.output + second.output
-    vault_client.auth.token.revoke(token)
-    vault_client.sys.delete_acl_policy(f"kit-admin-{tag}")
 
 
 def test_undeclared_audit_device_fails_with_the_stanza_to_declare(vault, snapshot):

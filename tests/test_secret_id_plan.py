@@ -14,6 +14,7 @@ import yaml
 
 from testkit.creds import new_tag
 from testkit.playbook import run_playbook
+from testkit.tokens import own_deployer_token
 
 MODULE = "captcha_kit.vault.vault_approle_secret_id"
 MIN_TTL = 86400  # the role's default captcha_worker_secret_id_min_ttl
@@ -81,7 +82,9 @@ def test_secret_id_is_reissued_only_when_the_host_needs_one(vault, vault_client,
         vault_client.auth.approle.list_secret_id_accessors(role, mount_point=mount)["data"]["keys"]
     )
 
-    result = run_playbook(playbook, vault=vault, inventory=inventory)
+    # The deployer's policy for this role (as provisioning writes it): the rights the module uses.
+    token = own_deployer_token(vault, tag, mount)
+    result = run_playbook(playbook, vault=vault, inventory=inventory, env={"VAULT_TOKEN": token})
 
     assert result.rc == 0, result.failure_messages()
     plans = {name: (r["needs_issue"], r["reason"]) for name, r in result.task_results()}

@@ -7,6 +7,7 @@
 ``policies | policy_items(texts)``             ``[{name, policy}]`` for ``vault_policy``
 ``envs | provision_capabilities(...)``         ``{path: [capabilities]}`` the admin token needs
 ``roles | approle_summary(mount)``             one line per AppRole role (no secrets)
+``roles | unbound_production_roles(envs, kinds, waivers)``  production roles without CIDRs
 
 Each filter only arranges data the role has already validated; none talks to Vault.
 """
@@ -88,9 +89,10 @@ def provision_capabilities(
     The KV mount (read the mount table, create the mount, read its ``config``: a mount that is
     there already is never changed), the AppRole auth mount (with ``sudo``: tuning user lockout
     is root-protected), the audit devices, each policy ``<policy kind>-<env>``, each AppRole role
-    ``<role kind>-<env>`` and its role-id, the metadata of each env's key path (and, with
-    ``staged_path_prefix``, its staged key path) where check-and-set and the version limit are
-    kept, and for each env of ``first_key_envs`` the data (create) of ``<key_path_prefix>/<env>``.
+    ``<role kind>-<env>`` (not its role-id: provisioning never reads one), the metadata of each
+    env's key path (and, with ``staged_path_prefix``, its staged key path) where check-and-set
+    and the version limit are kept, and for each env of ``first_key_envs`` the data (create)
+    of ``<key_path_prefix>/<env>``.
     """
     envs = list(envs)
     caps: dict[str, list[str]] = {
@@ -106,13 +108,38 @@ def provision_capabilities(
     for role in per_env(envs, role_kinds):
         base = f"auth/{approle_mount}/role/{role['name']}"
         caps[base] = list(_WRITE)
-        caps[f"{base}/role-id"] = ["read"]
     prefixes = [key_path_prefix] + ([staged_path_prefix] if staged_path_prefix else [])
     for path in env_paths(envs, prefixes):
         caps[f"{kv_mount}/metadata/{path}"] = list(_WRITE)
     for env in first_key_envs:
         caps[f"{kv_mount}/data/{key_path_prefix}/{env}"] = ["create"]
     return caps
+
+
+def unbound_production_roles(
+    roles: Iterable[Mapping[str, Any]],
+    production_envs: Iterable[Any],
+    kinds: Iterable[Any],
+    waivers: Mapping[Any, Any] | None = None,
+) -> list[str]:
+    """``<role>: <field>`` for every CIDR binding left empty on a role of a production env.
+
+    ``roles`` are the AppRole role items the role writes (``approle_roles`` output, overrides
+    applied). Each role ``<kind>-<env>`` of a production env needs both ``secret_id_bound_cidrs``
+    and ``token_bound_cidrs``, unless ``waivers`` maps the env to a (non-empty) reason.
+    """
+    waivers = waivers or {}
+    waived = {str(env) for env, why in waivers.items() if str(why or "").strip()}
+    names = {
+        _name(kind, env) for env in production_envs if str(env) not in waived for kind in kinds
+    }
+    return [
+        f"{role['name']}: {field}"
+        for role in roles
+        if role.get("name") in names
+        for field in ("secret_id_bound_cidrs", "token_bound_cidrs")
+        if not role.get(field)
+    ]
 
 
 def _joined(values: Iterable[Any]) -> str:
@@ -154,4 +181,5 @@ class FilterModule:
             "policy_items": policy_items,
             "provision_capabilities": provision_capabilities,
             "approle_summary": approle_summary,
+            "unbound_production_roles": unbound_production_roles,
         }

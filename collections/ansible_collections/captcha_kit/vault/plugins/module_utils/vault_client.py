@@ -114,7 +114,10 @@ except ImportError:  # pragma: no cover - reported through fail_json
         """Placeholder so ``except VaultNotFound`` works without hvac."""
 
 
-ADMIN_POLICY_HINT = "see policies/kit-admin.hcl for the rights provisioning needs"
+ADMIN_POLICY_HINT = (
+    "the token each playbook needs is in docs/tokens.md: policies/captcha-provisioner.hcl to"
+    " provision, captcha-deployer-<env> to deploy workers, the rotator AppRole to rotate"
+)
 
 
 def vault_argument_spec(**extra):
@@ -370,8 +373,7 @@ def get_client(module, check_token=True):
     token = params.get("token")
     if not token:
         module.fail_json(
-            msg="No Vault token: export VAULT_TOKEN (an admin token, "
-            f"{ADMIN_POLICY_HINT}) or pass the token option"
+            msg=f"No Vault token: export VAULT_TOKEN ({ADMIN_POLICY_HINT}) or pass the token option"
         )
     addrs = _addresses(params)
     retry_timeout = params.get("retry_timeout")

@@ -13,10 +13,20 @@ version_added: 0.1.0
 description:
   - Reads the role, normalises the server's answer and the wanted settings (durations to seconds,
     single addresses to C(/32), sorted lists), and writes only the settings that differ.
+  - A setting changed by hand on the server is set back to the given value, reported as a change
+    with the before and after values of the differing settings (in diff mode); check mode reports
+    the same change and writes nothing.
   - Every setting is optional; an omitted setting is not managed (the server keeps its value).
-  - Returns the role-id (an identifier, not a credential); never creates or returns secret-ids.
+    To leave no security-relevant setting to drift, give all of them (the tokens' period,
+    explicit maximum TTL, number of uses, type and default policy, the secret-id binding and
+    uses, local secret-ids and the CIDR bindings), as the vault_provision role does.
+  - The server also answers legacy aliases (C(policies), C(period), C(bound_cidr_list)), which
+    it keeps in step with the canonical settings; only the canonical settings are compared.
+  - O(local_secret_ids) can only be set when a role is created; a role whose value differs
+    fails with what to do, and nothing is written.
+  - Never reads or returns the role-id, and never creates or returns secret-ids.
   - With O(roles), does the same for many roles of one mount in one call (one connection and one
-    module run, much faster than a loop). Every item is checked before the first write.
+    module run, much faster than a loop). Every item is read and checked before the first write.
 options:
   name:
     description: Role name. Mutually exclusive with O(roles).
@@ -51,7 +61,9 @@ options:
     description: Lifetime of a secret-id (C(0) = no expiry); seconds or a duration such as C(24h).
     type: str
   local_secret_ids:
-    description: Secret-ids local to this cluster (can only be set at creation).
+    description:
+      - Secret-ids local to this cluster (not replicated).
+      - Can only be set when the role is created; a differing value on an existing role fails.
     type: bool
   token_ttl:
     description: TTL of issued tokens; seconds or a duration.
@@ -60,10 +72,10 @@ options:
     description: Maximum TTL of issued tokens; seconds or a duration.
     type: str
   token_explicit_max_ttl:
-    description: Hard maximum TTL of issued tokens; seconds or a duration.
+    description: Hard maximum TTL of issued tokens (C(0) = none); seconds or a duration.
     type: str
   token_period:
-    description: Period of periodic tokens; seconds or a duration.
+    description: Period of periodic tokens (C(0) = tokens are not periodic); seconds or a duration.
     type: str
   token_policies:
     description: Policies attached to issued tokens.
@@ -98,14 +110,21 @@ EXAMPLES = r"""
         token_policies: [captcha-worker-prod]
         token_bound_cidrs: [10.0.0.0/8]
 
-- name: Create the dev worker role
+- name: Create the dev worker role, every security-relevant setting given
   captcha_kit.vault.vault_approle_role:
     name: captcha-worker-dev
     token_policies: [captcha-worker-dev]
     token_ttl: 1h
     token_max_ttl: 4h
+    token_explicit_max_ttl: 0
+    token_period: 0
+    token_num_uses: 0
+    token_no_default_policy: false
+    token_type: service
+    bind_secret_id: true
     secret_id_ttl: 24h
     secret_id_num_uses: 0
+    local_secret_ids: false
     secret_id_bound_cidrs: [127.0.0.1]
     token_bound_cidrs: [127.0.0.1]
 """
@@ -115,23 +134,20 @@ name:
   description: The role name.
   returned: with O(name)
   type: str
-role_id:
-  description: The role-id (an identifier, not a secret); empty in check mode for a new role.
-  returned: with O(name) when state is present
-  type: str
 role:
   description: The normalised settings after the run.
   returned: with O(name) when state is present
   type: dict
 changed_keys:
-  description: Settings that differed and were (or would be) written.
+  description:
+    Settings that differed and were (or would be) written (every given one for a new role).
   returned: with O(name)
   type: list
   elements: str
 roles:
   description: >-
-    With O(roles): one entry per role with RV(name), RV(changed), RV(changed_keys) and, when
-    state is present, RV(role) and RV(role_id).
+    With O(roles), one entry per role with RV(name), RV(changed), RV(changed_keys) and, when
+    state is present, RV(role).
   returned: with O(roles)
   type: list
   elements: dict
@@ -226,10 +242,10 @@ def desired_settings(module, item):
     return desired
 
 
-def reconcile(module, client, mount, name, state, desired):
-    """Read, compare, write only what differs: the per-role result (with its diff)."""
+def read_role(module, client, mount, name):
+    """The role's settings as the server answers them, or None when there is no such role."""
     try:
-        current = vault_call(
+        return vault_call(
             module,
             f"read AppRole role {name} at auth/{mount}",
             client.auth.approle.read_role,
@@ -237,25 +253,38 @@ def reconcile(module, client, mount, name, state, desired):
             mount_point=mount,
         )["data"]
     except VaultNotFound:
-        current = None
-    before = None
-    if current is not None:
-        before = {f: normalize(f, current.get(f)) for f in ALL_FIELDS if f in current}
+        return None
 
+
+def current_settings(current):
+    """The canonical settings of a server answer, normalised; the legacy aliases the server
+    also answers (``policies``, ``period``, ``bound_cidr_list``) are left out."""
+    if current is None:
+        return None
+    return {f: normalize(f, current.get(f)) for f in ALL_FIELDS if f in current}
+
+
+def local_secret_ids_message(mount, name, current, wanted):
+    """Why a role cannot get another ``local_secret_ids``, and what the operator can do."""
+    return (
+        f"AppRole role {name} at auth/{mount}: local_secret_ids is {str(current).lower()} on the "
+        f"server, {str(wanted).lower()} is wanted, and Vault/OpenBao set it only when a role is "
+        "created (a create-time setting). Either set the wanted value to the server's, or "
+        f"delete the role (auth/{mount}/role/{name}) and provision again to recreate it: it "
+        "gets a new role-id and every secret-id of the role is gone, so redeploy its workers "
+        "(or rotator credentials) afterwards. No AppRole role was changed."
+    )
+
+
+def plan(module, mount, name, state, desired, current):
+    """Compare one role: ``(result with its diff, settings to write or None, delete?)``."""
+    before = current_settings(current)
     result = {"name": name, "changed": False, "changed_keys": []}
     if state == "absent":
         if current is not None:
             result.update(changed=True, changed_keys=sorted(before))
-            if not module.check_mode:
-                vault_call(
-                    module,
-                    f"delete AppRole role {name}",
-                    client.auth.approle.delete_role,
-                    name,
-                    mount_point=mount,
-                )
         result["diff"] = {"before": before or {}, "after": {}}
-        return result
+        return result, None, current is not None
 
     if current is None:
         changes = dict(desired)
@@ -263,49 +292,60 @@ def reconcile(module, client, mount, name, state, desired):
         changes = {k: v for k, v in desired.items() if before.get(k) != v}
         if "local_secret_ids" in changes:
             module.fail_json(
-                msg=f"AppRole role {name}: local_secret_ids can only be set when the role is "
-                "created; delete and recreate the role to change it. Nothing was changed."
+                msg=local_secret_ids_message(
+                    mount, name, before.get("local_secret_ids"), changes["local_secret_ids"]
+                ),
+                changed=False,
             )
     after = dict(before or {})
     after.update(desired)
     changed = current is None or bool(changes)
-    if changed and not module.check_mode:
+    result.update(changed=changed, changed_keys=sorted(changes), role=after)
+    result["diff"] = {
+        "before": {k: before[k] for k in sorted(changes) if k in before} if before else {},
+        "after": {k: changes[k] for k in sorted(changes)},
+        "before_header": f"auth/{mount}/role/{name} (current)",
+        "after_header": f"auth/{mount}/role/{name} (desired)",
+    }
+    return result, (dict(changes) if changed else None), False
+
+
+def apply(module, client, mount, name, write, delete):
+    """Write (or delete) one role as planned."""
+    if delete:
+        vault_call(
+            module,
+            f"delete AppRole role {name}",
+            client.auth.approle.delete_role,
+            name,
+            mount_point=mount,
+        )
+    elif write is not None:
         vault_call(
             module,
             f"write AppRole role {name} at auth/{mount}",
             client.adapter.post,
             f"/v1/auth/{mount}/role/{name}",
-            json=dict(changes),
+            json=write,
         )
-    role_id = ""
-    if not (module.check_mode and current is None):
-        role_id = vault_call(
-            module,
-            f"read the role-id of {name}",
-            client.auth.approle.read_role_id,
-            name,
-            mount_point=mount,
-        )["data"]["role_id"]
-    result.update(changed=changed, changed_keys=sorted(changes), role=after, role_id=role_id)
-    result["diff"] = {
-        "before": before or {},
-        "after": after,
-        "before_header": f"auth/{mount}/role/{name} (current)",
-        "after_header": f"auth/{mount}/role/{name} (desired)",
-    }
-    return result
 
 
 def ensure_roles(module):
-    """Check every item, then reconcile each role; the module result."""
+    """Check every item, read and compare every role, then write what differs; the result."""
     mount = module.params["mount_point"].strip("/")
     batch, items = batch_items(module, "roles", FIELD_SPEC)
     wanted = [(item["name"], desired_settings(module, item)) for item in items]
 
     client = get_client(module)
     state = module.params["state"]
-    results = [reconcile(module, client, mount, name, state, d) for name, d in wanted]
-    return batch_result(module, "roles", batch, results)
+    plans = [
+        (name, *plan(module, mount, name, state, d, read_role(module, client, mount, name)))
+        for name, d in wanted
+    ]
+    if not module.check_mode:
+        for name, _, write, delete in plans:
+            apply(module, client, mount, name, write, delete)
+    return batch_result(module, "roles", batch, [result for _, result, _, _ in plans])
 
 
 def main():

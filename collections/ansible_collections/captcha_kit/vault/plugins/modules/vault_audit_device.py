@@ -20,6 +20,12 @@ description:
     devices cannot be changed in place (disable and enable would leave a gap in the audit trail).
   - With O(managed_externally=true) only checks that at least one audit device is enabled and
     fails otherwise; never changes anything.
+  - Fails first, before any change, when an enabled audit device (the one at O(path) or any
+    other, since every device receives every request) has C(log_raw) on, which writes secrets
+    such as the kit's API key in clear text to its log, or C(hmac_accessor) off, which writes
+    token accessors in clear text. The server answers options as strings; they are read as the
+    server reads them (C(1), C(t), C(true) are true, C(0), C(f), C(false) are false).
+  - O(options) with C(log_raw) on or C(hmac_accessor) off are refused before any Vault call.
 options:
   path:
     description: Audit device path, without slashes.
@@ -34,7 +40,9 @@ options:
     type: str
     default: ""
   options:
-    description: Device options, for a C(file) device at least C(file_path).
+    description:
+      - Device options, for a C(file) device at least C(file_path).
+      - C(log_raw) on or C(hmac_accessor) off are refused.
     type: dict
     default: {}
   managed_externally:
@@ -65,6 +73,12 @@ devices:
   returned: always
   type: dict
   sample: {"file/": "file"}
+unsafe_devices:
+  description: Paths of the devices with C(log_raw) on or C(hmac_accessor) off.
+  returned: when such a device fails the run
+  type: list
+  elements: str
+  sample: ["file/"]
 """
 
 import posixpath
@@ -100,6 +114,59 @@ def _comparable(key, value):
     return value
 
 
+# Audit options that put secrets or token accessors in clear text into the log, with the value
+# that does (the server's defaults, log_raw false and hmac_accessor true, are safe).
+UNSAFE_OPTIONS = (("log_raw", True), ("hmac_accessor", False))
+_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
+def parse_bool(value):
+    """An option value as the server reads it (Go's ``strconv.ParseBool``); None if it is none
+    of those spellings."""
+    text = str(value).lower() if isinstance(value, bool) else str(value).strip()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None
+
+
+def unsafe_options(options):
+    """``["log_raw=1", ...]``: the options of one device that log secrets or accessors in clear
+    text (a value the server could not have read counts as unsafe)."""
+    found = []
+    for key, unsafe in UNSAFE_OPTIONS:
+        if key not in (options or {}):
+            continue
+        value = parse_bool(options[key])
+        if value is None or value == unsafe:
+            found.append(f"{key}={options[key]}")
+    return found
+
+
+def check_safe_devices(module, devices, summary, kit_path=None):
+    """Fail when any enabled device logs secrets (``log_raw``) or accessors in clear text."""
+    unsafe = {}
+    for path, device in sorted(devices.items()):
+        found = unsafe_options(device.get("options"))
+        if found:
+            mark = ", the kit's device" if kit_path and path == kit_path + "/" else ""
+            unsafe[path] = f"{path} ({', '.join(found)}{mark})"
+    if unsafe:
+        module.fail_json(
+            msg=f"Audit devices that write secrets or token accessors in clear text: "
+            f"{'; '.join(unsafe.values())}. Every audit device receives every request, so "
+            "log_raw=true puts the kit's API key in clear text into that log, and "
+            "hmac_accessor=false the accessors of its tokens. Audit devices cannot be changed "
+            "in place: enable a replacement without these options (log_raw false, "
+            "hmac_accessor true: the defaults), then disable this one (OpenBao: fix its audit "
+            "stanza in the server configuration, then SIGHUP). Nothing was changed.",
+            devices=summary,
+            unsafe_devices=sorted(unsafe),
+        )
+
+
 def declarative_hint(p):
     """The ``audit`` stanza of the server configuration that declares the wanted device."""
     options = "".join(f'    {k} = "{v}"\n' for k, v in sorted(p["options"].items()))
@@ -117,10 +184,17 @@ def ensure_audit_device(module):
     path = p["path"].strip("/")
     if not p["managed_externally"] and p["type"] == "file" and not p["options"].get("file_path"):
         module.fail_json(msg="options.file_path is required for a file audit device")
+    wanted_unsafe = unsafe_options(p["options"])
+    if wanted_unsafe:
+        module.fail_json(
+            msg=f"options {', '.join(wanted_unsafe)} would write secrets or token accessors in "
+            "clear text to the audit log; the kit does not enable such a device."
+        )
     client = get_client(module)
     devices = list_devices(module, client)
     summary = {k: v.get("type") for k, v in devices.items()}
     result = {"changed": False, "devices": summary}
+    check_safe_devices(module, devices, summary, None if p["managed_externally"] else path)
 
     if p["managed_externally"]:
         if not devices:

@@ -207,7 +207,10 @@ def test_without_a_ca_file_the_system_cas_are_used_and_the_token_check_can_be_sk
     [
         ({"url": None}, "No Vault address: set VAULT_ADDR in the environment or the url option"),
         ({"ca_cert": "/nonexistent/ca.pem"}, "CA file /nonexistent/ca.pem does not exist"),
-        ({"token": None}, "No Vault token: export VAULT_TOKEN (an admin token, see policies/"),
+        (
+            {"token": None},
+            "No Vault token: export VAULT_TOKEN (the token each playbook needs is in docs/",
+        ),
     ],
 )
 def test_missing_connection_settings_fail_before_connecting(vault, params, message):
@@ -267,8 +270,10 @@ def _raise(exc):
     [
         (
             hvac.exceptions.Forbidden("permission denied"),
-            "Permission denied to read policy p: the token lacks the rights (see policies/"
-            "kit-admin.hcl for the rights provisioning needs); Vault said: permission denied",
+            "Permission denied to read policy p: the token lacks the rights (the token each "
+            "playbook needs is in docs/tokens.md: policies/captcha-provisioner.hcl to provision, "
+            "captcha-deployer-<env> to deploy workers, the rotator AppRole to rotate); Vault "
+            "said: permission denied",
         ),
         (hvac.exceptions.VaultDown("sealed"), "Cannot read policy p: Vault is sealed or down"),
         (hvac.exceptions.InvalidRequest("bad"), "Cannot read policy p: Vault said: bad"),

@@ -1,10 +1,12 @@
 # Copyright: captcha key vault kit contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""vault_audit_device: make sure a device is on; never change one in place."""
+"""vault_audit_device: make sure a device is on; never change one in place; refuse a device that
+logs secrets (log_raw) or token accessors (hmac_accessor off) in clear text."""
 
 from __future__ import annotations
 
 import hvac.exceptions
+import pytest
 from ansible_collections.captcha_kit.vault.plugins.modules import vault_audit_device
 
 MAIN = vault_audit_device.main
@@ -126,3 +128,68 @@ def test_managed_externally_without_any_device_fails(vault, run):
     assert result["failed"] is True
     assert result["msg"].startswith("No audit device is enabled, and audit is marked as managed")
     assert vault.writes == []
+
+
+# --------------------------------------------------------------------------- unsafe options
+# The server answers options as strings, in the spelling they were given ("1" for a JSON true).
+UNSAFE = [
+    ({"log_raw": "1"}, "log_raw=1"),
+    ({"log_raw": "true"}, "log_raw=true"),
+    ({"log_raw": "T"}, "log_raw=T"),
+    ({"hmac_accessor": "false"}, "hmac_accessor=false"),
+    ({"hmac_accessor": "0"}, "hmac_accessor=0"),
+    ({"log_raw": "True", "hmac_accessor": "f"}, "log_raw=True, hmac_accessor=f"),
+    ({"log_raw": "maybe"}, "log_raw=maybe"),
+]
+
+
+@pytest.mark.parametrize(("options", "shown"), UNSAFE, ids=[u[1] for u in UNSAFE])
+def test_the_kits_device_logging_in_clear_text_fails_and_nothing_changes(
+    vault, run, options, shown
+):
+    vault.add_audit_device(file_path=LOG, **options)
+    result = run(MAIN, options={"file_path": LOG})
+    assert result["failed"] is True
+    assert result["msg"].startswith(
+        f"Audit devices that write secrets or token accessors in clear text: file/ ({shown}, "
+        "the kit's device)."
+    )
+    assert result["msg"].endswith("Nothing was changed.")
+    assert result["unsafe_devices"] == ["file/"]
+    assert vault.writes == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"log_raw": "false"}, {"log_raw": "0"}, {"hmac_accessor": "true"}, {"hmac_accessor": "1"}],
+)
+def test_the_safe_values_spelled_out_are_accepted(vault, run, options):
+    vault.add_audit_device(file_path=LOG, **options)
+    result = run(MAIN, options={"file_path": LOG})
+    assert (result["failed"], result["changed"]) == (False, False)
+
+
+def test_another_device_logging_in_clear_text_fails_before_the_kits_is_enabled(vault, run):
+    """Every device receives every request: a raw log elsewhere holds the key too."""
+    vault.add_audit_device("raw", "file", file_path="/srv/raw.log", log_raw="1")
+    result = run(MAIN, options={"file_path": LOG})
+    assert result["failed"] is True
+    assert "clear text: raw/ (log_raw=1)." in result["msg"]
+    assert vault.writes == []
+
+
+def test_managed_externally_fails_on_a_device_logging_in_clear_text(vault, run):
+    vault.add_audit_device(file_path=LOG)
+    vault.add_audit_device("acc", "file", file_path="/srv/acc.log", hmac_accessor="false")
+    result = run(MAIN, managed_externally=True)
+    assert result["failed"] is True
+    assert "clear text: acc/ (hmac_accessor=false)." in result["msg"]
+    assert result["unsafe_devices"] == ["acc/"]
+
+
+@pytest.mark.parametrize("options", [{"log_raw": True}, {"hmac_accessor": False}])
+def test_unsafe_wanted_options_are_refused_before_any_vault_call(vault, run, options):
+    result = run(MAIN, options={"file_path": LOG, **options})
+    assert result["failed"] is True
+    assert "would write secrets or token accessors in clear text" in result["msg"]
+    assert vault.calls == []

@@ -22,7 +22,7 @@ def test_the_argument_spec_matches_the_documentation(spec_mismatches):
 
 def test_a_token_with_every_capability_passes_and_changes_nothing(vault, run):
     token = vault.add_token(
-        policies=["kit-admin", "default"],
+        policies=["captcha-provisioner", "default"],
         caps={
             "sys/mounts/secret": ["create", "read", "update", "delete", "sudo"],
             "sys/policy/captcha-worker-dev": ["create", "read", "update"],
@@ -34,7 +34,7 @@ def test_a_token_with_every_capability_passes_and_changes_nothing(vault, run):
         "failed": False,
         "changed": False,
         "display_name": "token-ops",
-        "policies": ["default", "kit-admin"],
+        "policies": ["captcha-provisioner", "default"],
         "missing": {},
         "warnings": [],
     }
@@ -50,8 +50,10 @@ def test_missing_capabilities_are_listed_per_path(vault, run):
         "sys/policy/captcha-worker-dev": ["create", "read"],
     }
     assert result["msg"] == (
-        "The Vault token lacks rights this play needs (see policies/kit-admin.hcl for the rights "
-        "provisioning needs). Missing: sys/mounts/secret: create, sudo, update; "
+        "The Vault token lacks rights this play needs (the token each playbook needs is in "
+        "docs/tokens.md: policies/captcha-provisioner.hcl to provision, captcha-deployer-<env> "
+        "to deploy workers, the rotator AppRole to rotate). Missing: sys/mounts/secret: create, "
+        "sudo, update; "
         "sys/policy/captcha-worker-dev: create, read. Nothing was changed."
     )
 
