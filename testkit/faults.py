@@ -13,6 +13,7 @@ from testkit.paths import PROVISION
 from testkit.playbook import PlaybookResult, ansible_env, provision_inventory, run_playbook
 from testkit.rotation import rotation_inventory as _rotation_inventory
 from testkit.rotation import rotation_vars as _rotation_vars
+from testkit.tokens import playbook_token
 from testkit.vault import LocalVault
 from testkit.vault_ops import admin_client, put_key
 from testkit.worker import Fleet, WorkerProc
@@ -23,9 +24,10 @@ SESSION = secrets.token_hex(2)  # names of this session's envs: f<SESSION>-...
 def provision(
     vault: LocalVault, envs: list[str], tmp: Path, addrs: list[str] | None = None
 ) -> PlaybookResult:
-    """Run the kit's provision playbook for ``envs`` (root token: the faults' own servers)."""
+    """Run the kit's provision playbook for ``envs`` with the provisioner's token."""
     inventory = provision_inventory(vault, envs, tmp)
-    env = ansible_env(vault, token=vault.root_token(), addrs=addrs or [])
+    token = playbook_token(vault, PROVISION, inventory, None)
+    env = ansible_env(vault, token=token, addrs=addrs or [])
     return run_playbook(PROVISION, inventory=inventory, env=env)
 
 

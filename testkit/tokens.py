@@ -21,7 +21,6 @@ and the extra vars). Tokens are made with the test server's root token, which st
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import importlib.util
 import json
@@ -107,14 +106,12 @@ def provisioner_policy(layout: Mapping[str, Any]) -> str:
 
 
 def _root(vault: LocalVault) -> hvac.Client:
-    return hvac.Client(url=vault.addr, token=vault.root_token(), verify=str(vault.ca_file))
+    """The root client of the test server (its active node for a cluster)."""
+    addr = vault.wait_active_node().addr if len(vault.nodes) > 1 else vault.addr
+    return hvac.Client(url=addr, token=vault.root_token(), verify=str(vault.ca_file))
 
 
-@functools.lru_cache(maxsize=256)
-def _token(addr: str, state_dir: str, port: int, policies: tuple[str, ...]) -> str:
-    root = _root(LocalVault(state_dir, port))
-    answer = root.auth.token.create(policies=list(policies), ttl=TOKEN_TTL, no_parent=True)
-    return str(answer["auth"]["client_token"])
+_TOKENS: dict[tuple[str, str, tuple[str, ...]], str] = {}
 
 
 def token_with(vault: LocalVault, policies: Iterable[str]) -> str:
@@ -122,8 +119,13 @@ def token_with(vault: LocalVault, policies: Iterable[str]) -> str:
     policies = list(policies)
     if not policies:  # a child token without policies would inherit the root token's
         raise ValueError("a token needs at least one policy")
-    port = vault.nodes[0].api_port
-    return _token(vault.addr, str(vault.state_dir), port, tuple(sorted(policies)))
+    key = (str(vault.state_dir), vault.root_token(), tuple(sorted(policies)))
+    if key not in _TOKENS:
+        answer = _root(vault).auth.token.create(
+            policies=list(key[2]), ttl=TOKEN_TTL, no_parent=True
+        )
+        _TOKENS[key] = str(answer["auth"]["client_token"])
+    return _TOKENS[key]
 
 
 def provisioner_token(vault: LocalVault, layout: Mapping[str, Any]) -> str:

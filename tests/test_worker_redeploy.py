@@ -31,12 +31,14 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+import yaml
 
 from testkit.creds import new_key
 from testkit.hosts import CONTAINERS_CONF, IMAGE, Recipe, build, ssh_host_vars
 from testkit.loadgen import LoadGenerator
 from testkit.net import free_port
 from testkit.playbook import PlaybookResult, run_playbook
+from testkit.tokens import deployer_token
 from testkit.worker_hosts import (
     PLAYBOOK,
     Deployment,
@@ -355,3 +357,67 @@ def test_an_unhealthy_or_unreachable_host_stops_the_rollout_after_its_batch(vaul
     assert _ran(gated, second) == []
     assert second.main_pid() == pids[second.name]
     print(f"\nunhealthy host: {unhealthy.seconds:.1f} s; unreachable host: {gated.seconds:.1f} s")
+
+
+def test_the_wrap_token_is_taken_on_delivery_not_at_the_restart(vault, fleet: Fleet, tmp_path):
+    """The host unwraps the wrapping token in the task after its delivery, so a batch of any
+    size never outlives the wrap TTL: the role's secret-id step alone, with an 8 s token, then a
+    pause longer than that (a big batch's other tasks): the token was already taken, and the
+    worker restarted afterwards runs on that secret-id. (Before, the token waited for the
+    restart at the end of the batch and had expired by then.)"""
+    role = "captcha_worker"
+    playbook = tmp_path / "deliver.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Deliver a new secret-id, then let the batch take its time",
+                    "hosts": "workers",
+                    "gather_facts": False,
+                    "vars": {
+                        "captcha_worker_secret_id_rotate": True,
+                        "captcha_worker_secret_id_wrap_ttl": "8s",
+                    },
+                    "tasks": [
+                        {
+                            "ansible.builtin.include_role": {
+                                "name": role,
+                                "tasks_from": "validate.yml",
+                            }
+                        },
+                        {
+                            "ansible.builtin.include_role": {
+                                "name": role,
+                                "tasks_from": "secret_id.yml",
+                            }
+                        },
+                        {"ansible.builtin.pause": {"seconds": 10}},
+                    ],
+                }
+            ]
+        )
+    )
+    accessor = "/var/lib/captcha-solver/secret-id.accessor"
+    before = {h.name: h.sh(f"cat {accessor}").stdout.strip() for h in fleet.hosts}
+    delivered = run_playbook(
+        playbook,
+        vault=vault,
+        inventory=fleet.deployment.inventory,
+        env={
+            "CONTAINERS_CONF": str(CONTAINERS_CONF),
+            "VAULT_TOKEN": deployer_token(vault, [fleet.deployment.dev]),
+        },
+        timeout=600,
+    )
+    assert delivered.rc == 0, delivered.failure_messages(fleet.first.name)[-3000:]
+    for host in fleet.hosts:
+        assert not host.exists("/var/lib/captcha-solver/secret-id.wrapped"), host.name
+        taken = host.sh(f"cat {accessor}").stdout.strip()
+        assert taken
+        assert taken != before[host.name]
+        host.sh("systemctl restart captcha-solver.service")
+    for host in fleet.hosts:
+        deadline = time.monotonic() + 60
+        while host.health().get("status") != "ok" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert host.health()["status"] == "ok", host.health()

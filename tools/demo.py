@@ -40,6 +40,7 @@ from captcha_solver.cli import read_health
 from testkit.creds import secret_vars_file
 from testkit.emulator import EmulatorAdmin, start_detached, stop_detached
 from testkit.hosts import start_host
+from testkit.tokens import playbook_token
 from testkit.vault import LocalVault
 from testkit.vault_ops import rotator_credentials
 
@@ -265,7 +266,9 @@ def up(site: Site, load_seconds: int) -> int:
     if server.start() in ("started", "initialised"):
         (site.demo_dir / "vault-started-here").touch()
     start_emulator(site)
-    admin_env = server.env()
+    # The operators' tokens, never the root token (docs/tokens.md): a provisioner token of
+    # captcha-provisioner for this inventory's layout, and later a deployer token.
+    vault_env = {k: v for k, v in server.env().items() if k != "VAULT_TOKEN"}
     client = hvac.Client(url=server.addr, token=server.root_token(), verify=str(server.ca_file))
     print(
         f"  Vault {server.addr} (CA {server.ca_file}); emulator http://127.0.0.1:{site.emulator_port}"
@@ -274,15 +277,27 @@ def up(site: Site, load_seconds: int) -> int:
     say(f"Provision Vault for {', '.join(envs)} (playbooks/provision-vault.yml)")
     first = ensure_keys(site, client, envs)
     first_keys = {"vault_provision_first_keys": first}
+    provisioner = playbook_token(server, "provision-vault.yml", site.inventory, None)
+    assert provisioner is not None
+    print("  with a provisioner token (policy captcha-provisioner, docs/tokens.md)")
     with secret_vars_file(site.demo_dir, "first-keys.json", first_keys) as fk:
-        playbook(site, "provision-vault.yml", "-e", f"@{fk}", env=admin_env)
+        playbook(
+            site,
+            "provision-vault.yml",
+            "-e",
+            f"@{fk}",
+            env=vault_env | {"VAULT_TOKEN": provisioner},
+        )
     ensure_keys(site, client, envs)
 
     say(f"Start the worker containers: {', '.join(workers)}")
     start_containers(workers)
 
     say("Deploy the solver workers (playbooks/deploy-workers.yml)")
-    playbook(site, "deploy-workers.yml", env=admin_env)
+    deployer = playbook_token(server, "deploy-workers.yml", site.inventory, None)
+    assert deployer is not None
+    print(f"  with a deployer token (captcha-deployer-<env> of {', '.join(envs)})")
+    playbook(site, "deploy-workers.yml", env=vault_env | {"VAULT_TOKEN": deployer})
     show_workers(workers)
 
     say(f"Put solve load on every worker ({LOAD_CLIENTS_PER_WORKER} clients each)")

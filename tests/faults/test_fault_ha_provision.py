@@ -16,6 +16,7 @@ from testkit.creds import assert_no_secrets
 from testkit.faults import SESSION, provision
 from testkit.paths import PROVISION, REPO
 from testkit.playbook import ansible_env, playbook_argv, provision_inventory
+from testkit.tokens import playbook_token
 from testkit.vault_ops import admin_client
 
 
@@ -29,7 +30,8 @@ def test_provisioning_survives_a_leader_kill_and_the_rerun_changes_nothing(ha, t
     assert leader is not None
     others = [n.addr for n in ha.nodes if n is not leader]
     inventory = provision_inventory(ha, envs, tmp_path, {"captcha_kit_vault_addr": leader.addr})
-    env = ansible_env(ha, token=ha.root_token(), addrs=others) | {"VAULT_ADDR": leader.addr}
+    token = playbook_token(ha, PROVISION, inventory, None)  # the provisioner's, never root
+    env = ansible_env(ha, token=token, addrs=others) | {"VAULT_ADDR": leader.addr}
     admin_policies = []
     proc = subprocess.Popen(
         playbook_argv(PROVISION, inventory),
@@ -58,7 +60,7 @@ def test_provisioning_survives_a_leader_kill_and_the_rerun_changes_nothing(ha, t
             proc.kill()
             proc.wait(10)
     text = out.decode()
-    assert_no_secrets(text, [ha.root_token()])
+    assert_no_secrets(text, [ha.root_token(), str(token)])
     assert proc.returncode == 0, text[-4000:]
     stats = json.loads(text[text.find("{") :])["stats"]["localhost"]
     assert stats["failures"] == 0

@@ -24,6 +24,7 @@ from testkit.creds import assert_no_secrets, new_key
 from testkit.faults import Env, rotation_inventory, rotation_vars
 from testkit.paths import ROTATE
 from testkit.playbook import ansible_env, playbook_argv, run_argv, start_argv
+from testkit.tokens import token_with
 
 # (step that has just finished, the task header that shows it, the run it is in)
 KILL_POINTS = [
@@ -89,8 +90,9 @@ def test_rotation_killed_after_a_step_resumes_with_one_new_version(
     key = new_key()
     env.keys.append(key)
     emulator.admin.add_key(key, balance=1000.0)
-    secrets_seen = [old_key, key, solo_vault.root_token()]
-    run_env = ansible_env(solo_vault, token=solo_vault.root_token()) | {
+    rotator = token_with(solo_vault, [f"captcha-rotator-{env.name}"])  # the rotator's rights only
+    secrets_seen = [old_key, key, solo_vault.root_token(), rotator]
+    run_env = ansible_env(solo_vault, token=rotator) | {
         "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default"
     }
     with env.fleet([solo_vault.addr]) as fleet:

@@ -17,6 +17,7 @@ from testkit.loadgen import LoadGenerator
 from testkit.net import wait_for
 from testkit.paths import ROTATE
 from testkit.playbook import ansible_env, playbook_argv, run_argv, start_argv
+from testkit.tokens import token_with
 
 
 def refreshed_since(worker, wall: float) -> bool:
@@ -89,7 +90,8 @@ def test_leader_killed_in_the_middle_of_a_rotation(ha, ha_envs, emulator, tmp_pa
         vars_file, status_file = rotation_vars(
             env, tmp_path, {"key_rotation_new_key": key, "key_rotation_unattended": True}
         )
-        run_env = ansible_env(ha, token=ha.root_token(), addrs=others) | {"VAULT_ADDR": leader.addr}
+        rotator = token_with(ha, [f"captcha-rotator-{env.name}"])  # the rotator's rights only
+        run_env = ansible_env(ha, token=rotator, addrs=others) | {"VAULT_ADDR": leader.addr}
         load = LoadGenerator(fleet.urls, clients=4, duration=240, pause=0.05).start()
         try:
             proc = start_argv(playbook_argv(ROTATE, inventory, vars_file), run_env)

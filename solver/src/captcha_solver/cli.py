@@ -1,4 +1,4 @@
-"""``captcha-solver {serve,status,solve,check-config} --config PATH``.
+"""``captcha-solver {serve,status,solve,check-config,take-secret-id} --config PATH``.
 
 Exit status: 0 ok; 1 failure (unhealthy, solve failed); 2 usage; 75 (EX_TEMPFAIL) when
 ``serve`` read no key from Vault within ``vault.startup_timeout`` (a restart may succeed);
@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         "--syntax-only",
         action="store_true",
         help="check the file alone, not the files it names (how the role validates a new one)",
+    )
+    sub.add_parser(
+        "take-secret-id",
+        parents=[common],
+        help="unwrap a delivered wrapped secret-id now (the role runs this right after delivery)",
     )
     solve = sub.add_parser("solve", parents=[common], help="one solve through the running worker")
     solve.add_argument("--method", required=True, help="e.g. userrecaptcha, hcaptcha, turnstile")
@@ -179,6 +184,40 @@ def cmd_solve(cfg: Config, method: str, raw_params: Sequence[str], timeout: floa
     return EX_OK if status == 200 else EX_FAIL
 
 
+def cmd_take_secret_id(cfg: Config) -> int:
+    """Unwrap the wrapped secret-id file now, as the worker would at its next login: the role
+    runs this right after delivering the wrapping token, so the token lives seconds whatever
+    the size of the batch. 0 when a secret-id was unwrapped or none was waiting; 78 when the
+    token was refused (used or expired: possible interception), the message on stderr."""
+    from .vault import VaultClient, VaultError, WrappingTokenError
+
+    wrapped = cfg.vault.wrapped_secret_id_file
+    if wrapped is None or not wrapped.exists():
+        print("no wrapped secret-id waiting")
+        return EX_OK
+    client = VaultClient(cfg.vault)
+    try:
+        taken = client.unwrap_secret_id()
+    except WrappingTokenError as exc:
+        print(f"captcha-solver: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except VaultError as exc:  # Vault unreachable: the worker unwraps it at its next login
+        print(f"captcha-solver: cannot unwrap now: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    if not taken:
+        if client.refused_wrapping:
+            print(
+                f"captcha-solver: wrapped secret-id refused ({client.refused_wrapping}); the"
+                " secret-id this host already has is kept",
+                file=sys.stderr,
+            )
+            return EX_CONFIG
+        print("no wrapped secret-id waiting")
+        return EX_OK
+    print(f"secret-id unwrapped into {cfg.vault.secret_id_file}")
+    return EX_OK
+
+
 def cmd_serve(cfg: Config) -> int:
     from .hardening import harden_process
     from .service import Service, StartupTimeout  # the light commands need no aiohttp/hvac
@@ -223,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_status(cfg)
     if args.command == "solve":
         return cmd_solve(cfg, args.method, args.param, args.timeout)
+    if args.command == "take-secret-id":
+        configure_logging(cfg.logging.format, cfg.logging.level)
+        return cmd_take_secret_id(cfg)
     configure_logging(cfg.logging.format, cfg.logging.level)
     return cmd_serve(cfg)
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -201,6 +202,17 @@ def _read_credential(path: Path, what: str) -> Secret:
     return Secret(value)
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created 0600) between processes of this host."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class VaultClient:
     """AppRole session against one or more Vault addresses."""
 
@@ -293,9 +305,14 @@ class VaultClient:
                 return False
 
     def _unwrap_secret_id(self) -> bool:
-        with self._lock:
-            wrapped_file = self._cfg.wrapped_secret_id_file
-            if wrapped_file is None or not wrapped_file.exists():
+        wrapped_file = self._cfg.wrapped_secret_id_file
+        if wrapped_file is None or not wrapped_file.exists():
+            return False
+        # The worker and `captcha-solver take-secret-id` (the role, right after delivering the
+        # token) may both find the file: one of them unwraps, the other then finds nothing. An
+        # unwrap lost to the other process would look like interception.
+        with self._lock, _file_lock(wrapped_file.with_name(wrapped_file.name + ".lock")):
+            if not wrapped_file.exists():
                 return False
             wrapping = _read_credential(wrapped_file, "wrapped secret-id")
             tampering = (

@@ -387,3 +387,45 @@ def test_sighup_while_the_first_vault_read_hangs_does_not_kill_the_worker(vault,
         assert status == 503
         w.signal(signal.SIGTERM)
         assert w.proc.wait(timeout=30) == 0
+
+
+def _take(w) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "captcha_solver", "take-secret-id", "--config", str(w.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("VAULT_")},
+    )
+    w.extra_outputs += [result.stdout, result.stderr]
+    return result
+
+
+def test_take_secret_id_unwraps_at_delivery_and_the_worker_uses_it(vault, worker_factory):
+    """`captcha-solver take-secret-id` (the role, right after delivering the token) unwraps the
+    token at once, so it never waits for the restart; a rerun finds nothing; a used token is
+    refused (78) with the host's secret-id kept and the token set aside for the role."""
+    w = worker_factory(vault, wrapped=True)
+    wrapping_token = w.wrapped_file.read_text().strip()
+    w.write_config()
+    taken = _take(w)
+    assert taken.returncode == 0, taken.stderr
+    assert "secret-id unwrapped" in taken.stdout
+    assert not w.wrapped_file.exists()
+    secret_id = w.secret_id_file.read_text().strip()
+    w.keys.append(secret_id)
+    assert stat.S_IMODE(w.secret_id_file.stat().st_mode) == 0o600
+    again = _take(w)
+    assert (again.returncode, again.stdout.strip()) == (0, "no wrapped secret-id waiting")
+
+    w.wrapped_file.write_text(wrapping_token + "\n")  # a replayed (used) token
+    refused = _take(w)
+    assert refused.returncode == 78
+    assert "possible tampering" in refused.stderr
+    assert w.wrapped_file.with_name("secret-id.wrapped.refused").exists()
+    assert w.secret_id_file.read_text().strip() == secret_id
+
+    w.start()  # the worker logs in with the secret-id taken at delivery
+    assert w.solve().status_code == 200
+    assert w.stop() == 0
