@@ -527,7 +527,10 @@ def up(n: int, results: Path | None) -> int:
     finals = []
     for env in ENVS:
         emulator_admin().revoke_key(keys[env])
-        rc2, status2 = rotate(inventory, env, rotator_files(client, env), "--confirm-revoked")
+        rotation_id = str(runs[env][1].get("rotation_id"))  # a confirmation names its rotation
+        rc2, status2 = rotate(
+            inventory, env, rotator_files(client, env), "--confirm-revoked", rotation_id
+        )
         finals.append((rc2, status2.get("outcome")))
     fig["rotation"]["confirm_rc"] = sorted({rc for rc, _ in finals})
     fig["rotation"]["final_outcome"] = sorted({str(o) for _, o in finals})

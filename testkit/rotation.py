@@ -11,6 +11,10 @@ the worker host".
 
 Keys are generated at run time and reach ansible-playbook only through 0600 extra-vars files;
 every playbook run is checked for leaked keys and tokens.
+
+Faults on the wire, for the rotation's bad-key suite: ``DroppingProxy`` (HTTPS in front of the
+test Vault that drops the answer of one request Vault applied) and ``ProviderStandIn`` (a
+getbalance for the controller that lets a test act between the plan's validation and the put).
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import hashlib
 import itertools
 import json
 import secrets
-from collections.abc import Iterator, Sequence
+import ssl
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import hvac
 import pytest
+import requests
 
 from testkit.creds import assert_no_secrets, new_key, write_private
 from testkit.emulator import EmulatorProcess
@@ -344,3 +353,132 @@ def run_unattended(
     """A scheduler's run: ``key_rotation_unattended`` with a rotator token of the env."""
     variables = {**(variables or {}), "key_rotation_unattended": True}
     return run_rotation(rot_env, inventory, variables, token=rot_env.rotator_token(), **kwargs)
+
+
+# --------------------------------------------------------------------------- faults on the wire
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class DroppingProxy:
+    """HTTPS in front of the test Vault (its own server certificate, so the kit's CA verifies
+    it) that forwards every request, except that it drops the answer of the first ``method``
+    request to ``path``: Vault applies the request, the client sees the connection close without
+    an answer (as when a load balancer or the network drops it). ``dropped`` counts them; point
+    ``captcha_kit_vault_addr`` at ``addr``.
+    """
+
+    def __init__(self, vault: LocalVault, method: str, path: str) -> None:
+        self.vault = vault
+        self.method = method
+        self.path = path
+        self.dropped = 0
+        self.forwarded: list[tuple[str, str, int]] = []
+        self._server: _Server | None = None
+
+    @property
+    def addr(self) -> str:
+        assert self._server is not None
+        return f"https://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> DroppingProxy:
+        proxy = self
+        upstream = requests.Session()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")
+                }
+                answer = upstream.request(
+                    self.command,
+                    proxy.vault.addr + self.path,
+                    data=body,
+                    headers=headers,
+                    timeout=30,
+                    verify=str(proxy.vault.ca_file),  # per request: REQUESTS_CA_BUNDLE loses
+                )
+                path = self.path.split("?", 1)[0]
+                proxy.forwarded.append((self.command, path, answer.status_code))
+                if self.command == proxy.method and path == proxy.path and not proxy.dropped:
+                    proxy.dropped += 1
+                    self.close_connection = True  # applied by Vault; the answer never leaves
+                    return
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_LIST = _forward
+
+        server = _Server(("127.0.0.1", 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(
+            self.vault.state_dir / "server.pem", self.vault.state_dir / "server.key"
+        )
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class ProviderStandIn:
+    """A provider for the controller's getbalance check only (``captcha_kit_provider_url``):
+    it accepts every well-formed key and calls ``on_check()`` before it answers, so a test can
+    act in the window between the plan's validation of a key and the put."""
+
+    def __init__(self, on_check: Callable[[], None]) -> None:
+        self.on_check = on_check
+        self.checks = 0
+        self._server: _Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> ProviderStandIn:
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                form = parse_qs(self.rfile.read(length).decode())
+                if form.get("action") == ["getbalance"]:
+                    stand_in.checks += 1
+                    stand_in.on_check()
+                    body = json.dumps({"status": 1, "request": "10.00000"}).encode()
+                else:
+                    body = json.dumps({"status": 0, "request": "ERROR_EMPTY_ACTION"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -50,9 +50,9 @@ DEPLOY = "playbooks/deploy-workers.yml"
 
 INVALID_MODE = (
     "Invalid mode: key_rotation_key_source is auto|variable|staged, key_rotation_wait_mode is "
-    "poll|fixed, key_rotation_auth_method is token|approle, key_rotation_confirm_revoked must be "
-    "the environment name '{env}', and rollback and confirmation exclude each other; nothing "
-    "changed"
+    "poll|fixed, key_rotation_auth_method is token|approle, key_rotation_confirm_revoked must "
+    "name a rotation of '{env}' (its id, {env}-<stamp>-<hex>, or the env name with a new key), "
+    "and rollback and confirmation exclude each other; nothing changed"
 )
 
 

@@ -144,7 +144,9 @@ def test_rollback_after_finalize_is_refused(rot_env: RotEnv):
         rot_env, inv, {"key_rotation_new_key": key, "key_rotation_unattended": True}, token=token
     )
     assert first.status["outcome"] == "awaiting_revocation", first.output[-3000:]
-    done = run_rotation(rot_env, inv, {"key_rotation_confirm_revoked": rot_env.name}, token=token)
+    done = run_rotation(
+        rot_env, inv, {"key_rotation_confirm_revoked": first.status["rotation_id"]}, token=token
+    )
     assert done.status["outcome"] == "complete", done.output[-3000:]
     run = refused(rot_env, {"key_rotation_rollback": True}, inventory_vars=FIXED)
     assert "Rollback refused" in run.status["message"]

@@ -33,6 +33,9 @@ def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEn
     assert rot_env.current_key() == new
     assert not rot_env.staged_exists(), "the promoted staged key must be deleted"
     assert {w.health()["key_version"] for w in workers} == {before + 1}
+    # Converged means the provider accepted the new key from every worker, circuit closed.
+    assert {w.health()["provider_accepted_version"] for w in workers} == {before + 1}
+    assert {w.health()["circuit"] for w in workers} == {"closed"}
     assert set(run.status["worker_convergence_seconds"]) == {w.name for w in workers}
     window = 2.0 * 1.1 + 8
     assert 0 <= run.status["put_to_converged_seconds"] <= window
@@ -47,10 +50,12 @@ def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEn
 
     # The operator revokes the old key at the provider, then confirms with a second run.
     rot_env.emulator.admin.revoke_key(rot_env.old_key)
+    rid = record["rotation_id"]
+    assert f"-e key_rotation_confirm_revoked={rid}" in run.status["message"]
     done = run_rotation(
         rot_env,
         inv,
-        {"key_rotation_confirm_revoked": rot_env.name},
+        {"key_rotation_confirm_revoked": rid},
         token=rot_env.rotator_token(),
     )
 

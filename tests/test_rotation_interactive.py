@@ -20,7 +20,8 @@ CONFIRM_PROMPT = "to confirm the old key is revoked"
 
 
 def run_in_pty(rot_env: RotEnv, inventory, variables, token, answers, timeout=240):
-    """Run the playbook on a pty; answer each (prompt text, reply) in turn. -> (rc, out, status)."""
+    """Run the playbook on a pty; answer each (prompt text, reply) in turn (a callable reply is
+    called when its prompt shows). -> (rc, out, status)."""
     argv, status_file = rotation_argv(rot_env, inventory, variables, check=False)
     env = rotation_env(rot_env, token) | {"TERM": "xterm"}
     pid, fd = pty.fork()
@@ -45,7 +46,8 @@ def run_in_pty(rot_env: RotEnv, inventory, variables, token, answers, timeout=24
             if pending and pending[0][0].encode() in out[seen:]:
                 seen = out.index(pending[0][0].encode(), seen) + len(pending[0][0])
                 time.sleep(0.3)
-                os.write(fd, pending.pop(0)[1].encode() + b"\r")
+                reply = pending.pop(0)[1]
+                os.write(fd, (reply() if callable(reply) else reply).encode() + b"\r")
         else:
             os.kill(pid, signal.SIGKILL)
             pytest.fail(
@@ -68,14 +70,16 @@ def test_interactive_rotation_prompts_privately_and_confirms(rot_env: RotEnv, st
     key = rot_env.next_key()
 
     def revoke_and_confirm():
-        return rot_env.name
+        """The operator revokes the old key, then types the id of the rotation the prompt names."""
+        rot_env.emulator.admin.revoke_key(rot_env.old_key)
+        return rot_env.record()["rotation_id"]
 
     rc, text, status = run_in_pty(
         rot_env,
         inv,
         {},
         rot_env.rotator_token(),
-        [(KEY_PROMPT, key), (CONFIRM_PROMPT, revoke_and_confirm())],
+        [(KEY_PROMPT, key), (CONFIRM_PROMPT, revoke_and_confirm)],
     )
 
     assert rc == 0, text[-3000:]
@@ -89,7 +93,8 @@ def test_interactive_rotation_prompts_privately_and_confirms(rot_env: RotEnv, st
 
 
 def test_interactive_wrong_answer_leaves_the_rotation_awaiting(rot_env: RotEnv):
-    """Anything but the env name at the confirm prompt keeps the old version (awaiting)."""
+    """Anything but the rotation id at the confirm prompt (here the env name, the old form)
+    keeps the old version (awaiting)."""
     inv = write_inventory(
         rot_env, [], {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
     )
@@ -100,7 +105,7 @@ def test_interactive_wrong_answer_leaves_the_rotation_awaiting(rot_env: RotEnv):
         inv,
         {"key_rotation_new_key": key},
         rot_env.rotator_token(),
-        [(CONFIRM_PROMPT, "yes")],
+        [(CONFIRM_PROMPT, rot_env.name)],
     )
 
     assert rc == 0, text[-3000:]

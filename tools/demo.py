@@ -250,7 +250,7 @@ def finish_pending_rotation(site: Site, client: hvac.Client, creds: list[str]) -
         path=path, mount_point=mount, version=int(record["previous_version"])
     )["data"]["data"]["api_key"]
     revoke(site, old)
-    rc, _ = rotate(site, [*creds, "--confirm-revoked"])
+    rc, _ = rotate(site, [*creds, "--confirm-revoked", str(record.get("rotation_id"))])
     if rc != 0:
         raise SystemExit(f"demo: could not finish the pending rotation (exit {rc})")
 
@@ -347,7 +347,8 @@ def up(site: Site, load_seconds: int) -> int:
 
     say(f"Revoke the old key {masked(old)} at the provider (the emulator), then confirm")
     revoke(site, old)
-    rc, final = rotate(site, [*creds, "--confirm-revoked"])
+    # The confirmation names the rotation it confirms (its id, from the first run's status).
+    rc, final = rotate(site, [*creds, "--confirm-revoked", str(first_run.get("rotation_id"))])
     rotate_seconds = time.monotonic() - t_rotate
     for path in creds[1::2]:
         Path(path).unlink(missing_ok=True)

@@ -314,3 +314,106 @@ def test_a_rejection_reads_vault_again_even_while_an_older_read_is_on_the_wire(t
     assert vault.reads == 3
     text = metrics.render()
     assert 'key_refreshes_total{reason="key_rejected",result="ok"} 1' in text
+
+
+# ---------------------------------------------------------------- the provider's word on a version
+
+
+class Balance:
+    """A scripted getbalance: the keys it accepts, codes to answer first, the keys it was asked."""
+
+    def __init__(self, accepted: set[str], errors: list[str] | None = None) -> None:
+        self.accepted = accepted
+        self.errors = list(errors or [])
+        self.asked: list[str] = []
+
+    async def __call__(self, key: Secret) -> float:
+        from captcha_solver.provider import ProviderError
+
+        self.asked.append(key.reveal())
+        if self.errors:
+            raise ProviderError(self.errors.pop(0))
+        if key.reveal() not in self.accepted:
+            raise ProviderError("ERROR_KEY_DOES_NOT_EXIST")
+        return 5.0
+
+
+def _checked_cache(tmp_path, vault, balance, **over):
+    cfg = make_config(tmp_path, **over)
+    return KeyCache(cfg.vault, cfg.provider, vault, new_metrics(), balance_check=balance)
+
+
+def test_each_new_version_is_checked_at_the_provider(tmp_path):
+    """A version the worker picks up is checked once (getbalance): accepted -> its number is
+    provider_accepted_version; rejected -> provider_check says so, the accepted version stays
+    the last good one, and the circuit is left as it was (a solve decides that)."""
+    good, bad, fixed = new_key(), new_key(), new_key()
+    vault = FakeVault({"api_key": good}, version=1)
+    balance = Balance({good, fixed})
+    cache = _checked_cache(tmp_path, vault, balance, vault__refresh_interval=60.0)
+
+    async def scenario():
+        cache.start()
+        await wait_for(lambda: cache.health()["provider_accepted_version"] == 1, within=3)
+        health = cache.health()
+        assert health["provider_check"] == {"version": 1, "result": "accepted", "code": None}
+        vault.write({"api_key": bad})
+        cache.request_refresh("sighup")
+        await wait_for(lambda: cache.health()["provider_check"]["result"] == "rejected", within=3)
+        health = cache.health()
+        assert health["key_version"] == 2
+        assert health["provider_check"] == {
+            "version": 2,
+            "result": "rejected",
+            "code": "ERROR_KEY_DOES_NOT_EXIST",
+        }
+        assert health["provider_accepted_version"] == 1
+        assert health["circuit"] == "closed"
+        vault.write({"api_key": fixed})
+        cache.request_refresh("sighup")
+        await wait_for(lambda: cache.health()["provider_accepted_version"] == 3, within=3)
+        await cache.stop()
+
+    asyncio.run(scenario())
+    assert balance.asked == [good, bad, fixed]
+    assert not any(k in repr(cache.health()) for k in (good, bad, fixed))
+
+
+def test_a_check_that_fails_is_retried_and_a_sighup_checks_again(tmp_path):
+    """A network error is retried with the provider backoff; a rejected key is asked again on
+    the next SIGHUP (the rotation's nudge), not before the circuit cool-down otherwise."""
+    key = new_key()
+    vault = FakeVault({"api_key": key})
+    balance = Balance(set(), errors=["NETWORK"])
+    cache = _checked_cache(
+        tmp_path, vault, balance, vault__refresh_interval=60.0, provider__circuit_cooldown=60.0
+    )
+
+    async def scenario():
+        cache.start()
+        await wait_for(lambda: len(balance.asked) == 2, within=3)  # NETWORK, then rejected
+        await wait_for(lambda: cache.health()["provider_check"]["result"] == "rejected", within=3)
+        await asyncio.sleep(0.2)
+        assert len(balance.asked) == 2  # no hammering of a rejected key
+        balance.accepted.add(key)  # e.g. the worker's address was allowed at the provider
+        cache.request_refresh("sighup")
+        await wait_for(lambda: cache.health()["provider_accepted_version"] == 1, within=3)
+        await cache.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_accepted_submit_counts_as_the_providers_word(tmp_path):
+    """Without the loop nothing is checked (pending); a task the provider took with the key
+    marks its version accepted."""
+    key = new_key()
+    vault = FakeVault({"api_key": key}, version=7)
+    cache = _checked_cache(tmp_path, vault, Balance(set()))
+    asyncio.run(cache.refresh("test"))
+    assert cache.health()["provider_check"] == {"version": 7, "result": "pending", "code": None}
+    assert cache.health()["provider_accepted_version"] is None
+    cache.report_accepted(Secret(new_key()))  # not this version's key: no effect
+    assert cache.health()["provider_accepted_version"] is None
+    cache.report_accepted(Secret(key))
+    assert cache.health()["provider_accepted_version"] == 7
+    assert cache.health()["provider_check"]["result"] == "accepted"

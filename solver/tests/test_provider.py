@@ -186,3 +186,46 @@ def test_request_timeout_is_a_retryable_error(tmp_path):
     assert "0.3s" in str(error)
     assert key not in str(error)
     assert took < 2.0, took  # gave up at the request timeout, not after the stalled answer
+
+
+def test_check_balance_uses_its_own_session_and_classifies(tmp_path):
+    """check_balance (the worker's check of a new key version): the balance for a key the
+    provider knows, a KEY_PROBLEM error for one it does not; the key only in the POST body."""
+    from captcha_solver.provider import check_balance
+
+    good, bad = new_key(), new_key()
+    seen: list[dict[str, str]] = []
+
+    async def res_php(request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        seen.append({"query": request.query_string, **form})
+        if form.get("action") != "getbalance":
+            return web.json_response({"status": 0, "request": "ERROR_EMPTY_ACTION"})
+        if form.get("key") != good:
+            return web.json_response({"status": 0, "request": "ERROR_KEY_DOES_NOT_EXIST"})
+        return web.json_response({"status": 1, "request": "4.20000"})
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_post("/res.php", res_php)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            cfg = make_config(tmp_path, provider__url=f"http://127.0.0.1:{port}").provider
+            metrics = new_metrics()
+            assert await check_balance(cfg, metrics, Secret(good)) == pytest.approx(4.2)
+            with pytest.raises(ProviderError) as err:
+                await check_balance(cfg, metrics, Secret(bad))
+            assert err.value.code == "ERROR_KEY_DOES_NOT_EXIST"
+            assert err.value.kind is ErrorKind.KEY_PROBLEM
+            await runner.cleanup()
+            with pytest.raises(ProviderError) as down:
+                await check_balance(cfg, metrics, Secret(good))
+            assert down.value.kind is ErrorKind.RETRYABLE
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+    assert all(s["query"] == "" for s in seen)

@@ -111,6 +111,8 @@ def test_solve_healthz_metrics(tmp_path):
         "vault_reachable",
         "vault_stale_seconds",
         "circuit",
+        "provider_accepted_version",
+        "provider_check",
         "rotation",
         "tasks_in_flight",
         "error",
@@ -119,6 +121,9 @@ def test_solve_healthz_metrics(tmp_path):
         "warnings",
     ]
     assert health["status"] == "ok"
+    # The provider took the two tasks with the key of version 3: that is its word on version 3.
+    assert health["provider_accepted_version"] == 3
+    assert health["provider_check"] == {"version": 3, "result": "accepted", "code": None}
     assert health["env"] == "dev"
     assert health["key_version"] == 3
     assert health["key_fingerprint"] == "***" + key[-4:]

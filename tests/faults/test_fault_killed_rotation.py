@@ -16,6 +16,7 @@ import selectors
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import hvac
 import pytest
@@ -101,11 +102,17 @@ def test_rotation_killed_after_a_step_resumes_with_one_new_version(
         first_vars, first_status = rotation_vars(
             env, tmp_path, {"key_rotation_new_key": key, "key_rotation_unattended": True}
         )
-        confirm_vars, confirm_status = rotation_vars(
-            env, tmp_path, {"key_rotation_confirm_revoked": env.name}
-        )
         first = playbook_argv(ROTATE, inventory, first_vars)
-        confirm = playbook_argv(ROTATE, inventory, confirm_vars)
+
+        def confirmation() -> tuple[list[str], Path]:
+            """The confirming run, naming the rotation (its id, from the rotation record)."""
+            record = env.admin.secrets.kv.v2.read_secret_metadata(
+                f"captchaai/{env.name}", mount_point="secret"
+            )["data"]["custom_metadata"]
+            confirm_vars, status = rotation_vars(
+                env, tmp_path, {"key_rotation_confirm_revoked": record["rotation_id"]}
+            )
+            return playbook_argv(ROTATE, inventory, confirm_vars), status
 
         if phase == "first":
             killed, output = run_until(first, run_env, marker)
@@ -113,6 +120,7 @@ def test_rotation_killed_after_a_step_resumes_with_one_new_version(
             done = run(first, run_env)
             assert done.returncode == 0, done.stdout[-3000:]
             emulator.admin.revoke_key(old_key)
+            confirm, confirm_status = confirmation()
             killed, output = run_until(confirm, run_env, marker)
         assert_no_secrets(output, secrets_seen)
         assert killed, f"the run never reached {marker!r}:\n{output[-3000:]}"
@@ -147,6 +155,7 @@ def test_rotation_killed_after_a_step_resumes_with_one_new_version(
         state_at_kill = env.admin.secrets.kv.v2.read_secret_metadata(
             f"captchaai/{env.name}", mount_point="secret"
         )["data"]["custom_metadata"]["rotation_state"]
+        confirm, confirm_status = confirmation()
         finished = run(confirm, run_env)
         assert_no_secrets(finished.stdout + finished.stderr, secrets_seen)
         if state_at_kill == "complete":

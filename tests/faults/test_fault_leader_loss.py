@@ -122,7 +122,7 @@ def test_leader_killed_in_the_middle_of_a_rotation(ha, ha_envs, emulator, tmp_pa
 
             emulator.admin.revoke_key(old_key)
             confirm_vars, confirm_status = rotation_vars(
-                env, tmp_path, {"key_rotation_confirm_revoked": env.name}
+                env, tmp_path, {"key_rotation_confirm_revoked": status["rotation_id"]}
             )
             done = run_argv(
                 playbook_argv(ROTATE, inventory, confirm_vars),

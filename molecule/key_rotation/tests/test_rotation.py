@@ -175,7 +175,7 @@ def test_unattended_rotation_under_load_with_confirmation(inventory, admin, rota
         health = {name: _healthz(port) for name, port in ports.items()}
         assert {h["key_version"] for h in health.values()} == {old_version + 1}, health
         testbed.emulator_admin().revoke_key(old_key.reveal())
-        rc, out, done = _rotate(inventory_dir, files, "--confirm-revoked")
+        rc, out, done = _rotate(inventory_dir, files, "--confirm-revoked", first["rotation_id"])
         for s in secrets_:
             assert s not in out
         assert rc == 0, out[-4000:]

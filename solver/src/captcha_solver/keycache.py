@@ -9,6 +9,14 @@
   its last confirmation, then fail closed.
 * ``backup_keys`` in the secret: on ERROR_ZERO_BALANCE and similar the next key is used; the
   exhausted one is tried again after ``zero_balance_cooldown``.
+* The provider's word on each version: while the refresh loop runs, every version the worker
+  picks up is checked once with ``getbalance`` (a task the provider takes with the key counts
+  too). ``/healthz`` reports ``provider_accepted_version`` (the last version whose main key the
+  provider accepted from this worker) and ``provider_check`` (``version``, ``result`` =
+  ``pending|accepted|rejected|error``, ``code``). The key rotation waits for it before it asks
+  anyone to revoke the old key. A failed check is retried with the provider backoff; a rejected
+  key again after ``circuit_cooldown`` or at once on SIGHUP. The check only reports: the circuit
+  and the key choice stay with the solves.
 """
 
 from __future__ import annotations
@@ -19,13 +27,14 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .config import ProviderConfig, VaultConfig
 from .contract import ROTATION_RECORD_FIELDS
 from .metrics import Metrics
+from .provider import ErrorKind, ProviderError, check_balance
 from .secret import Secret
 from .vault import (
     KvSecret,
@@ -92,6 +101,9 @@ def _parse_time(text: str) -> float | None:
         return None
 
 
+BalanceCheck = Callable[[Secret], Awaitable[float]]
+
+
 class KeyCache:
     """Memory-only key cache with refresh loop, staleness bound and circuit breaker."""
 
@@ -105,6 +117,7 @@ class KeyCache:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         on_fatal: Callable[[Exception], None] | None = None,
+        balance_check: BalanceCheck | None = None,
     ) -> None:
         self._cfg = vault_cfg
         self._pcfg = provider_cfg
@@ -132,6 +145,16 @@ class KeyCache:
         self._refresh_seq = 0  # reads started so far; _inflight_seq: the number of the last one
         self._inflight_seq = 0
         self._loop_task: asyncio.Task[None] | None = None
+        # The provider's word on the versions (getbalance at pick-up, or an accepted submit).
+        self._balance: BalanceCheck = balance_check or (
+            lambda key: check_balance(provider_cfg, metrics, key)
+        )
+        self._accepted_version: int | None = None
+        self._check: dict[str, Any] | None = None  # version, result, code
+        self._check_task: asyncio.Task[None] | None = None
+        self._check_version: int | None = None  # the version _check_task checks
+        self._nudges = 0  # SIGHUPs so far; _check_nudges: the count when the last attempt began
+        self._check_nudges = 0
 
     # ------------------------------------------------------------------ refresh
     async def refresh(self, reason: str, *, fresh: bool = False) -> bool:
@@ -208,6 +231,10 @@ class KeyCache:
         self._last_error = None
         self._keyset = keyset
         self._metrics.inc("key_refreshes_total", reason=reason, result="ok")
+        if old is None or old.keys[0] != keyset.keys[0] or old.version != keyset.version:
+            if self._accepted_version != keyset.version:
+                self._check = {"version": keyset.version, "result": "pending", "code": None}
+            self._start_check()
         if old is None or old.keys != keyset.keys or old.version != keyset.version:
             self._loaded_at_wall = self._wall()
             log.info(
@@ -230,6 +257,8 @@ class KeyCache:
     def request_refresh(self, reason: str = "sighup") -> None:
         """Ask the refresh loop to read the key now (signal-handler safe)."""
         self._wake_reason = reason
+        if reason == "sighup":
+            self._nudges += 1
         self._wake.set()
 
     def _next_delay(self) -> float:
@@ -245,6 +274,8 @@ class KeyCache:
         while True:
             if read_first:
                 await self.refresh(reason)
+                if reason == "sighup":  # a nudge: ask the provider again unless it said yes
+                    self._start_check(retry_now=True)
             read_first = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._next_delay())
@@ -257,13 +288,91 @@ class KeyCache:
 
     def start(self, *, read_first: bool = True) -> asyncio.Task[None]:
         self._loop_task = asyncio.create_task(self.run(read_first=read_first), name="key-refresh")
+        self._start_check()
         return self._loop_task
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._loop_task, self._check_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # ------------------------------------------------------------------ the provider's word
+    def _start_check(self, *, retry_now: bool = False) -> None:
+        """Check the current version's main key at the provider (only while the refresh loop
+        runs), unless the provider already accepted it or a check of it is under way.
+        ``retry_now``: a check waiting for its next attempt (after a refusal or an error)
+        asks again now."""
+        keyset = self._keyset
+        if self._loop_task is None or self._loop_task.done() or keyset is None:
+            return
+        if self._accepted_version == keyset.version:
+            return
+        task = self._check_task
+        if task is not None and not task.done():
+            # Waiting after an answer that came before the latest nudge: ask again now.
+            waiting = self._check is not None and self._check.get("result") != "pending"
+            stale = waiting and self._check_nudges < self._nudges
+            if self._check_version == keyset.version and not (retry_now and stale):
+                return
+            task.cancel()
+        self._check_version = keyset.version
+        self._check_task = asyncio.ensure_future(self._check_loop(keyset))
+
+    async def _check_loop(self, keyset: KeySet) -> None:
+        key, version = keyset.keys[0], keyset.version
+        attempt = 0
+        while True:
+            self._check_nudges = self._nudges
+            try:
+                balance = await self._balance(key)
+            except asyncio.CancelledError:
+                raise
+            except ProviderError as exc:
+                if exc.kind is ErrorKind.KEY_PROBLEM:
+                    result, wait = "rejected", self._pcfg.circuit_cooldown
+                    log.error(
+                        "the provider refuses the key of the version in Vault",
+                        extra={
+                            "key_version": version,
+                            "code": exc.code,
+                            "key_fingerprint": key.fingerprint,
+                        },
+                    )
+                else:
+                    result = "error"
+                    wait = min(self._pcfg.backoff_max, self._pcfg.backoff_base * 2**attempt)
+                    log.info(
+                        "provider check of the key failed; retrying",
+                        extra={"key_version": version, "code": exc.code, "retry_in": wait},
+                    )
+                code = exc.code
+            except Exception as exc:  # never let a surprise end the checks silently
+                result, code = "error", type(exc).__name__
+                wait = min(self._pcfg.backoff_max, self._pcfg.backoff_base * 2**attempt)
+                log.info("provider check of the key failed unexpectedly", exc_info=True)
+            else:
+                log.info(
+                    "the provider accepts the key",
+                    extra={"key_version": version, "balance": balance},
+                )
+                self._mark_accepted(version, key)
+                return
+            if self._keyset is None or self._keyset.version != version:
+                return  # a newer version has its own check
+            self._check = {"version": version, "result": result, "code": code}
+            attempt += 1
+            await asyncio.sleep(wait)
+
+    def _mark_accepted(self, version: int, key: Secret) -> None:
+        """The provider accepted *key*: the current version counts as accepted if it is the
+        main key of that version."""
+        keyset = self._keyset
+        if keyset is None or keyset.version != version or keyset.keys[0] != key:
+            return
+        self._accepted_version = version
+        self._check = {"version": version, "result": "accepted", "code": None}
 
     # ------------------------------------------------------------------ key selection
     def _usable_key(self, now: float) -> Secret | None:
@@ -330,7 +439,18 @@ class KeyCache:
         return key
 
     def report_accepted(self, key: Secret) -> None:
-        """The provider accepted *key* (a task was submitted): a probe closes the circuit."""
+        """The provider accepted *key* (a task was submitted): a probe closes the circuit; the
+        main key of the current version counts as the provider's word on that version."""
+        keyset = self._keyset
+        if (
+            keyset is not None
+            and key == keyset.keys[0]
+            and self._accepted_version != keyset.version
+        ):
+            self._mark_accepted(keyset.version, key)
+            task = self._check_task
+            if task is not None and not task.done():
+                task.cancel()
         if self._probe_key is not None and key == self._probe_key:
             log.info("circuit closed: the provider accepts the key again")
             self._rejected.discard(key)
@@ -452,6 +572,8 @@ class KeyCache:
             "vault_reachable": self._vault_reachable,
             "vault_stale_seconds": round(self.stale_seconds(), 3),
             "circuit": "open" if self.circuit_open else "closed",
+            "provider_accepted_version": self._accepted_version,
+            "provider_check": dict(self._check) if self._check else None,
             "rotation": {
                 k: v
                 for k, v in (keyset.custom_metadata if keyset else {}).items()

@@ -230,3 +230,14 @@ class ProviderClient:
             return float(request)
         except (TypeError, ValueError):
             raise ProviderError("UNPARSEABLE", "balance is not a number") from None
+
+
+async def check_balance(cfg: ProviderConfig, metrics: Metrics, key: Secret) -> float:
+    """One ``getbalance`` call on a session of its own: the worker's check that the provider
+    accepts the key of a version it just picked up (see :class:`~.keycache.KeyCache`). The
+    balance, or :class:`ProviderError` (``kind`` KEY_PROBLEM: the provider refuses the key)."""
+    client = ProviderClient(cfg, metrics)
+    try:
+        return await client.balance(key)
+    finally:
+        await client.close()

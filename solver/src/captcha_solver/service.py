@@ -300,6 +300,8 @@ class Service:
             "vault_reachable": key_part["vault_reachable"],
             "vault_stale_seconds": key_part["vault_stale_seconds"],
             "circuit": key_part["circuit"],
+            "provider_accepted_version": key_part["provider_accepted_version"],
+            "provider_check": key_part["provider_check"],
             "rotation": key_part["rotation"],
             "tasks_in_flight": self.dispatcher.in_flight,
             "error": key_part["error"],

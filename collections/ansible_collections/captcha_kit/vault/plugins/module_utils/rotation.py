@@ -105,6 +105,7 @@ class Rotation:
         self.held = []
         self.record = {}
         self.state = ""
+        self.staged_ref = ""  # the ref of the staged write candidate() took, if any
         self._data_cache = {}
 
     def load(self, check_rights=False):
@@ -174,6 +175,12 @@ class Rotation:
 
     def staged_key(self):
         """The staged next key, or None when nothing is staged."""
+        return self.staged()[0]
+
+    def staged(self):
+        """``(key, ref)`` of the staged next key, ``(None, "")`` when nothing is staged. ``ref``
+        (``v<version>@<created_time>``) names that exact write: a key staged again, even after
+        the path was deleted and written from version 1 again, has another ref."""
         try:
             resp = self.call(
                 f"read the staged key {self.mount}/{self.staged_path}",
@@ -183,8 +190,10 @@ class Rotation:
                 raise_on_deleted_version=True,
             )
         except VaultNotFound:
-            return None
-        return (resp["data"]["data"] or {}).get("api_key") or None
+            return None, ""
+        meta = resp["data"].get("metadata") or {}
+        ref = f"v{meta.get('version', '?')}@{meta.get('created_time', '?')}"
+        return (resp["data"]["data"] or {}).get("api_key") or None, ref
 
     def record_int(self, field):
         """A record field as int; None when absent or not a number."""
@@ -201,7 +210,7 @@ class Rotation:
         if source in ("auto", "variable") and p["new_key"]:
             return p["new_key"].strip(), "variable"
         if source in ("auto", "staged"):
-            staged = self.staged_key()
+            staged, self.staged_ref = self.staged()
             if staged:
                 return staged.strip(), "staged"
         return None, source
@@ -341,6 +350,51 @@ class Rotation:
         return result
 
 
+def confirmation(rot):
+    """``(given, named)``: whether a confirmation was given, and the rotation id it names
+    ("" for the form given up front: ``confirm`` alone, or the env name with a new key)."""
+    named = (rot.params.get("confirm_rotation") or "").strip()
+    given = bool(rot.params["confirm"]) or bool(named)
+    return given, ("" if named == rot.env else named)
+
+
+def check_confirmation(rot, key):
+    """Refuse a confirmation that does not name the rotation it would confirm.
+
+    A confirmation names the rotation by its id (printed when the rotation stopped awaiting
+    revocation). The env name (or ``confirm`` alone) is the confirmation given up front, with a
+    new key, for the rotation this run starts (an emergency rotation whose old key is already
+    revoked); it does not confirm a rotation that is already recorded without that key."""
+    given, named = confirmation(rot)
+    if not given:
+        return
+    rid = rot.record.get("rotation_id", "")
+    state = rot.state
+    if state in ROTATION_IN_PROGRESS:
+        if named and named != rid:
+            raise RotationRefused(
+                f"Confirmation refused: it names rotation {named}, but the rotation of {rot.env} "
+                f"in progress is {rid} ({state}); check which rotation you mean and pass "
+                f"key_rotation_confirm_revoked={rid}; nothing changed",
+                confirm_rotation=named,
+            )
+        if not named and key is None:
+            raise RotationRefused(
+                f"Confirmation refused: a confirmation names the rotation it confirms; rotation "
+                f"{rid} of {rot.env} is {state}: pass key_rotation_confirm_revoked={rid}; "
+                "nothing changed"
+            )
+        return
+    if named or key is None:
+        # (With a new key and no name, the confirmation is given up front: emergency rotation.)
+        last = f"; the confirmation names rotation {named}" if named else ""
+        raise RotationRefused(
+            f"Confirmation refused: no rotation of {rot.env} is awaiting revocation "
+            f"(recorded state: {state or 'none'}{last}); nothing changed",
+            confirm_rotation=named,
+        )
+
+
 def decide(rot):
     """The state machine: ``(next, reason, rotation_id)`` from the recorded state and the inputs.
 
@@ -376,12 +430,7 @@ def decide(rot):
             f"Rollback refused: no rotation of {rot.env} is in progress; nothing changed"
         )
 
-    if p["confirm"] and state not in ROTATION_IN_PROGRESS and key is None:
-        # (With a new key, the confirmation is given up front: emergency one-shot rotation.)
-        raise RotationRefused(
-            f"Confirmation refused: no rotation of {rot.env} is awaiting revocation "
-            f"(recorded state: {state or 'none'}); nothing changed"
-        )
+    check_confirmation(rot, key)
 
     if state in ROTATION_IN_PROGRESS:
         if rot.current_version == new:

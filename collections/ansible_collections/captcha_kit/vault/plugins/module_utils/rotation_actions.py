@@ -9,7 +9,9 @@ written and the result says what would be (``plan``, ``diff``).
 
 ``plan``      read-only: ``next`` from ``decide()``, the candidate's checks when it is ``put``
 ``put``       record the rotation (propagating), write the key with check-and-set on the
-              current version, delete the staged key once promoted; idempotent per rotation id
+              current version, delete the staged key once promoted; idempotent per rotation id.
+              A staged key is put only when it is the staged write plan validated
+              (``staged_ref``); a write whose answer was lost is recognised by reading back
 ``mark``      propagating -> awaiting_revocation (every worker converged)
 ``rollback``  write the previous version's data back as a new version; rolled_back
 ``finalize``  destroy every held version older than the new one; complete
@@ -28,6 +30,7 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.contract import 
 )
 from ansible_collections.captcha_kit.vault.plugins.module_utils.rotation import (
     RotationRefused,
+    confirmation,
     decide,
     diff_of,
     new_rotation_id,
@@ -54,6 +57,8 @@ def plan(rot, check_mode):
         candidate = rot.check_candidate(key, source)
         rid = rid or new_rotation_id(rot.env)
         target = rot.current_version + 1
+        if source == "staged":
+            candidate["staged_ref"] = rot.staged_ref
         if rot.params["return_keys"] and source == "staged":
             extra["staged_key"] = key
     elif key is not None:
@@ -87,8 +92,28 @@ def plan(rot, check_mode):
         rotation_id=rid,
         candidate=candidate,
         target_version=target,
+        confirmed=confirmation(rot)[0] and nxt in ("put", "wait", "confirm"),
         **extra,
     )
+
+
+def check_staged_ref(rot, key, source):
+    """Refuse a staged key that is not the staged write plan validated (``staged_ref``)."""
+    if source != "staged":
+        return
+    expected = rot.params.get("staged_ref") or ""
+    if not expected:
+        raise RotationRefused(
+            "put of a staged key needs staged_ref (candidate.staged_ref from action=plan: the "
+            "staged write that was validated); nothing put; nothing changed"
+        )
+    if expected != rot.staged_ref:
+        raise RotationRefused(
+            f"The staged key changed after it was validated: plan checked the staged write "
+            f"{expected}, {rot.mount}/{rot.staged_path} now holds {rot.staged_ref} "
+            f"({mask_key(key)}). Nothing put; nothing changed. Run again to validate the key "
+            "staged now"
+        )
 
 
 def put(rot, check_mode):
@@ -120,6 +145,7 @@ def put(rot, check_mode):
             f"Cannot put for rotation {rid}: rotation {existing} is recorded; resume that"
         )
     key, source = rot.candidate()
+    check_staged_ref(rot, key, source)
     candidate = rot.check_candidate(key, source)
     base = rot.current_version
     target = base + 1
@@ -157,22 +183,18 @@ def put(rot, check_mode):
         )
         written = int(resp["data"]["version"])
     except Exception as exc:
-        cas_lost = isinstance(exc, CasRefused)
-        # Give the record back when it is still ours: this run wrote no version.
+        # The answer is lost or negative: what does Vault hold now? A request retried after a
+        # dropped connection can find its own first attempt applied (the retry then loses the
+        # check-and-set to it): the version after ``base`` holding this run's key is that write.
         rot.refresh()
-        if rot.record.get("rotation_id") == rid and rot.current_version == base:
-            rot.custom = {k: v for k, v in rot.custom.items() if k not in ROTATION_RECORD_FIELDS}
-            rot.write_record(old_record)
-            rot.refresh()
-        if cas_lost:
-            raise RotationRefused(
-                f"Concurrent rotation refused: {rot.mount}/{rot.key_path} moved from version "
-                f"{base} to {rot.current_version} while this run prepared rotation {rid} "
-                "(check-and-set failed); this run wrote no version"
-            ) from None
-        raise RotationRefused(
-            f"Cannot write the new key to {rot.mount}/{rot.key_path}: {str(exc)[:300]}"
-        ) from None
+        if rot.current_version == target and rot.current_key() == key:
+            written = target
+            steps.append(
+                f"the write landed although its answer was lost ({type(exc).__name__}): "
+                f"read back version {target}, which holds this run's key {mask_key(key)}"
+            )
+        else:
+            put_failed(rot, exc, rid, base, old_record)
     rot.refresh()
     if written != target:  # pragma: no cover - cas guarantees this
         raise RotationRefused(f"Vault wrote version {written}, expected {target}")
@@ -192,6 +214,31 @@ def put(rot, check_mode):
         replaced_record=old_record.get("rotation_id", ""),
         diff=diff_of(before, after),
     )
+
+
+def put_failed(rot, exc, rid, base, old_record):
+    """This run's write did not land: give the record back when it is still ours, and say what
+    Vault holds (read back, not guessed from the error)."""
+    if rot.record.get("rotation_id") == rid and rot.current_version == base:
+        rot.custom = {k: v for k, v in rot.custom.items() if k not in ROTATION_RECORD_FIELDS}
+        rot.write_record(old_record)
+        rot.refresh()
+    holds = (
+        f"Vault holds version {rot.current_version} ({mask_key(rot.current_key())}) of "
+        f"{rot.mount}/{rot.key_path}, recorded rotation "
+        f"{rot.record.get('rotation_id') or 'none'} ({rot.state or 'none'})"
+    )
+    if isinstance(exc, CasRefused) and rot.current_version != base:
+        raise RotationRefused(
+            f"Concurrent rotation refused: {rot.mount}/{rot.key_path} moved from version "
+            f"{base} to {rot.current_version} while this run prepared rotation {rid} "
+            f"(check-and-set failed; the new version does not hold this run's key); {holds}; "
+            "this run wrote no version"
+        ) from None
+    raise RotationRefused(
+        f"Cannot write the new key to {rot.mount}/{rot.key_path}: {str(exc)[:300]}; {holds}; "
+        "this run wrote no version"
+    ) from None
 
 
 def delete_staged_if_promoted(rot, check_mode):

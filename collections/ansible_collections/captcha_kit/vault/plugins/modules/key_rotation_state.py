@@ -34,6 +34,9 @@ options:
         (malformed key, a key still held in Vault, a second rotation, nothing to confirm).
       - C(put) records the rotation (state C(propagating)) and writes the new key with
         check-and-set on the current version, then deletes the staged key if it was promoted.
+        A staged key is put only when it is the staged write C(plan) validated (O(staged_ref)).
+        When Vault's answer to the write is lost (a dropped connection, a retried request),
+        C(put) reads the key path back and recognises this run's own write.
       - C(mark) moves C(propagating) to C(awaiting_revocation) and sets C(converged_at).
       - C(rollback) writes the previous version's data back as a new version (check-and-set) and
         sets the state C(rolled_back). Refused after finalize.
@@ -78,11 +81,25 @@ options:
     default: false
   confirm:
     description:
-      - With C(plan), the operator confirms that the old key was revoked at the provider.
-      - Refused when no rotation is pending and no new key is given; with a new key it is the
-        confirmation given up front (emergency rotation, finalized as soon as workers converged).
+      - With C(plan), the operator confirms that the old key was revoked at the provider,
+        without naming a rotation. Only valid together with a new key, as the confirmation given
+        up front for the rotation this run starts (emergency rotation, finalized as soon as the
+        workers converged). Use O(confirm_rotation) to confirm a recorded rotation.
     type: bool
     default: false
+  confirm_rotation:
+    description:
+      - With C(plan), the rotation id the operator confirms (the id the awaiting-revocation
+        message prints). Refused when it is not the rotation in progress, or when no rotation is
+        awaiting revocation. The env name instead of an id is the confirmation given up front
+        (see O(confirm)).
+    type: str
+  staged_ref:
+    description:
+      - With C(put) of a staged key, the staged write C(plan) validated (RV(candidate) key
+        C(staged_ref), the version and creation time of the staged secret). A staged key written
+        again since then is refused and nothing is put.
+    type: str
   check_rights:
     description: With C(plan), check that the token has the rotator capabilities on the paths.
     type: bool
@@ -132,7 +149,15 @@ EXAMPLES = r"""
     env: dev
     key_source: staged
     rotation_id: "{{ plan.rotation_id }}"
+    staged_ref: "{{ plan.candidate.staged_ref }}"
   no_log: true
+
+- name: Confirm the revocation of the old key of the rotation awaiting it
+  captcha_kit.vault.key_rotation_state:
+    action: plan
+    env: dev
+    confirm_rotation: dev-20260131T120000Z-a1b2c3
+  register: confirm_plan
 """
 
 RETURN = r"""
@@ -186,9 +211,15 @@ previous_fingerprint:
   returned: always
   type: str
 candidate:
-  description: Masked facts about the candidate (source, fingerprint, format and reuse checks).
+  description:
+    - Masked facts about the candidate (source, fingerprint, format and reuse checks).
+    - For a staged candidate C(staged_ref) names the staged write, for O(staged_ref) of C(put).
   returned: action=plan or action=put
   type: dict
+confirmed:
+  description: Whether the confirmation given applies to the rotation this plan continues.
+  returned: action=plan
+  type: bool
 target_version:
   description: The version every worker must report after this step.
   returned: action=plan or action=put or action=rollback
@@ -239,13 +270,15 @@ OPTIONS = {
     "action": {"type": "str", "required": True, "choices": list(ACTIONS)},
     "env": {"type": "str", "required": True},
     "mount": {"type": "str", "default": DEFAULT_KV_MOUNT},
-    "key_path": {"type": "str"},
+    "key_path": {"type": "str", "no_log": False},
     "staged_path": {"type": "str"},
     "new_key": {"type": "str", "no_log": True},
     "key_source": {"type": "str", "default": "auto", "choices": ["auto", "variable", "staged"]},
-    "key_pattern": {"type": "str", "default": KEY_PATTERN},
+    "key_pattern": {"type": "str", "default": KEY_PATTERN, "no_log": False},
     "rollback": {"type": "bool", "default": False},
     "confirm": {"type": "bool", "default": False},
+    "confirm_rotation": {"type": "str"},
+    "staged_ref": {"type": "str"},
     "check_rights": {"type": "bool", "default": True},
     "rotation_id": {"type": "str"},
     "actor": {"type": "str"},

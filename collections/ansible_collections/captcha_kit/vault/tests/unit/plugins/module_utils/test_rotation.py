@@ -279,6 +279,14 @@ class TestNoRotationRecorded:
 
     def test_a_confirmation_with_a_new_key_is_an_emergency_rotation(self):
         assert decided(env_with_key(), confirm=True, new_key=new_key())[0] == "put"
+        assert decided(env_with_key(), confirm_rotation="dev", new_key=new_key())[0] == "put"
+
+    def test_a_confirmation_naming_a_rotation_with_none_recorded_is_refused(self):
+        msg = refusal(env_with_key(), confirm_rotation="dev-r1", new_key=new_key())
+        assert msg == (
+            "Confirmation refused: no rotation of dev is awaiting revocation (recorded state: "
+            "none; the confirmation names rotation dev-r1); nothing changed"
+        )
 
 
 class TestPropagating:
@@ -311,9 +319,9 @@ class TestPropagating:
             "dev-r1",
         )
 
-    def test_a_confirmation_while_propagating_still_waits(self):
+    def test_a_confirmation_naming_it_while_propagating_still_waits(self):
         vault, _, _ = mid_rotation("propagating")
-        assert decided(vault, confirm=True)[0] == "wait"
+        assert decided(vault, confirm_rotation="dev-r1")[0] == "wait"
 
     def test_a_record_without_its_key_needs_the_key_again(self):
         vault, _, _ = mid_rotation("propagating", written=False)
@@ -350,9 +358,30 @@ class TestAwaitingRevocation:
             "dev-r1",
         )
 
-    def test_a_confirmation_is_accepted(self):
+    def test_a_confirmation_naming_it_is_accepted(self):
         vault, _, _ = mid_rotation("awaiting_revocation")
-        assert decided(vault, confirm=True)[0] == "confirm"
+        assert decided(vault, confirm_rotation="dev-r1")[0] == "confirm"
+
+    @pytest.mark.parametrize("form", [{"confirm": True}, {"confirm_rotation": "dev"}])
+    def test_a_confirmation_that_names_no_rotation_is_refused(self, form):
+        vault, _, _ = mid_rotation("awaiting_revocation")
+        assert refusal(vault, **form) == (
+            "Confirmation refused: a confirmation names the rotation it confirms; rotation "
+            "dev-r1 of dev is awaiting_revocation: pass key_rotation_confirm_revoked=dev-r1; "
+            "nothing changed"
+        )
+
+    def test_a_confirmation_naming_another_rotation_is_refused(self):
+        vault, _, _ = mid_rotation("awaiting_revocation")
+        assert refusal(vault, confirm_rotation="dev-r0") == (
+            "Confirmation refused: it names rotation dev-r0, but the rotation of dev in "
+            "progress is dev-r1 (awaiting_revocation); check which rotation you mean and pass "
+            "key_rotation_confirm_revoked=dev-r1; nothing changed"
+        )
+
+    def test_the_up_front_form_with_the_same_key_resumes_an_emergency_rotation(self):
+        vault, _, new = mid_rotation("propagating")
+        assert decided(vault, confirm_rotation="dev", new_key=new)[0] == "wait"
 
     def test_a_rollback_is_planned(self):
         vault, _, _ = mid_rotation("awaiting_revocation")
@@ -376,6 +405,10 @@ class TestComplete:
     def test_a_confirmation_is_refused(self):
         vault, _, _ = mid_rotation("complete")
         assert "(recorded state: complete)" in refusal(vault, confirm=True)
+        assert refusal(vault, confirm_rotation="dev-r1") == (
+            "Confirmation refused: no rotation of dev is awaiting revocation (recorded state: "
+            "complete; the confirmation names rotation dev-r1); nothing changed"
+        )
 
     def test_a_new_key_starts_the_next_rotation(self):
         vault, _, _ = mid_rotation("complete")

@@ -4,8 +4,9 @@
 
 ``FakeVault`` keeps KV v2 secrets (versions, destroyed/deleted flags, custom_metadata) and answers
 like hvac does: ``InvalidPath`` for a path or version that cannot be read, ``InvalidRequest`` for a
-lost check-and-set. ``writes`` lists every change (so a test can say "nothing was written"), and
-``before_write`` lets a test slip a concurrent writer in. Unit tests only: this is not Vault.
+lost check-and-set. ``writes`` lists every change (so a test can say "nothing was written"),
+``before_write`` lets a test slip a concurrent writer in, and ``after_write`` lose the answer of
+a write that landed. Unit tests only: this is not Vault.
 
 Import it by its full name,
 ``ansible_collections.captcha_kit.vault.tests.unit.plugins.modules.rotation_fakes``.
@@ -13,6 +14,7 @@ Import it by its full name,
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from types import SimpleNamespace
 
@@ -23,6 +25,15 @@ from hvac.exceptions import InvalidPath, InvalidRequest
 ENV = "dev"
 KEY_PATH = "captchaai/dev"
 STAGED_PATH = "captchaai-staged/dev"
+
+
+_WRITES = itertools.count(1)
+
+
+def _created_time():
+    """A distinct Vault-style creation time per write (as Vault's, never equal for two)."""
+    n = next(_WRITES)
+    return f"2026-01-01T{n // 3600 % 24:02d}:{n // 60 % 60:02d}:{n % 60:02d}.{n:09d}Z"
 
 
 def new_key():
@@ -38,6 +49,15 @@ class _Secret:
     @property
     def current(self):
         return max(self.versions, default=0)
+
+
+def _version(data):
+    return {
+        "data": dict(data),
+        "destroyed": False,
+        "deletion_time": "",
+        "created_time": _created_time(),
+    }
 
 
 class FakeKv2:
@@ -73,7 +93,8 @@ class FakeKv2:
         found = secret.versions.get(number)
         if found is None or found["destroyed"] or found["deletion_time"]:
             raise InvalidPath(f"version {number} of {mount_point}/{path} cannot be read")
-        return {"data": {"data": dict(found["data"]), "metadata": {"version": number}}}
+        meta = {"version": number, "created_time": found["created_time"]}
+        return {"data": {"data": dict(found["data"]), "metadata": meta}}
 
     def create_or_update_secret(self, path, secret, cas=None, mount_point="secret"):
         self._vault.before_write(mount_point, path)
@@ -81,8 +102,9 @@ class FakeKv2:
         if cas is not None and cas != stored.current:
             raise InvalidRequest("check-and-set parameter did not match the current version")
         number = stored.current + 1
-        stored.versions[number] = {"data": dict(secret), "destroyed": False, "deletion_time": ""}
+        stored.versions[number] = _version(secret)
         self._vault.writes.append(("write", f"{mount_point}/{path}", number))
+        self._vault.after_write(mount_point, path)
         return {"data": {"version": number}}
 
     def delete_metadata_and_all_versions(self, path, mount_point="secret"):
@@ -107,6 +129,9 @@ class FakeVault:
         # None: every path is "root"; else path -> capabilities, unlisted paths "deny"
         self.capabilities = capabilities
         self.before_write = lambda mount_point, path: None
+        # after_write: runs once the version is stored; raising there is an answer lost on the
+        # way back (the write landed, the caller sees an error).
+        self.after_write = lambda mount_point, path: None
         self.secrets = SimpleNamespace(kv=SimpleNamespace(v2=FakeKv2(self)))
         self.sys = SimpleNamespace(get_capabilities=self._get_capabilities)
         meta = {"role_name": role_name} if role_name else None
@@ -130,7 +155,7 @@ class FakeVault:
         """Write a version directly (set-up: not recorded in ``writes``); its number."""
         secret = self.store.setdefault((mount, path), _Secret())
         number = secret.current + 1
-        secret.versions[number] = {"data": dict(data), "destroyed": False, "deletion_time": ""}
+        secret.versions[number] = _version(data)
         if custom is not None:
             secret.custom = dict(custom)
         return number

@@ -243,7 +243,10 @@ def test_put_keeps_the_other_fields_of_the_version(rotate):
 def test_put_in_check_mode_writes_nothing_and_shows_the_diff(rotate):
     vault = env_with_key()
     vault.put(STAGED_PATH, {"api_key": new_key()})
-    result = rotate(vault, check_mode=True, diff=True, action="put", rotation_id="dev-r9")
+    ref = rotate(vault, action="plan")["candidate"]["staged_ref"]
+    result = rotate(
+        vault, check_mode=True, diff=True, action="put", rotation_id="dev-r9", staged_ref=ref
+    )
     assert result["changed"] is True
     assert result["plan"] == [
         "record rotation dev-r9 as propagating",
@@ -258,7 +261,8 @@ def test_put_promotes_the_staged_key_and_deletes_it(rotate):
     vault = env_with_key()
     staged = new_key()
     vault.put(STAGED_PATH, {"api_key": staged})
-    result = rotate(vault, action="put", rotation_id="dev-r9")
+    ref = rotate(vault, action="plan")["candidate"]["staged_ref"]
+    result = rotate(vault, action="put", rotation_id="dev-r9", staged_ref=ref)
     assert vault.key() == staged
     assert not vault.exists(STAGED_PATH)
     assert result["staged_deleted"] is True
@@ -281,7 +285,8 @@ def test_a_rerun_finishes_the_deletion_of_the_promoted_staged_key(rotate):
     vault = env_with_key()
     staged = new_key()
     vault.put(STAGED_PATH, {"api_key": staged})
-    rotate(vault, action="put", rotation_id="dev-r9")
+    ref = rotate(vault, action="plan")["candidate"]["staged_ref"]
+    rotate(vault, action="put", rotation_id="dev-r9", staged_ref=ref)
     vault.put(STAGED_PATH, {"api_key": staged})  # as if the run died before the deletion
     again = rotate(vault, action="put", rotation_id="dev-r9")
     assert again["changed"] is True
@@ -337,7 +342,9 @@ def test_a_lost_check_and_set_is_a_concurrent_rotation(rotate):
     assert result["failed"]
     assert result["msg"] == (
         "Concurrent rotation refused: secret/captchaai/dev moved from version 1 to 2 while "
-        "this run prepared rotation dev-r9 (check-and-set failed); this run wrote no version"
+        "this run prepared rotation dev-r9 (check-and-set failed; the new version does not hold "
+        f"this run's key); Vault holds version 2 (***{other[-4:]}) of secret/captchaai/dev, "
+        "recorded rotation dev-other (propagating); this run wrote no version"
     )
     assert vault.key() == other
     assert vault.record() == theirs
@@ -351,9 +358,101 @@ def test_a_failed_write_gives_the_record_back(rotate):
 
     vault.before_write = broken
     result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-r9")
-    assert result["msg"] == "Cannot write the new key to secret/captchaai/dev: disk full"
+    assert result["msg"] == (
+        "Cannot write the new key to secret/captchaai/dev: disk full; Vault holds version 1 "
+        f"(***{vault.key()[-4:]}) of secret/captchaai/dev, recorded rotation none (none); this "
+        "run wrote no version"
+    )
     assert vault.record() == {"owner": "ops"}, "the record this run wrote is taken back"
     assert vault.current_version() == 1
+
+
+# ---- put: only the validated staged key; the truth after a lost answer ----------------------
+def _restage(vault, key, *, recreate):
+    """Stage ``key`` again: over the old one, or (``recreate``) after deleting the path, so the
+    staged secret is at version 1 again, like a stager who followed the docs."""
+    if recreate:
+        del vault.store[("secret", STAGED_PATH)]
+    vault.put(STAGED_PATH, {"api_key": key})
+
+
+@pytest.mark.parametrize("recreate", [False, True], ids=["overwritten", "deleted_and_staged"])
+def test_a_staged_key_changed_after_the_plan_is_not_put(rotate, recreate):
+    vault = env_with_key()
+    vault.put(STAGED_PATH, {"api_key": new_key()})
+    plan = rotate(vault, action="plan", key_source="staged", return_keys=True)
+    ref = plan["candidate"]["staged_ref"]
+    swapped = new_key()  # never validated
+    _restage(vault, swapped, recreate=recreate)
+    writes = list(vault.writes)
+    result = rotate(
+        vault, action="put", key_source="staged", rotation_id=plan["rotation_id"], staged_ref=ref
+    )
+    assert result["failed"]
+    assert result["msg"].startswith(
+        f"The staged key changed after it was validated: plan checked the staged write {ref}, "
+        "secret/captchaai-staged/dev now holds v"
+    )
+    assert f"(***{swapped[-4:]}). Nothing put; nothing changed." in result["msg"]
+    assert vault.writes == writes
+    assert vault.current_version() == 1
+    assert vault.record() == {}
+    assert vault.key(path=STAGED_PATH) == swapped, "the staged key is left for the next run"
+
+
+def test_a_staged_put_without_the_plans_ref_is_refused(rotate):
+    vault = env_with_key()
+    vault.put(STAGED_PATH, {"api_key": new_key()})
+    result = rotate(vault, action="put", key_source="staged", rotation_id="dev-r9")
+    assert result["msg"].startswith("put of a staged key needs staged_ref")
+    assert vault.current_version() == 1
+
+
+def test_a_write_that_landed_but_lost_its_answer_is_recognised(rotate):
+    """The connection drops after Vault applied the write; the client's retry then loses the
+    check-and-set to that first attempt. The put reads back, finds its own key in the version
+    it meant to write and carries on: not a concurrent rotation, no second version."""
+    from hvac.exceptions import InvalidRequest
+
+    vault = env_with_key()
+    key = new_key()
+
+    def retried_after_a_drop(mount_point, path):
+        vault.after_write = lambda *_: None
+        raise InvalidRequest("check-and-set parameter did not match the current version")
+
+    vault.after_write = retried_after_a_drop
+    result = rotate(vault, action="put", new_key=key, rotation_id="dev-r9")
+    assert not result.get("failed"), result.get("msg")
+    assert result["changed"] is True
+    assert result["target_version"] == 2
+    assert vault.current_version() == 2
+    assert vault.key() == key
+    assert vault.record()["rotation_id"] == "dev-r9"
+    assert vault.record()["rotation_state"] == "propagating"
+    assert (
+        "the write landed although its answer was lost (InvalidRequest): read back version 2, "
+        f"which holds this run's key ***{key[-4:]}"
+    ) in result["plan"]
+
+
+def test_a_write_that_did_not_land_says_what_vault_holds(rotate):
+    import requests
+
+    vault = env_with_key(owner="ops")
+    old = vault.key()
+
+    def dropped(mount_point, path):
+        raise requests.exceptions.ConnectionError("Connection aborted")
+
+    vault.before_write = dropped
+    result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-r9")
+    assert result["msg"] == (
+        "Cannot write the new key to secret/captchaai/dev: Connection aborted; Vault holds "
+        f"version 1 (***{old[-4:]}) of secret/captchaai/dev, recorded rotation none (none); this "
+        "run wrote no version"
+    )
+    assert vault.record() == {"owner": "ops"}
 
 
 # ---- mark ----------------------------------------------------------------------------------
@@ -548,10 +647,18 @@ def test_a_whole_rotation_plan_put_mark_finalize(rotate):
     plan = rotate(vault, action="plan", key_source="staged", return_keys=True)
     assert plan["staged_key"] == staged
     rid = plan["rotation_id"]
-    assert rotate(vault, action="put", key_source="staged", rotation_id=rid)["changed"]
+    ref = plan["candidate"]["staged_ref"]
+    assert rotate(vault, action="put", key_source="staged", rotation_id=rid, staged_ref=ref)[
+        "changed"
+    ]
     assert rotate(vault, action="plan", key_source="staged")["next"] == "wait"
     assert rotate(vault, action="mark", rotation_id=rid)["changed"]
-    assert rotate(vault, action="plan", confirm=True)["next"] == "confirm"
+    assert rotate(vault, action="plan", confirm=True)["msg"] == (
+        f"Confirmation refused: a confirmation names the rotation it confirms; rotation {rid} "
+        f"of dev is awaiting_revocation: pass key_rotation_confirm_revoked={rid}; nothing changed"
+    )
+    confirmed = rotate(vault, action="plan", confirm_rotation=rid)
+    assert (confirmed["next"], confirmed["confirmed"]) == ("confirm", True)
     done = rotate(vault, action="finalize", rotation_id=rid, return_keys=True)
     assert done["previous_key"] == old
     assert done["rotation"]["rotation_state"] == "complete"
