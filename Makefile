@@ -14,7 +14,7 @@ export CONTAINERS_CONF := $(abspath testkit/containers.conf)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: help venv host-deps image lint lint-python test test-units test-long test-solver test-playbooks test-molecule test-faults bench \
-	fleet fleet-down demo demo-down clean
+	test-monitoring test-collection fleet fleet-down demo demo-down clean
 
 FLEET_HOSTS ?= 20
 
@@ -30,9 +30,13 @@ $(VENV)/.stamp: requirements.txt solver/pyproject.toml pyproject.toml
 
 venv: $(VENV)/.stamp  ## controller virtualenv with pinned Python deps
 
-host-deps:  ## Debian packages for the container testbed (podman, runc, mmdebstrap)
+host-deps:  ## Debian packages: the container testbed (podman, runc, mmdebstrap) and promtool (prometheus)
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq podman runc mmdebstrap uidmap; }
+	@# promtool is all the tests use: the server the package starts under systemd is stopped.
+	@command -v promtool >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus \
+	    && { $(SUDO) systemctl disable --now prometheus >/dev/null 2>&1 || true; }; }
 
 image: venv host-deps  ## build the Debian systemd host image (only when its recipe changed)
 	$(BIN)/python -m testkit.hosts build
@@ -53,6 +57,12 @@ lint-python: venv  ## module docs, ruff, mypy, detect-secrets
 
 test-units: venv  ## the collections' unit tests (seconds, no server)
 	$(BIN)/pytest collections/ansible_collections/captcha_kit/vault/tests/unit collections/ansible_collections/captcha_kit/captchaai/tests/unit
+
+test-monitoring: venv host-deps  ## promtool rule tests, the metric-name check against a worker, the rotation's textfile metrics
+	$(BIN)/pytest tests/test_monitoring.py tests/test_rotation_textfile.py
+
+test-collection: venv  ## captcha_kit.vault: galaxy build, install + provision with it, ansible-test sanity; the EE build context
+	$(BIN)/pytest tests/test_collection_build.py
 
 test-solver: venv  ## the solver package: unit tests + integration against OpenBao and the emulator
 	cd solver && ../$(BIN)/pytest

@@ -5,8 +5,9 @@
 
 The suites run in three lanes that share no port and no container name (docs/interfaces.md):
 the playbook suites under tests/, then some worker-host suites, in one; lint, the collections'
-unit tests, the solver package, the fault tests (all but the slow ones: `make test-faults`) and
-the molecule scenarios in the second; the other worker-host suites in the third. Much of each
+unit tests, the monitoring / collection / execution-environment checks, the solver package,
+the fault tests (all but the slow ones: `make test-faults`) and the molecule scenarios in the
+second; the other worker-host suites in the third. Much of each
 suite waits on servers, hosts and refresh windows, so three lanes share 2 cores well. All use
 the shared test OpenBao on 18250, which is started here first, so that no two stages race to
 initialise it, and stopped here at the end, pass or fail, with the emulator the scenarios
@@ -73,6 +74,14 @@ HOST_SUITES_B = [
     "tests/test_worker_local_api.py",
     "tests/test_leak_scan.py",
 ]
+# Lane 2, after the unit tests: promtool rule tests and the metric-name check against a worker
+# process, the rotation's textfile metrics, the collection build / install / sanity and the
+# execution environment's build context (about a minute; ansible-test's venvs are cached).
+OPS_SUITES = [
+    "tests/test_monitoring.py",
+    "tests/test_rotation_textfile.py",
+    "tests/test_collection_build.py",
+]
 
 
 def lanes() -> list[list[Stage]]:
@@ -80,7 +89,7 @@ def lanes() -> list[list[Stage]]:
     servers, hosts and refresh windows, so a third lane shortens the whole)."""
     pytest = _bin("pytest")
     hosts = HOST_SUITES_A + HOST_SUITES_B
-    ignore = [f"--ignore={path}" for path in [*hosts, "tests/faults"]]
+    ignore = [f"--ignore={path}" for path in [*hosts, *OPS_SUITES, "tests/faults"]]
     playbooks = Stage("playbooks", [pytest, "tests", *ignore, "-m", "not long"])
     lint = [
         Stage("lint-yaml", [_bin("yamllint"), "--strict", "."]),
@@ -88,13 +97,14 @@ def lanes() -> list[list[Stage]]:
         Stage("lint-python", ["make", "--no-print-directory", "lint-python"]),
     ]
     units = Stage("collection-units", [pytest, *COLLECTION_TESTS])
+    ops = Stage("ops-monitoring-collection", [pytest, *OPS_SUITES])
     solver = Stage("solver", [pytest], cwd=REPO / "solver")
     faults = Stage("faults", [pytest, "tests/faults", "-m", "not slow_faults"])
     scenarios = ("vault_provision", "captcha_worker", "key_rotation")
     molecule = [Stage(f"molecule-{s}", [_bin("molecule"), "test", "-s", s]) for s in scenarios]
     hosts_a = Stage("hosts-a", [pytest, *HOST_SUITES_A, "-m", "not long"])
     hosts_b = Stage("hosts-b", [pytest, *HOST_SUITES_B])
-    return [[playbooks, hosts_b], [*lint, units, solver, faults, *molecule], [hosts_a]]
+    return [[playbooks, hosts_b], [*lint, units, ops, solver, faults, *molecule], [hosts_a]]
 
 
 def _summary(log: Path) -> str:

@@ -93,7 +93,13 @@ def test_scheduled_rotation_exit_codes_and_webhook(rot_env: RotEnv, start_worker
     assert rc == 75, "still awaiting: a scheduled rerun without confirmation reports it again"
 
     rot_env.emulator.admin.revoke_key(rot_env.old_key)
-    rc, out = wrapper(rot_env, inv, "--confirm-revoked")
+    rid = rot_env.record()["rotation_id"]
+    rc, out = wrapper(rot_env, inv, "--confirm-revoked")  # passes the env name: names no rotation
+    assert rc == 1, out[-3000:]
+    assert f"pass key_rotation_confirm_revoked={rid}" in out
+    assert rot_env.record()["rotation_state"] == "awaiting_revocation"
+    # The confirmation that names the rotation: --confirm-revoked <rotation id>.
+    rc, out = wrapper(rot_env, inv, "--confirm-revoked", rid)
     assert rc == 0, out[-3000:]
     assert "key-rotation: complete exit=0" in out
     assert rot_env.record()["rotation_state"] == "complete"

@@ -309,3 +309,49 @@ def test_slow_refresh_after_rejection_stays_within_task_timeout(tmp_path):
 
     elapsed = asyncio.run(_run(tmp_path, fake, vault, body, provider__task_timeout=0.5))
     assert elapsed < 1.0
+
+
+def test_solve_duration_histogram_by_method_and_outcome(tmp_path):
+    """Every finished solve is observed once, labelled with its method and outcome."""
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=1)
+
+    async def body(dispatcher, keys, metrics):
+        await asyncio.gather(*(dispatcher.solve("userrecaptcha", PARAMS) for _ in range(3)))
+        await dispatcher.solve("base64", {"body": "aGk="})
+        fake.unsolvable = True
+        with pytest.raises(SolveError):
+            await dispatcher.solve("userrecaptcha", PARAMS)
+        name = "solve_duration_seconds"
+        assert metrics.histogram_count(name, method="userrecaptcha", outcome="solved") == 3
+        assert metrics.histogram_count(name, method="base64", outcome="solved") == 1
+        assert metrics.histogram_count(name, method="userrecaptcha", outcome="unsolvable") == 1
+        text = metrics.render()
+        labels = '{method="userrecaptcha",outcome="solved"}'
+        count = f"captcha_solver_solve_duration_seconds_count{labels}"
+        assert f"{count} 3" in text
+        # One poll interval at least: the sum is real wall time, not zero.
+        line = next(x for x in text.splitlines() if x.startswith(count.replace("_count", "_sum")))
+        assert float(line.split()[-1]) > 0
+
+    asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body))
+
+
+def test_solve_duration_method_labels_are_bounded(tmp_path, monkeypatch):
+    """Past MAX_METHOD_LABELS distinct caller-sent methods, further ones count as "other"."""
+    from captcha_solver import dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "MAX_METHOD_LABELS", 2)
+    key = new_key()
+    fake = FakeProvider(valid_keys={key}, ready_after=0)
+
+    async def body(dispatcher, keys, metrics):
+        for method in ("m1", "m2", "m3", "m4", "m1"):
+            await dispatcher.solve(method, PARAMS)
+        name = "solve_duration_seconds"
+        assert metrics.histogram_count(name, method="m1", outcome="solved") == 2
+        assert metrics.histogram_count(name, method="m2", outcome="solved") == 1
+        assert metrics.histogram_count(name, method="other", outcome="solved") == 2
+        assert metrics.histogram_count(name, method="m3", outcome="solved") == 0
+
+    asyncio.run(_run(tmp_path, fake, FakeVault({"api_key": key}), body))

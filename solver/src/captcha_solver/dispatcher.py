@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 UNSOLVABLE = "ERROR_CAPTCHA_UNSOLVABLE"
 _MAX_KEY_SWITCHES = 3
+# The solve-duration histogram is labelled by method, a name the caller sends: past this many
+# distinct names, further ones are counted as "other" (a bounded number of series).
+MAX_METHOD_LABELS = 32
 
 
 class SolveError(Exception):
@@ -88,6 +91,7 @@ class Dispatcher:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._method_labels: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -102,9 +106,27 @@ class Dispatcher:
             self._poller = None
 
     # ------------------------------------------------------------------ solving
+    def _method_label(self, method: str) -> str:
+        if method in self._method_labels:
+            return method
+        if len(self._method_labels) >= MAX_METHOD_LABELS:
+            return "other"
+        self._method_labels.add(method)
+        return method
+
+    def _finished(self, method: str, outcome: str, seconds: float) -> None:
+        """Count a finished solve and observe its wall time (by method and outcome)."""
+        self._metrics.inc("solves_total", outcome=outcome)
+        self._metrics.observe(
+            "solve_duration_seconds",
+            max(0.0, seconds),
+            method=self._method_label(method),
+            outcome=outcome,
+        )
+
     async def solve(self, method: str, params: Mapping[str, str]) -> SolveResult:
         if self.in_flight >= self._cfg.max_in_flight:
-            self._metrics.inc("solves_total", outcome="busy")
+            self._finished(method, "busy", 0.0)
             raise SolveError("BUSY", "busy", f"{self.in_flight} tasks in flight (the maximum)")
         start = self._clock()
         self.in_flight += 1
@@ -124,7 +146,7 @@ class Dispatcher:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
-            self._metrics.inc("solves_total", outcome=outcome)
+            self._finished(method, outcome, self._clock() - start)
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self._cfg.backoff_max, self._cfg.backoff_base * 2.0**attempt)

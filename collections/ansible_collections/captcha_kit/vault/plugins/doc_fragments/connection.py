@@ -11,9 +11,11 @@ class ModuleDocFragment:
     connection options and check mode) plus ``captcha_kit.vault.connection.changes`` (diff mode)
     or ``captcha_kit.vault.connection.no_diff`` (no diff)."""
 
+    # validate-modules takes an author line only as "Name (@github-handle)" or "Name (!UNKNOWN)";
+    # the kit has no GitHub account or handle of its own, so the contributors are !UNKNOWN.
     DOCUMENTATION = r"""
 author:
-  - captcha key vault kit contributors
+  - captcha key vault kit contributors (!UNKNOWN)
 options:
   url:
     description: Vault address, for example C(https://127.0.0.1:8200). Defaults to E(VAULT_ADDR).

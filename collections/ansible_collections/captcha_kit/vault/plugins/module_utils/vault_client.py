@@ -514,7 +514,7 @@ def _as_list(values):
     if values is None:
         return []
     if isinstance(values, str):
-        return [item for item in values.split(",")]
+        return values.split(",")
     return list(values)
 
 

@@ -33,11 +33,67 @@ options:
     type: str
   roles:
     description:
-      - Many roles at once. Each item takes O(name) and any of the role settings below
-        (O(bind_secret_id) to O(token_type)); top-level settings are not merged into items.
+      - Many roles at once. Each item takes a name and any of the role settings, which mean
+        the same as the top-level ones (O(bind_secret_id) to O(token_type)); top-level settings
+        are not merged into items.
       - O(mount_point) and O(state) apply to every item.
     type: list
     elements: dict
+    suboptions:
+      name:
+        description: Role name.
+        type: str
+        required: true
+      bind_secret_id:
+        description: Require a secret-id at login.
+        type: bool
+      secret_id_bound_cidrs:
+        description: CIDRs (or single addresses) allowed to log in with a secret-id.
+        type: list
+        elements: str
+      secret_id_num_uses:
+        description: Logins per secret-id (C(0) = unlimited).
+        type: int
+      secret_id_ttl:
+        description:
+          - Lifetime of a secret-id (C(0) = no expiry); seconds or a duration such as C(24h).
+        type: str
+      local_secret_ids:
+        description:
+          - Secret-ids local to this cluster (not replicated).
+          - Can only be set when the role is created; a differing value on an existing role fails.
+        type: bool
+      token_ttl:
+        description: TTL of issued tokens; seconds or a duration.
+        type: str
+      token_max_ttl:
+        description: Maximum TTL of issued tokens; seconds or a duration.
+        type: str
+      token_explicit_max_ttl:
+        description: Hard maximum TTL of issued tokens (C(0) = none); seconds or a duration.
+        type: str
+      token_period:
+        description:
+          - Period of periodic tokens (C(0) = tokens are not periodic); seconds or a duration.
+        type: str
+      token_policies:
+        description: Policies attached to issued tokens.
+        type: list
+        elements: str
+      token_bound_cidrs:
+        description: CIDRs (or single addresses) that may use issued tokens.
+        type: list
+        elements: str
+      token_no_default_policy:
+        description: Do not attach the C(default) policy.
+        type: bool
+      token_num_uses:
+        description: Uses per token (C(0) = unlimited).
+        type: int
+      token_type:
+        description: Token type.
+        type: str
+        choices: [default, service, batch, default-service, default-batch]
   mount_point:
     description: AppRole mount path.
     type: str
@@ -145,12 +201,28 @@ changed_keys:
   type: list
   elements: str
 roles:
-  description: >-
-    With O(roles), one entry per role with RV(name), RV(changed), RV(changed_keys) and, when
-    state is present, RV(role).
+  description: With O(roles), one entry per role, in the order of O(roles).
   returned: with O(roles)
   type: list
   elements: dict
+  contains:
+    name:
+      description: The role name.
+      returned: always
+      type: str
+    changed:
+      description: Whether the role was (or would be) created, changed or deleted.
+      returned: always
+      type: bool
+    changed_keys:
+      description: Settings that differed and were (or would be) written, as RV(changed_keys).
+      returned: always
+      type: list
+      elements: str
+    role:
+      description: The normalised settings after the run, as RV(role).
+      returned: when state is present
+      type: dict
 """
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
@@ -195,20 +267,22 @@ def normalize(field, value):
     return value if value is not None else ""
 
 
+# The role settings, top level and in each item of ``roles``. None is a secret: ``no_log=False``
+# on the ones whose names validate-modules takes for secrets (``secret``, ``token``).
 FIELD_SPEC = {
     "bind_secret_id": {"type": "bool"},
-    "secret_id_bound_cidrs": {"type": "list", "elements": "str"},
-    "secret_id_num_uses": {"type": "int"},
-    "secret_id_ttl": {"type": "str"},
+    "secret_id_bound_cidrs": {"type": "list", "elements": "str", "no_log": False},
+    "secret_id_num_uses": {"type": "int", "no_log": False},
+    "secret_id_ttl": {"type": "str", "no_log": False},
     "local_secret_ids": {"type": "bool"},
-    "token_ttl": {"type": "str"},
-    "token_max_ttl": {"type": "str"},
-    "token_explicit_max_ttl": {"type": "str"},
+    "token_ttl": {"type": "str", "no_log": False},
+    "token_max_ttl": {"type": "str", "no_log": False},
+    "token_explicit_max_ttl": {"type": "str", "no_log": False},
     "token_period": {"type": "str"},
-    "token_policies": {"type": "list", "elements": "str"},
-    "token_bound_cidrs": {"type": "list", "elements": "str"},
+    "token_policies": {"type": "list", "elements": "str", "no_log": False},
+    "token_bound_cidrs": {"type": "list", "elements": "str", "no_log": False},
     "token_no_default_policy": {"type": "bool"},
-    "token_num_uses": {"type": "int"},
+    "token_num_uses": {"type": "int", "no_log": False},
     "token_type": {
         "type": "str",
         "choices": ["default", "service", "batch", "default-service", "default-batch"],
@@ -343,9 +417,9 @@ def ensure_roles(module):
         for name, d in wanted
     ]
     if not module.check_mode:
-        for name, _, write, delete in plans:
+        for name, _result, write, delete in plans:
             apply(module, client, mount, name, write, delete)
-    return batch_result(module, "roles", batch, [result for _, result, _, _ in plans])
+    return batch_result(module, "roles", batch, [planned[1] for planned in plans])
 
 
 def main():

@@ -180,7 +180,7 @@ def _expires_in(expiration_time, now=None):
     text = str(expiration_time).replace("Z", "+00:00")
     # Vault prints nanoseconds; datetime takes at most microseconds.
     if "." in text:
-        head, _, rest = text.partition(".")
+        head, _dot, rest = text.partition(".")
         digits = "".join(itertools.takewhile(str.isdigit, rest))
         zone = rest[len(digits) :]
         text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"

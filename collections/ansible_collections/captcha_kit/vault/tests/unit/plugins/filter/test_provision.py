@@ -20,6 +20,7 @@ from ansible_collections.captcha_kit.vault.plugins.filter.provision import (
     per_env,
     policy_items,
     provision_capabilities,
+    unbound_production_roles,
 )
 
 POLICY_KINDS = ["captcha-worker", "captcha-rotator", "captcha-stager"]
@@ -39,7 +40,9 @@ WORKER = {
 def test_the_filters_are_registered_and_documented():
     filters = FilterModule().filters()
     functions = [per_env, env_paths, approle_roles, policy_items, provision_capabilities]
-    assert filters == {f.__name__: f for f in [*functions, approle_summary]}
+    assert filters == {
+        f.__name__: f for f in [*functions, approle_summary, unbound_production_roles]
+    }
     here = Path(provision.__file__).parent
     for name, function in filters.items():
         assert function.__doc__, name
@@ -294,4 +297,29 @@ def test_env_paths_go_env_by_env_then_prefix_by_prefix():
         "captchaai-staged/dev",
         "captchaai/prod",
         "captchaai-staged/prod",
+    ]
+
+
+# ------------------------------------------------------------------ unbound_production_roles
+
+
+def test_unbound_production_roles_lists_each_empty_binding_of_a_production_role():
+    bound = {"secret_id_bound_cidrs": ["10.0.0.0/8"], "token_bound_cidrs": ["10.0.0.0/8"]}
+    roles = [
+        {"name": "captcha-worker-dev"},
+        {"name": "captcha-worker-prod", "secret_id_bound_cidrs": ["10.0.0.0/8"]},
+        {"name": "captcha-rotator-prod", **bound},
+        {"name": "captcha-stager-prod"},
+    ]
+    assert unbound_production_roles(roles, ["prod"], ROLE_KINDS) == [
+        "captcha-worker-prod: token_bound_cidrs"
+    ]
+
+
+def test_unbound_production_roles_skips_an_env_waived_with_a_reason():
+    roles = [{"name": "captcha-worker-prod"}, {"name": "captcha-worker-live"}]
+    waivers = {"prod": "lab network, no fixed addresses", "live": "  "}
+    assert unbound_production_roles(roles, ["prod", "live"], ROLE_KINDS, waivers) == [
+        "captcha-worker-live: secret_id_bound_cidrs",
+        "captcha-worker-live: token_bound_cidrs",
     ]
