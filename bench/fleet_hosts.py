@@ -48,6 +48,7 @@ from typing import Any
 import hvac
 import yaml
 
+from bench.audit import audit_requests
 from testkit.creds import secret_vars_file
 from testkit.emulator import EmulatorAdmin
 from testkit.hosts import (
@@ -319,21 +320,14 @@ def worker_requests(server: LocalVault, since: float) -> int:
     count = 0
     if not server.audit_log.exists():
         return 0
-    with open(server.audit_log, errors="replace") as fh:
-        for line in fh:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("type") != "request":
-                continue
-            if _ts(entry.get("time", "1970-01-01T00:00:00Z")) < since:
-                continue
-            auth = entry.get("auth") or {}
-            role = (auth.get("metadata") or {}).get("role_name", "")
-            path = (entry.get("request") or {}).get("path", "")
-            if str(role).startswith("captcha-worker-") or path.startswith("auth/approle/login"):
-                count += 1
+    for entry in audit_requests(server.audit_log):
+        if _ts(entry.get("time", "1970-01-01T00:00:00Z")) < since:
+            continue
+        auth = entry.get("auth") or {}
+        role = (auth.get("metadata") or {}).get("role_name", "")
+        path = (entry.get("request") or {}).get("path", "")
+        if str(role).startswith("captcha-worker-") or path.startswith("auth/approle/login"):
+            count += 1
     return count
 
 

@@ -16,13 +16,13 @@ interval / 300), next to the baseline's one read an hour.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.audit import audit_requests
 from bench.report import report
 from bench.rotation_propagation import WORKER_PORTS, bench_env
 from testkit.loadgen import LoadGenerator
@@ -47,20 +47,11 @@ def classify(path: str, mount: str) -> str:
 
 def count(audit: Path, offset: int, role: str, approle: str, mount: str) -> Counter[str]:
     counts: Counter[str] = Counter()
-    with open(audit, "rb") as fh:
-        fh.seek(offset)
-        for raw in fh:
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                continue
-            if entry.get("type") != "request":
-                continue
-            request = entry.get("request") or {}
-            path = request.get("path", "")
-            meta = ((entry.get("auth") or {}).get("metadata")) or {}
-            if path.startswith(f"auth/{approle}/login") or meta.get("role_name") == role:
-                counts[classify(path, mount)] += 1
+    for entry in audit_requests(audit, offset):
+        path = (entry.get("request") or {}).get("path", "")
+        meta = ((entry.get("auth") or {}).get("metadata")) or {}
+        if path.startswith(f"auth/{approle}/login") or meta.get("role_name") == role:
+            counts[classify(path, mount)] += 1
     return counts
 
 

@@ -2,23 +2,52 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import hvac
 
 from testkit.creds import assert_no_secrets, new_key
 from testkit.emulator import EmulatorProcess
+from testkit.net import wait_for
 from testkit.paths import PROVISION
 from testkit.playbook import PlaybookResult, ansible_env, provision_inventory, run_playbook
 from testkit.rotation import rotation_inventory as _rotation_inventory
 from testkit.rotation import rotation_vars as _rotation_vars
 from testkit.tokens import playbook_token
-from testkit.vault import LocalVault
+from testkit.vault import BaoNode, LocalVault
 from testkit.vault_ops import admin_client, put_key
 from testkit.worker import Fleet, WorkerProc
 
 SESSION = secrets.token_hex(2)  # names of this session's envs: f<SESSION>-...
+
+
+def kill_leader_mid_run(
+    proc: subprocess.Popen[bytes],
+    leader: BaoNode,
+    reached: Callable[[], object],
+    what: str,
+    timeout: float,
+) -> str:
+    """While the playbook run ``proc`` goes on: wait (two minutes at most) until ``reached``
+    (``what`` names it), SIGKILL the HA ``leader`` node, and return the run's output once it
+    ends (``timeout`` at most). The run is killed when anything before fails."""
+    try:
+        wait_for(lambda: proc.poll() is not None or reached(), 120, what)
+        assert proc.poll() is None, "the run ended before the leader could be killed"
+        pid = leader.pid()
+        assert pid is not None, "the leader has no process to kill"
+        os.killpg(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return out.decode()
 
 
 def provision(

@@ -9,7 +9,7 @@ import os
 import secrets
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,9 @@ PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
 # The shared CaptchaAI emulator's address (molecule/shared/testbed.py); a suite that needs the
 # workers to solve starts its own (testkit.emulator.EmulatorProcess) and passes its URL.
 EMULATOR_URL = "http://127.0.0.1:18350"
+# Worker settings for solves of about half a second against an emulator of a suite's own (its
+# solve delay is 0.2 s): captcha_worker_provider_settings.
+FAST = {"poll_interval": 0.5, "first_poll_delay": {"default": 0.3}}
 # Host paths the role creates; none of them may appear when it fails validation.
 ROLE_PATHS = (
     "/etc/captcha-solver",
@@ -266,6 +269,46 @@ def deployed_host(vault, prefix: str, directory: Path) -> Iterator[tuple[Host, D
         first = deploy(vault, deployment)
         assert first.rc == 0, first.failure_messages(host.name)[-3000:]
         yield host, deployment
+
+
+@dataclass
+class EmulatedEnv:
+    """Fresh worker hosts of one env (not deployed yet) and the CaptchaAI emulator they use."""
+
+    hosts: list[Host]
+    deployment: Deployment
+    emulator: EmulatorProcess
+    key: str  # the env's first key, which the emulator knows
+
+
+@contextmanager
+def emulated_env(
+    vault,
+    prefix: str,
+    directory: Path,
+    *,
+    count: int = 1,
+    variables: Mapping[str, Any] | None = None,
+) -> Iterator[EmulatedEnv]:
+    """``count`` fresh worker hosts of one env provisioned with a first key, against an
+    emulator of their own that knows the key; ``variables`` (default: FAST solves) go to the
+    inventory. Nothing is deployed yet."""
+    key = new_key()
+    build(Recipe.load())
+    with emulator_for(key) as emulator, ExitStack() as stack:
+        hosts = [stack.enter_context(worker_container(IMAGE, prefix)) for _ in range(count)]
+        deployment = make_deployment(
+            vault,
+            hosts[0],
+            directory,
+            more_hosts=hosts[1:],
+            first_key=key,
+            provider_url=emulator.url,
+            variables={"captcha_worker_provider_settings": FAST}
+            if variables is None
+            else variables,
+        )
+        yield EmulatedEnv(hosts, deployment, emulator, key)
 
 
 def emulator_for(key: str) -> EmulatorProcess:

@@ -35,18 +35,9 @@ import pytest
 import yaml
 
 from testkit.creds import assert_no_secrets
-from testkit.emulator import EmulatorProcess
-from testkit.hosts import CONTAINERS_CONF, IMAGE, Recipe, build
-from testkit.net import free_port
+from testkit.hosts import CONTAINERS_CONF
 from testkit.playbook import PlaybookResult, run_playbook
-from testkit.worker_hosts import (
-    PLAYBOOK,
-    Deployment,
-    Host,
-    deploy,
-    make_deployment,
-    worker_container,
-)
+from testkit.worker_hosts import PLAYBOOK, Deployment, Host, deploy, emulated_env
 
 pytestmark = pytest.mark.containers
 
@@ -57,8 +48,6 @@ GROUP = "scrapers"
 MEMBER = "scraper"
 OUTSIDER = "outsider"
 CLIENT = "/usr/local/bin/kit-api-client"
-# Solves of about half a second against the emulator (its solve delay is 0.2 s).
-FAST = {"poll_interval": 0.5, "first_poll_delay": {"default": 0.3}}
 
 # The client the users run on the host: one request, one JSON line about the answer. It reads
 # the token from the file itself (as the user it runs as) and prints only statuses and bodies.
@@ -146,22 +135,14 @@ def _worker_port(deployment: Deployment, host: Host) -> int:
 def deployed(vault, tmp_path_factory) -> Iterator[Deployed]:
     """A fresh host deployed once with the socket and the token on, against an emulator of its
     own that knows the env's key; a member of the client group and an outsider on it."""
-    build(Recipe.load())
-    with (
-        EmulatorProcess(free_port(), free_port(), solve_delay="fixed:0.2", ban_threshold=0) as emu,
-        worker_container(IMAGE, "kit-local-api") as host,
-    ):
-        deployment = make_deployment(vault, host, tmp_path_factory.mktemp("local-api"))
-        key = deployment.provision["vault_provision_first_keys"][deployment.dev]
-        emu.admin.add_key(key)
+    with emulated_env(vault, "kit-local-api", tmp_path_factory.mktemp("local-api")) as env:
+        (host,), deployment = env.hosts, env.deployment
         extra = {
-            "captcha_kit_provider_url": emu.url,
-            "captcha_worker_provider_settings": FAST,
             "captcha_worker_unix_socket": SOCKET,
             "captcha_worker_client_group": GROUP,
             "captcha_worker_api_token": True,
         }
-        made = Deployed(host, deployment, key, _worker_port(deployment, host), extra)
+        made = Deployed(host, deployment, env.key, _worker_port(deployment, host), extra)
         first = deploy(vault, deployment, **made.extra)
         made.runs.append(first)
         assert first.rc == 0, first.failure_messages(host.name)[-3000:]

@@ -33,8 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
-from testkit.creds import new_key
-from testkit.hosts import CONTAINERS_CONF, IMAGE, Recipe, build, ssh_host_vars
+from testkit.hosts import CONTAINERS_CONF, ssh_host_vars
 from testkit.loadgen import LoadGenerator
 from testkit.net import free_port
 from testkit.playbook import PlaybookResult, run_playbook
@@ -44,16 +43,12 @@ from testkit.worker_hosts import (
     Deployment,
     Host,
     deploy,
-    emulator_for,
-    make_deployment,
-    worker_container,
+    emulated_env,
 )
 
 pytestmark = pytest.mark.containers
 
 CONFIG = "/etc/captcha-solver/config.toml"
-# Solves of about half a second against the emulator (its solve delay is 0.2 s).
-FAST = {"poll_interval": 0.5, "first_poll_delay": {"default": 0.3}}
 CHANGED = {"poll_interval": 0.6, "first_poll_delay": {"default": 0.3}}
 TYPO = {"request_timeuot": 30}
 TASK_CONFIG = "captcha_worker : Write the worker configuration"
@@ -81,22 +76,9 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(vault, tmp_path_factory) -> Iterator[Fleet]:
     """Two hosts of one env, deployed once (one batch), against an emulator of their own."""
-    key = new_key()
-    build(Recipe.load())
-    with (
-        emulator_for(key) as emulator,
-        worker_container(IMAGE, "kit-redeploy") as one,
-        worker_container(IMAGE, "kit-redeploy") as two,
-    ):
-        deployment = make_deployment(
-            vault,
-            one,
-            tmp_path_factory.mktemp("redeploy"),
-            more_hosts=[two],
-            first_key=key,
-            provider_url=emulator.url,
-            variables={"captcha_worker_provider_settings": FAST},
-        )
+    with emulated_env(vault, "kit-redeploy", tmp_path_factory.mktemp("redeploy"), count=2) as env:
+        one, two = env.hosts
+        deployment = env.deployment
         first = deploy(vault, deployment)
         assert first.rc == 0, first.failure_messages(one.name)[-3000:]
         print(f"\nfirst deploy of two fresh hosts: {first.seconds:.1f} s")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,8 @@ from captcha_solver.config import Config, parse_config
 from captcha_solver.vault import KvSecret, VaultUnavailable
 
 __all__ = ["free_port", "new_key"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_config(tmp: Path, **over: Any) -> Config:
@@ -174,20 +176,27 @@ class FakeProvider:
 
 
 @asynccontextmanager
-async def serve_fake_provider(fake: FakeProvider) -> AsyncIterator[FakeProvider]:
+async def serve_posts(routes: Mapping[str, Handler]) -> AsyncIterator[tuple[str, web.AppRunner]]:
+    """An HTTP server on a free loopback port answering POSTs to *routes* (path -> handler):
+    its base URL and its runner (``runner.cleanup()`` takes it down early)."""
     app = web.Application()
-    app.router.add_post("/in.php", fake.in_php)
-    app.router.add_post("/res.php", fake.res_php)
+    for path, handler in routes.items():
+        app.router.add_post(path, handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{port}"
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield fake
+        yield f"http://127.0.0.1:{port}", runner
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def serve_fake_provider(fake: FakeProvider) -> AsyncIterator[FakeProvider]:
+    async with serve_posts({"/in.php": fake.in_php, "/res.php": fake.res_php}) as (url, _):
+        fake.url = url
+        yield fake
 
 
 async def wait_for(predicate: Any, within: float = 5.0, interval: float = 0.02) -> None:

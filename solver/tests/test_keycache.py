@@ -24,6 +24,27 @@ def _cache(tmp_path, vault, clock=None, **over):
     return KeyCache(cfg.vault, cfg.provider, vault, new_metrics(), **kwargs)
 
 
+class FailingVault(FakeVault):
+    """A FakeVault whose reads raise ``failure`` while it is set (each counts as a read)."""
+
+    failure: Exception | None = None
+
+    def read_kv(self, mount, path):
+        if self.failure is not None:
+            self.reads += 1
+            raise self.failure
+        return super().read_kv(mount, path)
+
+
+def _loaded_cache(tmp_path, clock, vault_class=FakeVault, **over):
+    """A cache that has read one key from its vault: (cache, vault, key)."""
+    key = new_key()
+    vault = vault_class({"api_key": key})
+    cache = _cache(tmp_path, vault, clock, **over)
+    asyncio.run(cache.refresh("test"))
+    return cache, vault, key
+
+
 def test_no_key_before_first_read(tmp_path):
     cache = _cache(tmp_path, FakeVault({"api_key": new_key()}))
     with pytest.raises(KeyUnavailable) as err:
@@ -79,10 +100,7 @@ def test_interval_refresh_and_request_refresh(tmp_path):
 
 def test_vault_outage_keeps_key_until_max_staleness(tmp_path):
     clock = Clock()
-    key = new_key()
-    vault = FakeVault({"api_key": key})
-    cache = _cache(tmp_path, vault, clock, vault__max_staleness=10.0)
-    asyncio.run(cache.refresh("test"))
+    cache, vault, key = _loaded_cache(tmp_path, clock, vault__max_staleness=10.0)
     vault.down = True
     clock.now += 4
     assert not asyncio.run(cache.refresh("test"))
@@ -115,10 +133,7 @@ def test_rejected_key_replaced_by_vault_closes_nothing(tmp_path):
 
 def test_rejected_key_still_in_vault_opens_circuit_then_half_opens(tmp_path):
     clock = Clock()
-    key = new_key()
-    vault = FakeVault({"api_key": key})
-    cache = _cache(tmp_path, vault, clock, provider__circuit_cooldown=30.0)
-    asyncio.run(cache.refresh("test"))
+    cache, vault, key = _loaded_cache(tmp_path, clock, provider__circuit_cooldown=30.0)
     reads = vault.reads
     assert asyncio.run(cache.report_rejected(Secret(key), "ERROR_KEY_DOES_NOT_EXIST")) is None
     assert vault.reads == reads + 1  # refreshed at once
@@ -143,10 +158,7 @@ def test_rejected_key_still_in_vault_opens_circuit_then_half_opens(tmp_path):
 
 def test_failed_probe_reopens_the_circuit(tmp_path):
     clock = Clock()
-    key = new_key()
-    vault = FakeVault({"api_key": key})
-    cache = _cache(tmp_path, vault, clock, provider__circuit_cooldown=30.0)
-    asyncio.run(cache.refresh("test"))
+    cache, _vault, key = _loaded_cache(tmp_path, clock, provider__circuit_cooldown=30.0)
     asyncio.run(cache.report_rejected(Secret(key), "ERROR_KEY_DOES_NOT_EXIST"))
     clock.now += 31
     probe = cache.current_key()
@@ -161,10 +173,8 @@ def test_failed_probe_reopens_the_circuit(tmp_path):
 
 def test_new_key_in_vault_closes_open_circuit(tmp_path):
     clock = Clock()
-    key, new = new_key(), new_key()
-    vault = FakeVault({"api_key": key})
-    cache = _cache(tmp_path, vault, clock, provider__circuit_cooldown=300.0)
-    asyncio.run(cache.refresh("test"))
+    cache, vault, key = _loaded_cache(tmp_path, clock, provider__circuit_cooldown=300.0)
+    new = new_key()
     asyncio.run(cache.report_rejected(Secret(key), "ERROR_WRONG_USER_KEY"))
     assert cache.circuit_open
     vault.write({"api_key": new})
@@ -194,9 +204,7 @@ def test_backup_keys_on_zero_balance(tmp_path):
 
 def test_banned_pauses_provider_calls(tmp_path):
     clock = Clock()
-    vault = FakeVault({"api_key": new_key()})
-    cache = _cache(tmp_path, vault, clock, provider__circuit_cooldown=10.0)
-    asyncio.run(cache.refresh("test"))
+    cache, _vault, _key = _loaded_cache(tmp_path, clock, provider__circuit_cooldown=10.0)
     cache.report_banned("IP_BANNED")
     with pytest.raises(KeyUnavailable) as err:
         cache.current_key()
@@ -219,20 +227,8 @@ def test_concurrent_refreshes_share_one_read(tmp_path):
 def test_refused_login_counts_as_stale_then_fails_closed(tmp_path):
     """A revoked secret-id (Vault reachable, login refused) must not keep the key alive."""
     clock = Clock()
-    key = new_key()
-
-    class RefusingVault(FakeVault):
-        refuse = False
-
-        def read_kv(self, mount, path):
-            if self.refuse:
-                raise VaultAuthError("AppRole login at 'approle' refused: invalid secret id")
-            return super().read_kv(mount, path)
-
-    vault = RefusingVault({"api_key": key})
-    cache = _cache(tmp_path, vault, clock, vault__max_staleness=10.0)
-    asyncio.run(cache.refresh("test"))
-    vault.refuse = True
+    cache, vault, _key = _loaded_cache(tmp_path, clock, FailingVault, vault__max_staleness=10.0)
+    vault.failure = VaultAuthError("AppRole login at 'approle' refused: invalid secret id")
     clock.now += 5
     assert not asyncio.run(cache.refresh("test"))
     health = cache.health()
@@ -247,23 +243,14 @@ def test_refused_login_counts_as_stale_then_fails_closed(tmp_path):
 
 def test_unexpected_vault_error_does_not_kill_the_refresh_loop(tmp_path):
     key = new_key()
-
-    class OddVault(FakeVault):
-        odd = True
-
-        def read_kv(self, mount, path):
-            if self.odd:
-                self.reads += 1
-                raise KeyError("data")  # e.g. an unexpected response shape
-            return super().read_kv(mount, path)
-
-    vault = OddVault({"api_key": key})
+    vault = FailingVault({"api_key": key})
+    vault.failure = KeyError("data")  # e.g. an unexpected response shape
     cache = _cache(tmp_path, vault, vault__refresh_interval=0.05)
 
     async def scenario():
         cache.start()
         await wait_for(lambda: vault.reads >= 2, within=3)
-        vault.odd = False
+        vault.failure = None
         await wait_for(lambda: cache.key_version == 1, within=3)
         await cache.stop()
 

@@ -15,7 +15,7 @@ from captcha_solver.provider import (
 )
 from captcha_solver.secret import Secret
 
-from .helpers import FakeProvider, free_port, make_config, new_key, serve_fake_provider
+from .helpers import FakeProvider, make_config, new_key, serve_fake_provider, serve_posts
 
 
 @pytest.mark.parametrize(
@@ -160,25 +160,17 @@ def test_request_timeout_is_a_retryable_error(tmp_path):
         return web.Response(text="OK|1")
 
     async def scenario() -> tuple[ProviderError, float]:
-        app = web.Application()
-        app.router.add_post("/in.php", stall)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        cfg = make_config(
-            tmp_path, provider__url=f"http://127.0.0.1:{port}", provider__request_timeout=0.3
-        )
-        client = ProviderClient(cfg.provider, new_metrics())
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            with pytest.raises(ProviderError) as err:
-                await client.submit(Secret(key), "base64", {"body": "x"})
-            return err.value, loop.time() - started
-        finally:
-            await client.close()
-            await runner.cleanup()
+        async with serve_posts({"/in.php": stall}) as (url, _):
+            cfg = make_config(tmp_path, provider__url=url, provider__request_timeout=0.3)
+            client = ProviderClient(cfg.provider, new_metrics())
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                with pytest.raises(ProviderError) as err:
+                    await client.submit(Secret(key), "base64", {"body": "x"})
+                return err.value, loop.time() - started
+            finally:
+                await client.close()
 
     error, took = asyncio.run(scenario())
     assert error.code == "TIMEOUT"
@@ -206,14 +198,8 @@ def test_check_balance_uses_its_own_session_and_classifies(tmp_path):
         return web.json_response({"status": 1, "request": "4.20000"})
 
     async def scenario():
-        app = web.Application()
-        app.router.add_post("/res.php", res_php)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            cfg = make_config(tmp_path, provider__url=f"http://127.0.0.1:{port}").provider
+        async with serve_posts({"/res.php": res_php}) as (url, runner):
+            cfg = make_config(tmp_path, provider__url=url).provider
             metrics = new_metrics()
             assert await check_balance(cfg, metrics, Secret(good)) == pytest.approx(4.2)
             with pytest.raises(ProviderError) as err:
@@ -224,8 +210,6 @@ def test_check_balance_uses_its_own_session_and_classifies(tmp_path):
             with pytest.raises(ProviderError) as down:
                 await check_balance(cfg, metrics, Secret(good))
             assert down.value.kind is ErrorKind.RETRYABLE
-        finally:
-            await runner.cleanup()
 
     asyncio.run(scenario())
     assert all(s["query"] == "" for s in seen)

@@ -53,6 +53,13 @@ class FakeSession(FakeVault):
         return super().read_kv(mount, path)
 
 
+def _provider_and_vault(**fake) -> tuple[FakeProvider, FakeSession]:
+    """A fake provider (``fake``: its settings) and a fake Vault session holding one key the
+    provider takes."""
+    key = new_key()
+    return FakeProvider(valid_keys={key}, **fake), FakeSession({"api_key": key})
+
+
 async def _with_service(tmp_path, fake, vault, body, **over):
     async with serve_fake_provider(fake):
         cfg = make_config(tmp_path, provider__url=fake.url, **over)
@@ -140,9 +147,7 @@ def test_solve_healthz_metrics(tmp_path):
 
 
 def test_bad_requests_and_unhealthy(tmp_path):
-    key = new_key()
-    fake = FakeProvider(valid_keys={key})
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault()
 
     async def body(service, http, base):
         for payload, status in [
@@ -181,9 +186,7 @@ def test_solve_refuses_what_a_browser_page_could_send(tmp_path):
     preflight) and DNS rebinding can reach the worker under a foreign Host: /solve takes JSON
     only, and every route answers only requests addressed to a loopback host. Nothing of such a
     request reaches the provider."""
-    key = new_key()
-    fake = FakeProvider(valid_keys={key})
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault()
     task = json.dumps({"method": "userrecaptcha", **PARAMS})
 
     async def body(service, http, base):
@@ -214,9 +217,7 @@ def test_solve_refuses_what_a_browser_page_could_send(tmp_path):
 
 
 def test_sigterm_drain_finishes_in_flight(tmp_path):
-    key = new_key()
-    fake = FakeProvider(valid_keys={key}, ready_after=8)  # ~0.4 s per solve
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault(ready_after=8)  # ~0.4 s per solve
 
     async def body(service, http, base):
         async def one():
@@ -278,9 +279,7 @@ def test_parse_solve_request_rejects(doc):
 
 
 def test_unix_socket(tmp_path):
-    key = new_key()
-    fake = FakeProvider(valid_keys={key}, ready_after=0)
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault(ready_after=0)
     sock_path = tmp_path / "solver.sock"
 
     async def body(service, http, base):
@@ -367,9 +366,7 @@ def test_startup_timeout_does_not_apply_once_a_key_is_loaded(tmp_path):
 def test_sigterm_abandons_tasks_still_in_flight_after_the_grace(tmp_path, caplog):
     """Tasks the provider never finishes do not hold the shutdown: after ``shutdown_grace`` the
     service stops anyway (long before the tasks' own timeout) and says so in its log."""
-    key = new_key()
-    fake = FakeProvider(valid_keys={key}, ready_after=10_000)  # never ready
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault(ready_after=10_000)  # never ready
 
     async def body(service, http, base):
         async def one():
@@ -598,9 +595,7 @@ def test_solve_requires_the_bearer_token_over_tcp_and_the_unix_socket(tmp_path, 
     unix socket alike, and solves with it; /healthz and /metrics stay open. No unauthorised
     request reaches the provider, and the token is in no log record, answer or metric."""
     caplog.set_level(logging.DEBUG)
-    key = new_key()
-    fake = FakeProvider(valid_keys={key}, ready_after=0)
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault(ready_after=0)
     token_file = tmp_path / "api-token"
     token = _write_token(token_file)
     sock_path = tmp_path / "solver.sock"
@@ -675,9 +670,7 @@ def test_solve_requires_the_bearer_token_over_tcp_and_the_unix_socket(tmp_path, 
 def test_without_a_token_file_the_authorization_header_is_ignored(tmp_path):
     """No server.token_file (the package default): /solve needs no token, and a client that
     sends one anyway is served."""
-    key = new_key()
-    fake = FakeProvider(valid_keys={key}, ready_after=0)
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault(ready_after=0)
 
     async def body(service, http, base):
         statuses = []
@@ -695,9 +688,7 @@ def test_sighup_reads_the_token_file_again_and_keeps_the_token_when_it_went_bad(
     file that became empty keeps the current token (a reload never locks the clients out) and
     says so in the log, without either token."""
     caplog.set_level(logging.DEBUG)
-    key = new_key()
-    fake = FakeProvider(valid_keys={key}, ready_after=0)
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault(ready_after=0)
     token_file = tmp_path / "api-token"
     old = _write_token(token_file)
     tokens = [old]
@@ -810,9 +801,7 @@ def test_serve_exits_78_naming_the_token_file_and_check_config_reports_it(tmp_pa
 def test_the_solve_command_sends_the_token_of_the_configuration(tmp_path, capsys):
     """``captcha-solver solve`` reads server.token_file itself and sends the token (never on its
     command line); a configuration without it gets the worker's 401."""
-    key = new_key()
-    fake = FakeProvider(valid_keys={key}, ready_after=0)
-    vault = FakeSession({"api_key": key})
+    fake, vault = _provider_and_vault(ready_after=0)
     token_file = tmp_path / "api-token"
     token = _write_token(token_file)
     argv = ["--method", "userrecaptcha", "--param", "googlekey=g", "--param", "pageurl=u"]

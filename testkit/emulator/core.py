@@ -539,9 +539,12 @@ class Emulator:
             )
 
     def _authenticate(
-        self, params: Mapping[str, str], addr: str, endpoint: str, now: float
-    ) -> tuple[KeyRecord | None, KeyStats | None, Reply | None]:
-        """The key's record and stats, or the error reply to send."""
+        self, params: Mapping[str, str], addr: str, endpoint: str
+    ) -> tuple[float, KeyRecord, KeyStats] | Reply:
+        """The time of the request (expired tasks dropped by then), the key's record and its
+        stats; or the error reply to send."""
+        now = self.now()
+        self._expire(now)
         self.globals["requests"] += 1
         key = params.get("key", "")
         kid = key_id(key) if KEY_RE.fullmatch(key) else None
@@ -552,18 +555,18 @@ class Emulator:
             self.globals["ip_banned"] += 1
             if st is not None:
                 st.bump("ip_banned")
-            return None, st, Reply.error(IP_BANNED)
+            return Reply.error(IP_BANNED)
         if kid is None or st is None:
             self.globals["malformed_key"] += 1
             self._record_bad_key(addr, now)
-            return None, None, Reply.error(ERROR_WRONG_USER_KEY)
+            return Reply.error(ERROR_WRONG_USER_KEY)
         rec = self.keys.get(kid)
         if rec is None or rec.revoked:
             self.globals["unknown_key"] += 1
             st.bump("bad_key")
             self._record_bad_key(addr, now)
-            return None, st, Reply.error(ERROR_KEY_DOES_NOT_EXIST)
-        return rec, st, None
+            return Reply.error(ERROR_KEY_DOES_NOT_EXIST)
+        return now, rec, st
 
     # -- in.php ------------------------------------------------------------------
 
@@ -573,11 +576,10 @@ class Emulator:
         addr: str,
         upload: tuple[str, bytes] | None = None,
     ) -> Reply:
-        now = self.now()
-        self._expire(now)
-        rec, st, err = self._authenticate(params, addr, "in.php", now)
-        if err is not None or rec is None or st is None:
-            return err or Reply.error(ERROR_WRONG_USER_KEY)
+        caller = self._authenticate(params, addr, "in.php")
+        if isinstance(caller, Reply):
+            return caller
+        now, rec, st = caller
         method = params.get("method", "")
         problem = self._check_task_params(method, params, upload)
         if problem is not None:
@@ -661,11 +663,10 @@ class Emulator:
     # -- res.php -----------------------------------------------------------------
 
     def result(self, params: Mapping[str, str], addr: str) -> Reply:
-        now = self.now()
-        self._expire(now)
-        rec, st, err = self._authenticate(params, addr, "res.php", now)
-        if err is not None or rec is None or st is None:
-            return err or Reply.error(ERROR_WRONG_USER_KEY)
+        caller = self._authenticate(params, addr, "res.php")
+        if isinstance(caller, Reply):
+            return caller
+        now, rec, st = caller
         action = params.get("action", "")
         kid = key_id(rec.key)
         if action == "getbalance":

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import time
 
 import hvac
 import pytest
 
 from testkit.creds import assert_no_secrets
-from testkit.faults import SESSION, provision
-from testkit.paths import PROVISION, REPO
-from testkit.playbook import ansible_env, playbook_argv, provision_inventory
+from testkit.faults import SESSION, kill_leader_mid_run, provision
+from testkit.paths import PROVISION
+from testkit.playbook import ansible_env, playbook_argv, provision_inventory, start_argv
 from testkit.tokens import playbook_token
 from testkit.vault_ops import admin_client
 
@@ -32,34 +28,17 @@ def test_provisioning_survives_a_leader_kill_and_the_rerun_changes_nothing(ha, t
     inventory = provision_inventory(ha, envs, tmp_path, {"captcha_kit_vault_addr": leader.addr})
     token = playbook_token(ha, PROVISION, inventory, None)  # the provisioner's, never root
     env = ansible_env(ha, token=token, addrs=others) | {"VAULT_ADDR": leader.addr}
-    admin_policies = []
-    proc = subprocess.Popen(
-        playbook_argv(PROVISION, inventory),
-        cwd=REPO,
-        env=env | {"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    admin = admin_client(ha)
+
+    def policy_written() -> bool:
+        with contextlib.suppress(hvac.exceptions.VaultError, OSError):
+            return any(envs[0] in p for p in admin.sys.list_acl_policies()["data"]["keys"])
+        return False
+
+    proc = start_argv(
+        playbook_argv(PROVISION, inventory), env | {"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}
     )
-    try:
-        admin = admin_client(ha)
-        deadline = time.monotonic() + 120
-        while not admin_policies:
-            assert proc.poll() is None, "provisioning ended before the leader could be killed"
-            assert time.monotonic() < deadline, "provisioning never wrote a policy"
-            with contextlib.suppress(hvac.exceptions.VaultError, OSError):
-                admin_policies = [
-                    p for p in admin.sys.list_acl_policies()["data"]["keys"] if envs[0] in p
-                ]
-            time.sleep(0.1)
-        assert proc.poll() is None, "provisioning ended before the leader could be killed"
-        os.killpg(leader.pid(), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    text = out.decode()
+    text = kill_leader_mid_run(proc, leader, policy_written, "a policy written", 300)
     assert_no_secrets(text, [ha.root_token(), str(token)])
     assert proc.returncode == 0, text[-4000:]
     stats = json.loads(text[text.find("{") :])["stats"]["localhost"]

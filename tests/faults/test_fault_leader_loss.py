@@ -12,7 +12,14 @@ import time
 import pytest
 
 from testkit.creds import assert_no_secrets, new_key
-from testkit.faults import SESSION, Env, provision, rotation_inventory, rotation_vars
+from testkit.faults import (
+    SESSION,
+    Env,
+    kill_leader_mid_run,
+    provision,
+    rotation_inventory,
+    rotation_vars,
+)
 from testkit.loadgen import LoadGenerator
 from testkit.net import wait_for
 from testkit.paths import ROTATE
@@ -95,16 +102,9 @@ def test_leader_killed_in_the_middle_of_a_rotation(ha, ha_envs, emulator, tmp_pa
         load = LoadGenerator(fleet.urls, clients=4, duration=240, pause=0.05).start()
         try:
             proc = start_argv(playbook_argv(ROTATE, inventory, vars_file), run_env)
-            try:
-                wait_for(lambda: env.current_version() > before, 120, "the put")
-                assert proc.poll() is None, "the run ended before the leader could be killed"
-                os.killpg(leader.pid(), signal.SIGKILL)
-                out, _ = proc.communicate(timeout=240)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-            output = out.decode()
+            output = kill_leader_mid_run(
+                proc, leader, lambda: env.current_version() > before, "the put", 240
+            )
             assert_no_secrets(output, [key, old_key, ha.root_token()])
             status = json.loads(status_file.read_text()) if status_file.exists() else {}
             if proc.returncode != 0:  # the run gave up: a rerun must resume it

@@ -14,9 +14,9 @@ import re
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 from .contract import ENV_NAME_PATTERN, KEY_PATH_TEMPLATE
 from .secret import Secret
@@ -47,136 +47,6 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
-
-
-@dataclass(frozen=True)
-class VaultConfig:
-    addrs: tuple[str, ...]
-    role_id_file: Path
-    secret_id_file: Path
-    ca_file: Path | None = None
-    wrapped_secret_id_file: Path | None = None
-    approle_mount: str = "approle"
-    kv_mount: str = "secret"
-    key_path: str = ""
-    refresh_interval: float = 300.0
-    refresh_jitter: float = 0.1
-    max_staleness: float = 3600.0
-    # > 0: no key read within this many seconds of start -> exit 75 (EX_TEMPFAIL) so that the
-    # supervisor (systemd) restarts the worker; 0: keep running keyless and keep retrying.
-    startup_timeout: float = 0.0
-    timeout: float = 5.0
-    retries: int = 3
-    retry_delay: float = 0.5
-    # At most this many refused AppRole logins within login_refusal_window seconds; after that
-    # no login is sent until the oldest refusal leaves the window. Vault and OpenBao lock a
-    # role-id (shared by every worker of the env) after 5 refused logins within 15 minutes by
-    # default, so one host with a bad secret-id must stay well under that.
-    login_refusal_limit: int = 2
-    login_refusal_window: float = 960.0
-    # Warn (journal, once an hour; /healthz "warnings") when the secret-id expires within this
-    # many seconds: the deploy that re-issues it is overdue. Default: 7 days.
-    secret_id_warn_before: float = 604800.0
-
-    @property
-    def secret_id_accessor_file(self) -> Path:
-        return self.secret_id_file.with_name(self.secret_id_file.name + ".accessor")
-
-    @property
-    def secret_id_expiry_file(self) -> Path:
-        """When the secret-id expires (not secret): an ISO 8601 UTC time, ``never``, or
-        ``unknown`` (Vault refused the worker a lookup of an older secret-id's expiry)."""
-        return self.secret_id_file.with_name(self.secret_id_file.name + ".expires")
-
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    url: str
-    request_timeout: float = 30.0
-    task_timeout: float = 180.0
-    poll_interval: float = 5.0
-    poll_tick: float | None = None  # default: poll_interval / 5
-    first_poll_delay: Mapping[str, float] = field(
-        default_factory=lambda: dict(DEFAULT_FIRST_POLL_DELAY)
-    )
-    max_in_flight: int = 1000
-    # in.php requests on the wire at once. A key the provider no longer accepts (revoked) costs
-    # at most this many refused submits before the circuit opens: the others wait here and
-    # never leave (CaptchaAI bans an address after about 20 bad-key requests a minute).
-    max_submits_in_flight: int = 8
-    backoff_base: float = 1.0
-    backoff_max: float = 30.0
-    circuit_cooldown: float = 300.0
-    zero_balance_cooldown: float = 600.0
-    max_connections: int = 32
-
-    @property
-    def effective_poll_tick(self) -> float:
-        return self.poll_tick if self.poll_tick is not None else self.poll_interval / 5
-
-    def first_poll_delay_for(self, method: str) -> float:
-        delays = self.first_poll_delay
-        return delays.get(method, delays.get("default", DEFAULT_FIRST_POLL_DELAY["default"]))
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 18401
-    unix_socket: Path | None = None
-    # When set, POST /solve requires "Authorization: Bearer <this file's content>" (TCP and
-    # the unix socket alike); read at start and on SIGHUP, never logged (read_token below).
-    token_file: Path | None = None
-    shutdown_grace: float = 30.0
-
-    def read_token(self) -> Secret | None:
-        """The API token of ``token_file`` (None when unset), as a :class:`Secret`.
-
-        A file that cannot be read, is empty, is open to other users (any "other" permission
-        bit) or holds something else than one line of at least 16 visible ASCII characters
-        without spaces is a :class:`ConfigError` naming ``server.token_file``; no message ever
-        holds the file's content."""
-        if self.token_file is None:
-            return None
-        name, path = "server.token_file", self.token_file
-        try:
-            with path.open("rb") as fh:
-                mode = os.fstat(fh.fileno()).st_mode
-                raw = fh.read(2 * _TOKEN_MAX_BYTES)  # a longer file is refused below anyway
-        except OSError as exc:
-            raise ConfigError(name, f"cannot read {path}: {exc.strerror or exc}") from None
-        if mode & 0o007:
-            raise ConfigError(
-                name,
-                f"{path} is open to other users (mode {mode & 0o7777:04o}): give it to the owner"
-                " and the client group only (e.g. 0640)",
-            )
-        text = raw.decode("ascii", errors="replace").strip()
-        if not text:
-            raise ConfigError(name, f"{path} is empty")
-        if len(text) > _TOKEN_MAX_BYTES or not _TOKEN_RE.fullmatch(text):
-            raise ConfigError(
-                name,
-                f"{path} must hold one token of 16 to {_TOKEN_MAX_BYTES} visible ASCII"
-                " characters without spaces",
-            )
-        return Secret(text)
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    format: str = "json"
-    level: str = "INFO"
-
-
-@dataclass(frozen=True)
-class Config:
-    env: str
-    vault: VaultConfig
-    provider: ProviderConfig
-    server: ServerConfig = field(default_factory=ServerConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    source: Path | None = None
 
 
 # --------------------------------------------------------------------------- field parsers
@@ -315,57 +185,159 @@ def _host(name: str, value: Any) -> str:
     return text
 
 
-_SCHEMA: dict[str, dict[str, Parser]] = {
-    "vault": {
-        "addrs": _addrs,
-        "role_id_file": _path,
-        "secret_id_file": _path,
-        "ca_file": _path,
-        "wrapped_secret_id_file": _path,
-        "approle_mount": _str,
-        "kv_mount": _str,
-        "key_path": _str,
-        "refresh_interval": _float_in(0.0, lo_open=True),
-        "refresh_jitter": _float_in(0.0, 0.9),
-        "max_staleness": _float_in(0.0),
-        "startup_timeout": _float_in(0.0),
-        "timeout": _float_in(0.0, lo_open=True),
-        "retries": _int_in(1, 100),
-        "retry_delay": _float_in(0.0),
-        "login_refusal_limit": _int_in(1, 100),
-        "login_refusal_window": _float_in(0.0),
-        "secret_id_warn_before": _float_in(0.0),
-    },
-    "provider": {
-        "url": _provider_url,
-        "request_timeout": _float_in(0.0, lo_open=True),
-        "task_timeout": _float_in(0.0, lo_open=True),
-        "poll_interval": _float_in(0.0, lo_open=True),
-        "poll_tick": _float_in(0.0, lo_open=True),
-        "first_poll_delay": _delays,
-        "max_in_flight": _int_in(1, 100_000),
-        "max_submits_in_flight": _int_in(1, 1_000),
-        "backoff_base": _float_in(0.0, lo_open=True),
-        "backoff_max": _float_in(0.0, lo_open=True),
-        "circuit_cooldown": _float_in(0.0),
-        "zero_balance_cooldown": _float_in(0.0),
-        "max_connections": _int_in(1, 10_000),
-    },
-    "server": {
-        "host": _host,
-        "port": _int_in(1, 65535),
-        "unix_socket": _path,
-        "token_file": _path,
-        "shutdown_grace": _float_in(0.0),
-    },
-    "logging": {
-        "format": _choice("json", "text"),
-        "level": _choice(*_LEVELS, upper=True),
-    },
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    addrs: Annotated[tuple[str, ...], _addrs]
+    role_id_file: Annotated[Path, _path]
+    secret_id_file: Annotated[Path, _path]
+    ca_file: Annotated[Path | None, _path] = None
+    wrapped_secret_id_file: Annotated[Path | None, _path] = None
+    approle_mount: Annotated[str, _str] = "approle"
+    kv_mount: Annotated[str, _str] = "secret"
+    key_path: Annotated[str, _str] = ""
+    refresh_interval: Annotated[float, _float_in(0.0, lo_open=True)] = 300.0
+    refresh_jitter: Annotated[float, _float_in(0.0, 0.9)] = 0.1
+    max_staleness: Annotated[float, _float_in(0.0)] = 3600.0
+    # > 0: no key read within this many seconds of start -> exit 75 (EX_TEMPFAIL) so that the
+    # supervisor (systemd) restarts the worker; 0: keep running keyless and keep retrying.
+    startup_timeout: Annotated[float, _float_in(0.0)] = 0.0
+    timeout: Annotated[float, _float_in(0.0, lo_open=True)] = 5.0
+    retries: Annotated[int, _int_in(1, 100)] = 3
+    retry_delay: Annotated[float, _float_in(0.0)] = 0.5
+    # At most this many refused AppRole logins within login_refusal_window seconds; after that
+    # no login is sent until the oldest refusal leaves the window. Vault and OpenBao lock a
+    # role-id (shared by every worker of the env) after 5 refused logins within 15 minutes by
+    # default, so one host with a bad secret-id must stay well under that.
+    login_refusal_limit: Annotated[int, _int_in(1, 100)] = 2
+    login_refusal_window: Annotated[float, _float_in(0.0)] = 960.0
+    # Warn (journal, once an hour; /healthz "warnings") when the secret-id expires within this
+    # many seconds: the deploy that re-issues it is overdue. Default: 7 days.
+    secret_id_warn_before: Annotated[float, _float_in(0.0)] = 604800.0
+
+    @property
+    def secret_id_accessor_file(self) -> Path:
+        return self.secret_id_file.with_name(self.secret_id_file.name + ".accessor")
+
+    @property
+    def secret_id_expiry_file(self) -> Path:
+        """When the secret-id expires (not secret): an ISO 8601 UTC time, ``never``, or
+        ``unknown`` (Vault refused the worker a lookup of an older secret-id's expiry)."""
+        return self.secret_id_file.with_name(self.secret_id_file.name + ".expires")
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    url: Annotated[str, _provider_url]
+    request_timeout: Annotated[float, _float_in(0.0, lo_open=True)] = 30.0
+    task_timeout: Annotated[float, _float_in(0.0, lo_open=True)] = 180.0
+    poll_interval: Annotated[float, _float_in(0.0, lo_open=True)] = 5.0
+    # default (None): poll_interval / 5
+    poll_tick: Annotated[float | None, _float_in(0.0, lo_open=True)] = None
+    first_poll_delay: Annotated[Mapping[str, float], _delays] = field(
+        default_factory=lambda: dict(DEFAULT_FIRST_POLL_DELAY)
+    )
+    max_in_flight: Annotated[int, _int_in(1, 100_000)] = 1000
+    # in.php requests on the wire at once. A key the provider no longer accepts (revoked) costs
+    # at most this many refused submits before the circuit opens: the others wait here and
+    # never leave (CaptchaAI bans an address after about 20 bad-key requests a minute).
+    max_submits_in_flight: Annotated[int, _int_in(1, 1_000)] = 8
+    backoff_base: Annotated[float, _float_in(0.0, lo_open=True)] = 1.0
+    backoff_max: Annotated[float, _float_in(0.0, lo_open=True)] = 30.0
+    circuit_cooldown: Annotated[float, _float_in(0.0)] = 300.0
+    zero_balance_cooldown: Annotated[float, _float_in(0.0)] = 600.0
+    max_connections: Annotated[int, _int_in(1, 10_000)] = 32
+
+    @property
+    def effective_poll_tick(self) -> float:
+        return self.poll_tick if self.poll_tick is not None else self.poll_interval / 5
+
+    def first_poll_delay_for(self, method: str) -> float:
+        delays = self.first_poll_delay
+        return delays.get(method, delays.get("default", DEFAULT_FIRST_POLL_DELAY["default"]))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: Annotated[str, _host] = "127.0.0.1"
+    port: Annotated[int, _int_in(1, 65535)] = 18401
+    unix_socket: Annotated[Path | None, _path] = None
+    # When set, POST /solve requires "Authorization: Bearer <this file's content>" (TCP and
+    # the unix socket alike); read at start and on SIGHUP, never logged (read_token below).
+    token_file: Annotated[Path | None, _path] = None
+    shutdown_grace: Annotated[float, _float_in(0.0)] = 30.0
+
+    def read_token(self) -> Secret | None:
+        """The API token of ``token_file`` (None when unset), as a :class:`Secret`.
+
+        A file that cannot be read, is empty, is open to other users (any "other" permission
+        bit) or holds something else than one line of at least 16 visible ASCII characters
+        without spaces is a :class:`ConfigError` naming ``server.token_file``; no message ever
+        holds the file's content."""
+        if self.token_file is None:
+            return None
+        name, path = "server.token_file", self.token_file
+        try:
+            with path.open("rb") as fh:
+                mode = os.fstat(fh.fileno()).st_mode
+                raw = fh.read(2 * _TOKEN_MAX_BYTES)  # a longer file is refused below anyway
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {path}: {exc.strerror or exc}") from None
+        if mode & 0o007:
+            raise ConfigError(
+                name,
+                f"{path} is open to other users (mode {mode & 0o7777:04o}): give it to the owner"
+                " and the client group only (e.g. 0640)",
+            )
+        text = raw.decode("ascii", errors="replace").strip()
+        if not text:
+            raise ConfigError(name, f"{path} is empty")
+        if len(text) > _TOKEN_MAX_BYTES or not _TOKEN_RE.fullmatch(text):
+            raise ConfigError(
+                name,
+                f"{path} must hold one token of 16 to {_TOKEN_MAX_BYTES} visible ASCII"
+                " characters without spaces",
+            )
+        return Secret(text)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Annotated[str, _choice("json", "text")] = "json"
+    level: Annotated[str, _choice(*_LEVELS, upper=True)] = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    env: str
+    vault: VaultConfig
+    provider: ProviderConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: Path | None = None
+
+
+def _parsers(settings: type) -> dict[str, Parser]:
+    """The settings of a section's dataclass and their parsers (``Annotated[type, parser]``)."""
+    hints = get_type_hints(settings, include_extras=True)
+    return {f.name: hints[f.name].__metadata__[0] for f in fields(settings)}
+
+
+# A section's settings are its dataclass's fields; the ones without a default are required.
+_SECTIONS = {
+    "vault": VaultConfig,
+    "provider": ProviderConfig,
+    "server": ServerConfig,
+    "logging": LoggingConfig,
 }
+_SCHEMA = {section: _parsers(settings) for section, settings in _SECTIONS.items()}
 _REQUIRED = {
-    "vault": ("addrs", "role_id_file", "secret_id_file"),
-    "provider": ("url",),
+    section: tuple(
+        f.name for f in fields(settings) if f.default is MISSING and f.default_factory is MISSING
+    )
+    for section, settings in _SECTIONS.items()
 }
 
 

@@ -14,9 +14,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +253,24 @@ class Worker(WorkerProc):
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+
+    def run_cli(
+        self, *args: str, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``captcha-solver ARGS --config <this worker's>`` run to its exit, output captured and
+        kept in ``extra_outputs``; by default without the ``VAULT_*`` environment."""
+        result = subprocess.run(
+            [sys.executable, "-m", "captcha_solver", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("VAULT_")}
+            if env is None
+            else dict(env),
+        )
+        self.extra_outputs += [result.stdout, result.stderr]
+        return result
 
 
 def provision(

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -42,8 +39,6 @@ def test_secrets_never_in_logs_health_metrics_cli_or_errors(vault, worker_factor
     secret_id = w.secret_id_file.read_text().strip()
     role_id = (w.dir / "role-id").read_text().strip()
     w.keys += [secret_id]
-    cli = [sys.executable, "-m", "captcha_solver"]
-    outputs: list[str] = []
 
     # Happy path, through HTTP and the CLI.
     assert w.solve().status_code == 200
@@ -60,13 +55,7 @@ def test_secrets_never_in_logs_health_metrics_cli_or_errors(vault, worker_factor
             "pageurl=https://e.test/",
         ],
     ):
-        done = subprocess.run(
-            [*cli, *args, "--config", str(w.config_path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        outputs += [done.stdout, done.stderr]
+        w.run_cli(*args)
     # Backup key on zero balance, then both keys revoked: rejection, refresh, circuit open.
     w.emulator.admin.set_balance(w.keys[0], 0.0)
     assert w.solve().status_code == 200
@@ -92,21 +81,12 @@ def test_secrets_never_in_logs_health_metrics_cli_or_errors(vault, worker_factor
     # still nothing secret in the output.
     w.secret_id_file.unlink()
     w.wrapped_file.write_text(wrapping_token + "\n")
-    done = subprocess.run(
-        [*cli, "serve", "--config", str(w.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("VAULT_")},
-    )
-    assert done.returncode == 78
-    outputs += [done.stdout, done.stderr]
+    assert w.run_cli("serve").returncode == 78
 
     log = w.log_text()
     assert len(log.splitlines()) > 20  # DEBUG logging was on and the worker talked a lot
     assert f"***{w.keys[0][-4:]}" in log  # keys appear only as their fingerprints
-    _assert_clean([log, *outputs, *w.extra_outputs], [*w.keys, wrapping_token, role_id])
+    _assert_clean([log, *w.extra_outputs], [*w.keys, wrapping_token, role_id])
 
 
 def test_secrets_never_in_reprs_or_exceptions(vault, worker_factory):

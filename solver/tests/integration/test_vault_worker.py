@@ -7,8 +7,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
 
 import pytest
@@ -37,41 +35,25 @@ def test_login_read_and_solve(vault, worker_factory):
     assert r.json()["token"].startswith("03AGdBq2")
     assert counters(w.emulator, w.keys[0])["solved"] == 1
 
-    base = [sys.executable, "-m", "captcha_solver"]
     # A proxy in the environment must not capture the loopback API calls of the CLI.
     proxied = {**os.environ, "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
     proxied.pop("no_proxy", None)
     proxied.pop("NO_PROXY", None)
-    status_cli = subprocess.run(
-        [*base, "status", "--config", str(w.config_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=proxied,
-    )
+    status_cli = w.run_cli("status", env=proxied)
     assert status_cli.returncode == 0, status_cli.stderr
     assert json.loads(status_cli.stdout)["key_version"] == 1
-    solve_cli = subprocess.run(
-        [
-            *base,
-            "solve",
-            "--config",
-            str(w.config_path),
-            "--method",
-            "hcaptcha",
-            "--param",
-            "sitekey=abc",
-            "--param",
-            "pageurl=https://example.test/",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    solve_cli = w.run_cli(
+        "solve",
+        "--method",
+        "hcaptcha",
+        "--param",
+        "sitekey=abc",
+        "--param",
+        "pageurl=https://example.test/",
         env=proxied,
     )
     assert solve_cli.returncode == 0, solve_cli.stdout + solve_cli.stderr
     assert json.loads(solve_cli.stdout)["token"].startswith("P1_")
-    w.extra_outputs += [status_cli.stdout, status_cli.stderr, solve_cli.stdout, solve_cli.stderr]
     assert w.stop() == 0
 
 
@@ -220,17 +202,9 @@ def test_wrapped_secret_id_unwrapped_once(vault, worker_factory):
     refused.unlink()
     w.secret_id_file.unlink()
     w.wrapped_file.write_text(wrapping_token + "\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "captcha_solver", "serve", "--config", str(w.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("VAULT_")},
-    )
+    result = w.run_cli("serve")
     assert result.returncode == 78
     assert "possible tampering" in result.stderr
-    w.extra_outputs += [result.stdout, result.stderr]
     assert w.wrapped_file.exists()  # left for the operator to look at
 
 
@@ -389,19 +363,6 @@ def test_sighup_while_the_first_vault_read_hangs_does_not_kill_the_worker(vault,
         assert w.proc.wait(timeout=30) == 0
 
 
-def _take(w) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "captcha_solver", "take-secret-id", "--config", str(w.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("VAULT_")},
-    )
-    w.extra_outputs += [result.stdout, result.stderr]
-    return result
-
-
 def test_take_secret_id_unwraps_at_delivery_and_the_worker_uses_it(vault, worker_factory):
     """`captcha-solver take-secret-id` (the role, right after delivering the token) unwraps the
     token at once, so it never waits for the restart; a rerun finds nothing; a used token is
@@ -409,18 +370,18 @@ def test_take_secret_id_unwraps_at_delivery_and_the_worker_uses_it(vault, worker
     w = worker_factory(vault, wrapped=True)
     wrapping_token = w.wrapped_file.read_text().strip()
     w.write_config()
-    taken = _take(w)
+    taken = w.run_cli("take-secret-id")
     assert taken.returncode == 0, taken.stderr
     assert "secret-id unwrapped" in taken.stdout
     assert not w.wrapped_file.exists()
     secret_id = w.secret_id_file.read_text().strip()
     w.keys.append(secret_id)
     assert stat.S_IMODE(w.secret_id_file.stat().st_mode) == 0o600
-    again = _take(w)
+    again = w.run_cli("take-secret-id")
     assert (again.returncode, again.stdout.strip()) == (0, "no wrapped secret-id waiting")
 
     w.wrapped_file.write_text(wrapping_token + "\n")  # a replayed (used) token
-    refused = _take(w)
+    refused = w.run_cli("take-secret-id")
     assert refused.returncode == 78
     assert "possible tampering" in refused.stderr
     assert w.wrapped_file.with_name("secret-id.wrapped.refused").exists()

@@ -58,6 +58,9 @@ Running a module
         ``diff``): the item's own result, or ``{"changed": any, option: results}`` for a batch.
         In diff mode the diff is the item's, or the list of the diffs of the changed items.
 
+    ``with_diff(module, result, before, after) -> dict``
+        ``result``, in diff mode with ``diff = {"before": before, "after": after}``.
+
 HA (a raft cluster: leader changes, nodes down)
     ``RetryingAdapter``: the hvac adapter ``get_client`` uses. Each request is sent to the
     address that answered last; on a connection error (not a TLS error), a 5xx answer (500
@@ -179,6 +182,13 @@ def batch_result(module, option, batch, results):
         diff = diffs[0]
     if module._diff and diff:
         result["diff"] = diff
+    return result
+
+
+def with_diff(module, result, before, after):
+    """``result``, with ``diff`` (``before`` and ``after``) when the module runs in diff mode."""
+    if module._diff:
+        result["diff"] = {"before": before, "after": after}
     return result
 
 

@@ -44,56 +44,58 @@ options:
         description: Role name.
         type: str
         required: true
-      bind_secret_id:
-        description: Require a secret-id at login.
-        type: bool
-      secret_id_bound_cidrs:
-        description: CIDRs (or single addresses) allowed to log in with a secret-id.
-        type: list
-        elements: str
-      secret_id_num_uses:
-        description: Logins per secret-id (C(0) = unlimited).
-        type: int
-      secret_id_ttl:
-        description:
-          - Lifetime of a secret-id (C(0) = no expiry); seconds or a duration such as C(24h).
-        type: str
-      local_secret_ids:
-        description:
-          - Secret-ids local to this cluster (not replicated).
-          - Can only be set when the role is created; a differing value on an existing role fails.
-        type: bool
-      token_ttl:
-        description: TTL of issued tokens; seconds or a duration.
-        type: str
-      token_max_ttl:
-        description: Maximum TTL of issued tokens; seconds or a duration.
-        type: str
-      token_explicit_max_ttl:
-        description: Hard maximum TTL of issued tokens (C(0) = none); seconds or a duration.
-        type: str
-      token_period:
-        description:
-          - Period of periodic tokens (C(0) = tokens are not periodic); seconds or a duration.
-        type: str
-      token_policies:
-        description: Policies attached to issued tokens.
-        type: list
-        elements: str
-      token_bound_cidrs:
-        description: CIDRs (or single addresses) that may use issued tokens.
-        type: list
-        elements: str
-      token_no_default_policy:
-        description: Do not attach the C(default) policy.
-        type: bool
-      token_num_uses:
-        description: Uses per token (C(0) = unlimited).
-        type: int
-      token_type:
-        description: Token type.
-        type: str
-        choices: [default, service, batch, default-service, default-batch]
+      # The role settings, written once: the top-level options merge them in below.
+      <<: &role_settings
+        bind_secret_id:
+          description: Require a secret-id at login.
+          type: bool
+        secret_id_bound_cidrs:
+          description: CIDRs (or single addresses) allowed to log in with a secret-id.
+          type: list
+          elements: str
+        secret_id_num_uses:
+          description: Logins per secret-id (C(0) = unlimited).
+          type: int
+        secret_id_ttl:
+          description:
+            - Lifetime of a secret-id (C(0) = no expiry); seconds or a duration such as C(24h).
+          type: str
+        local_secret_ids:
+          description:
+            - Secret-ids local to this cluster (not replicated).
+            - Can only be set when the role is created; a differing value on an existing role fails.
+          type: bool
+        token_ttl:
+          description: TTL of issued tokens; seconds or a duration.
+          type: str
+        token_max_ttl:
+          description: Maximum TTL of issued tokens; seconds or a duration.
+          type: str
+        token_explicit_max_ttl:
+          description: Hard maximum TTL of issued tokens (C(0) = none); seconds or a duration.
+          type: str
+        token_period:
+          description:
+            - Period of periodic tokens (C(0) = tokens are not periodic); seconds or a duration.
+          type: str
+        token_policies:
+          description: Policies attached to issued tokens.
+          type: list
+          elements: str
+        token_bound_cidrs:
+          description: CIDRs (or single addresses) that may use issued tokens.
+          type: list
+          elements: str
+        token_no_default_policy:
+          description: Do not attach the C(default) policy.
+          type: bool
+        token_num_uses:
+          description: Uses per token (C(0) = unlimited).
+          type: int
+        token_type:
+          description: Token type.
+          type: str
+          choices: [default, service, batch, default-service, default-batch]
   mount_point:
     description: AppRole mount path.
     type: str
@@ -103,54 +105,7 @@ options:
     type: str
     choices: [present, absent]
     default: present
-  bind_secret_id:
-    description: Require a secret-id at login.
-    type: bool
-  secret_id_bound_cidrs:
-    description: CIDRs (or single addresses) allowed to log in with a secret-id.
-    type: list
-    elements: str
-  secret_id_num_uses:
-    description: Logins per secret-id (C(0) = unlimited).
-    type: int
-  secret_id_ttl:
-    description: Lifetime of a secret-id (C(0) = no expiry); seconds or a duration such as C(24h).
-    type: str
-  local_secret_ids:
-    description:
-      - Secret-ids local to this cluster (not replicated).
-      - Can only be set when the role is created; a differing value on an existing role fails.
-    type: bool
-  token_ttl:
-    description: TTL of issued tokens; seconds or a duration.
-    type: str
-  token_max_ttl:
-    description: Maximum TTL of issued tokens; seconds or a duration.
-    type: str
-  token_explicit_max_ttl:
-    description: Hard maximum TTL of issued tokens (C(0) = none); seconds or a duration.
-    type: str
-  token_period:
-    description: Period of periodic tokens (C(0) = tokens are not periodic); seconds or a duration.
-    type: str
-  token_policies:
-    description: Policies attached to issued tokens.
-    type: list
-    elements: str
-  token_bound_cidrs:
-    description: CIDRs (or single addresses) that may use issued tokens.
-    type: list
-    elements: str
-  token_no_default_policy:
-    description: Do not attach the C(default) policy.
-    type: bool
-  token_num_uses:
-    description: Uses per token (C(0) = unlimited).
-    type: int
-  token_type:
-    description: Token type.
-    type: str
-    choices: [default, service, batch, default-service, default-batch]
+  <<: *role_settings
 extends_documentation_fragment:
   - captcha_kit.vault.connection
   - captcha_kit.vault.connection.changes

@@ -87,6 +87,7 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client imp
     get_client,
     run_module,
     vault_call,
+    with_diff,
 )
 
 OPTIONS = {
@@ -213,8 +214,7 @@ def ensure_audit_device(module):
 
     before = {"devices": summary}
     after = {"devices": dict(summary, **{path + "/": p["type"]})}
-    if module._diff:
-        result["diff"] = {"before": before, "after": after}
+    with_diff(module, result, before, after)
     result["changed"] = True
     if module.check_mode:
         result["devices"] = after["devices"]

@@ -80,6 +80,7 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client imp
     get_client,
     run_module,
     vault_call,
+    with_diff,
 )
 
 LOCKOUT_SPEC = {
@@ -215,9 +216,7 @@ def ensure_auth_method(module):
         "path": path,
         "accessor": (current or {}).get("accessor", ""),
     }
-    if module._diff:
-        result["diff"] = {"before": before, "after": after}
-    return result
+    return with_diff(module, result, before, after)
 
 
 def main():

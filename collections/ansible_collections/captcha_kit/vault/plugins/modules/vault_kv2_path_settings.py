@@ -62,6 +62,7 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client imp
     read_kv2_metadata,
     run_module,
     vault_call_when_ready,
+    with_diff,
 )
 
 OPTIONS = {
@@ -111,9 +112,7 @@ def keep_settings(module):
                 json=wanted,
             )
     result = {"changed": bool(changed_paths), "changed_paths": changed_paths}
-    if module._diff:
-        result["diff"] = {"before": before, "after": after}
-    return result
+    return with_diff(module, result, before, after)
 
 
 def main():

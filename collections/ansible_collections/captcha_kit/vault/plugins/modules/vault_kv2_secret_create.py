@@ -59,6 +59,7 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client imp
     read_kv2_metadata,
     run_module,
     vault_call_when_ready,
+    with_diff,
 )
 
 OPTIONS = {
@@ -94,11 +95,7 @@ def create_secret(module):
     result = {"changed": False, "created": False, "version": version}
     if version == 0:
         result.update(changed=True, created=True)
-        if module._diff:
-            result["diff"] = {
-                "before": {"exists": False},
-                "after": {"exists": True, "fields": fields},
-            }
+        with_diff(module, result, {"exists": False}, {"exists": True, "fields": fields})
         if not module.check_mode:
             written = vault_call_when_ready(
                 module,

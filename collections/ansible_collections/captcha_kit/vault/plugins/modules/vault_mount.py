@@ -85,6 +85,7 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client imp
     ttl_to_seconds,
     vault_call,
     vault_call_when_ready,
+    with_diff,
 )
 
 OPTIONS = {
@@ -219,9 +220,7 @@ def ensure_mount(module):
         "mount": after,
         "changed_keys": changed_keys,
     }
-    if module._diff:
-        result["diff"] = {"before": before or {}, "after": after}
-    return result
+    return with_diff(module, result, before or {}, after)
 
 
 def main():
