@@ -12,6 +12,12 @@ the worker host".
 Keys are generated at run time and reach ansible-playbook only through 0600 extra-vars files;
 every playbook run is checked for leaked keys and tokens.
 
+The rotation takes a census of the env's worker secret-ids in Vault (the host named in each
+one's metadata must be a worker of the env in the inventory): each worker of ``start_workers``
+gets a secret-id of its own with the metadata ``host``/``env`` the kit's deploy writes, and the
+reset of an env destroys every secret-id of its worker role. An inventory without workers sets
+``key_rotation_allow_no_workers`` (an env that really has none) unless the test says otherwise.
+
 Faults on the wire, for the rotation's bad-key suite: ``DroppingProxy`` (HTTPS in front of the
 test Vault that drops the answer of one request Vault applied) and ``ProviderStandIn`` (a
 getbalance for the controller that lets a test act between the plan's validation and the put).
@@ -23,9 +29,16 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
+import pty
 import secrets
+import select
+import signal
 import ssl
+import subprocess
+import termios
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,7 +53,7 @@ import requests
 from testkit.creds import assert_no_secrets, new_key, write_private
 from testkit.emulator import EmulatorProcess
 from testkit.net import free_port
-from testkit.paths import PROVISION, ROTATE
+from testkit.paths import BIN, PROVISION, ROTATE
 from testkit.playbook import (
     ansible_env,
     playbook_argv,
@@ -181,6 +194,34 @@ class RotEnv:
         self.secrets.append(files[1].read_text().strip())
         return files
 
+    def worker_secret_id(self, host: str, env: str | None = None) -> tuple[str, str]:
+        """A secret-id of the env's worker role issued the way the kit's deploy issues one (the
+        metadata ``host`` and ``env``): ``(secret_id, accessor)``; the secret-id is kept among
+        the secrets no output may show."""
+        resp = self.admin.auth.approle.generate_secret_id(
+            f"captcha-worker-{self.name}",
+            metadata={"host": host, "env": env or self.name},
+            mount_point="approle",
+        )["data"]
+        self.secrets.append(resp["secret_id"])
+        return resp["secret_id"], resp["secret_id_accessor"]
+
+    def bao(
+        self, command: str, token: str, stdin: str = "", *, shell: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run an operator's shell command line (``bao`` of the venv first on PATH) against the
+        test Vault with ``token`` in VAULT_TOKEN, as the docs and messages print it."""
+        env = rotation_env(self, token) | {"PATH": f"{BIN}:/usr/bin:/bin"}
+        return subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", command],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
 
 @pytest.fixture
 def rot_env(
@@ -194,6 +235,11 @@ def rot_env(
     for path in (f"captchaai/{name}", f"captchaai-staged/{name}"):
         with contextlib.suppress(hvac.exceptions.InvalidPath):
             admin.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point="secret")
+    # The secret-ids of earlier tests' workers (their hosts are not in this test's inventory).
+    role = f"captcha-worker-{name}"
+    with contextlib.suppress(hvac.exceptions.InvalidPath):
+        for accessor in admin.auth.approle.list_secret_id_accessors(role)["data"]["keys"]:
+            admin.auth.approle.destroy_secret_id_accessor(role, accessor)
     old = new_key()
     admin.secrets.kv.v2.create_or_update_secret(
         f"captchaai/{name}", {"api_key": old}, cas=0, mount_point="secret"
@@ -211,10 +257,12 @@ def start_workers(rot_env: RotEnv) -> Iterator[Any]:
     started: list[WorkerProc] = []
 
     def factory(n: int) -> list[WorkerProc]:
-        role_id_file, secret_id_file = rot_env.approle_files(f"captcha-worker-{rot_env.name}")
+        role_id_file, _ = rot_env.approle_files(f"captcha-worker-{rot_env.name}")
         workers = []
         for i in range(n):
             name = f"worker-{rot_env.name}-{i + 1}"
+            secret_id, _ = rot_env.worker_secret_id(name)
+            secret_id_file = write_private(rot_env.tmp / f"secret-id-{name}", secret_id + "\n")
             config = worker_config(
                 env=rot_env.name,
                 port=free_port(),
@@ -255,7 +303,8 @@ def rotation_inventory(
 ) -> Path:
     """An inventory for playbooks/rotate-key.yml: localhost plus each worker process as a host
     of ``workers`` with a local connection. The workers are processes, not systemd units: no
-    nudge; they pick the key up on their refresh."""
+    nudge; they pick the key up on their refresh. Without workers the env is one that really
+    has none (``key_rotation_allow_no_workers``; ``extra_vars`` may say otherwise)."""
     hosts = {}
     for w in workers:
         name, port = (w.name, w.port) if isinstance(w, WorkerProc) else w
@@ -273,6 +322,7 @@ def rotation_inventory(
             "key_rotation_nudge": False,
             "key_rotation_window_margin": window_margin,
             "key_rotation_poll_delay": 1,
+            **({"key_rotation_allow_no_workers": True} if not workers else {}),
             **(extra_vars or {}),
         },
     )
@@ -353,6 +403,63 @@ def run_unattended(
     """A scheduler's run: ``key_rotation_unattended`` with a rotator token of the env."""
     variables = {**(variables or {}), "key_rotation_unattended": True}
     return run_rotation(rot_env, inventory, variables, token=rot_env.rotator_token(), **kwargs)
+
+
+def _wait_reading(fd: int, deadline: float) -> None:
+    """Wait until the program on the terminal reads its answer itself: Ansible's ``pause`` turns
+    the terminal's echo off (it echoes a visible answer itself, a hidden one never), so a reply
+    typed before that could be echoed by the terminal."""
+    while time.monotonic() < deadline:
+        if not termios.tcgetattr(fd)[3] & termios.ECHO:
+            return
+        time.sleep(0.05)
+
+
+def run_in_terminal(
+    argv: list[str],
+    env: dict[str, str],
+    answers: Sequence[tuple[str, str | Callable[[], str]]],
+    *,
+    cwd: Path,
+    timeout: float = 240,
+) -> tuple[int, str, list[str]]:
+    """Run ``argv`` on a pseudo-terminal as an operator at a shell would; answer each (prompt
+    text, reply) in turn (a callable reply is called when its prompt shows). Returns ``(exit
+    code, output, prompts never shown)``; a run still going at ``timeout`` is killed."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty is its controlling terminal
+        os.chdir(cwd)
+        os.execve(argv[0], argv, env)  # noqa: S606 (fixed argv, no shell)
+    out = b""
+    seen = 0
+    pending = list(answers)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if fd in ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if pending and pending[0][0].encode() in out[seen:]:
+                seen = out.index(pending[0][0].encode(), seen) + len(pending[0][0])
+                reply = pending.pop(0)[1]
+                _wait_reading(fd, deadline)
+                os.write(fd, (reply() if callable(reply) else reply).encode() + b"\r")
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        _, wait_status = os.waitpid(pid, 0)
+        os.close(fd)
+    return (
+        os.waitstatus_to_exitcode(wait_status),
+        out.decode(errors="replace"),
+        [p for p, _ in pending],
+    )
 
 
 # --------------------------------------------------------------------------- faults on the wire

@@ -129,10 +129,17 @@ def test_provider_rejecting_the_new_key_is_refused(rot_env: RotEnv):
 
 
 def test_confirmation_without_pending_rotation_is_refused(rot_env: RotEnv):
-    """key_rotation_confirm_revoked with nothing awaiting revocation is refused."""
-    run = refused(rot_env, {"key_rotation_confirm_revoked": rot_env.name})
+    """key_rotation_confirm_revoked with nothing awaiting revocation and nothing to rotate to
+    (the scheduler's staged source, nothing staged) is refused. (With a key to come, the env
+    name is the confirmation given up front: docs/runbooks.md, emergency rotation.)"""
+    run = refused(
+        rot_env, {"key_rotation_confirm_revoked": rot_env.name, "key_rotation_key_source": "staged"}
+    )
     assert "no rotation of" in run.status["message"]
     assert "is awaiting revocation (recorded state: none)" in run.status["message"]
+    # Without a terminal and without a key, the up-front confirmation has no key to rotate to.
+    run = refused(rot_env, {"key_rotation_confirm_revoked": rot_env.name})
+    assert run.status["message"].startswith(f"No new key for {rot_env.name}: ")
 
 
 def test_rollback_after_finalize_is_refused(rot_env: RotEnv):
@@ -144,6 +151,7 @@ def test_rollback_after_finalize_is_refused(rot_env: RotEnv):
         rot_env, inv, {"key_rotation_new_key": key, "key_rotation_unattended": True}, token=token
     )
     assert first.status["outcome"] == "awaiting_revocation", first.output[-3000:]
+    rot_env.emulator.admin.revoke_key(rot_env.old_key)
     done = run_rotation(
         rot_env, inv, {"key_rotation_confirm_revoked": first.status["rotation_id"]}, token=token
     )

@@ -96,7 +96,7 @@ def test_scheduled_rotation_exit_codes_and_webhook(rot_env: RotEnv, start_worker
     rid = rot_env.record()["rotation_id"]
     rc, out = wrapper(rot_env, inv, "--confirm-revoked")  # passes the env name: names no rotation
     assert rc == 1, out[-3000:]
-    assert f"pass key_rotation_confirm_revoked={rid}" in out
+    assert f"pass --confirm-revoked {rid}" in out  # the wrapper's own flag
     assert rot_env.record()["rotation_state"] == "awaiting_revocation"
     # The confirmation that names the rotation: --confirm-revoked <rotation id>.
     rc, out = wrapper(rot_env, inv, "--confirm-revoked", rid)

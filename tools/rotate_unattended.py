@@ -16,6 +16,9 @@ code  meaning
 0     done: rotation complete, rolled back, or nothing to do (no staged key, nothing pending)
 75    awaiting revocation: every worker uses the new key; revoke the old key at the provider,
       then run again with --confirm-revoked (EX_TEMPFAIL: "try again later")
+76    old key still active: the revocation was confirmed but the provider still accepts the
+      old key; NOT finalized (old version kept, state awaiting_revocation). Revoke it at the
+      provider, then confirm again (or finalize anyway with key_rotation_force_finalize=true)
 1     refused or failed before anything changed (bad key, no rights, worker unreachable, ...)
 3     failed in the middle of a rotation (state propagating, e.g. a worker did not move within
       the window): needs an operator; a rerun resumes, or roll back
@@ -56,6 +59,7 @@ EXIT_FAILED_MID_ROTATION = 3
 EXIT_NO_OUTCOME = 4
 EXIT_USAGE = 64
 EXIT_AWAITING_REVOCATION = 75
+EXIT_OLD_KEY_ACTIVE = 76
 
 
 def exit_code(status: dict | None) -> int:
@@ -67,6 +71,8 @@ def exit_code(status: dict | None) -> int:
         return EXIT_DONE
     if outcome == "awaiting_revocation":
         return EXIT_AWAITING_REVOCATION
+    if outcome == "old_key_active":
+        return EXIT_OLD_KEY_ACTIVE
     if outcome == "failed" and status.get("rotation_state") == "propagating":
         return EXIT_FAILED_MID_ROTATION
     return EXIT_FAILED
@@ -74,7 +80,16 @@ def exit_code(status: dict | None) -> int:
 
 # ---------------------------------------------------------------- node_exporter textfile metrics
 METRIC_PREFIX = "captcha_key_rotation_"
-OUTCOMES = ("complete", "awaiting_revocation", "rolled_back", "noop", "check", "failed", "none")
+OUTCOMES = (
+    "complete",
+    "awaiting_revocation",
+    "old_key_active",
+    "rolled_back",
+    "noop",
+    "check",
+    "failed",
+    "none",
+)
 STATES = ("none", "propagating", "awaiting_revocation", "complete", "rolled_back", "unknown")
 # The record's times (``%Y-%m-%dT%H:%M:%SZ``) -> ``<name>_timestamp_seconds``.
 RECORD_TIMES = {"started_at": "started", "converged_at": "converged", "confirmed_at": "confirmed"}
@@ -83,7 +98,7 @@ _HELP = {
     "run_started_timestamp_seconds": "Unix time the last (or current) run started.",
     "last_run_timestamp_seconds": "Unix time the last run ended.",
     "last_run_duration_seconds": "Wall time of the last run.",
-    "last_exit_code": "Exit code of the last run (0 done, 75 awaiting revocation, 1, 3, 4).",
+    "last_exit_code": "Exit code of the last run (0 done, 75 awaiting revocation, 76, 1, 3, 4).",
     "last_outcome": "1 for the outcome of the last run.",
     "state": "1 for the rotation state recorded in Vault after the last run.",
     "current_version": "KV version of the key after the last run.",
@@ -230,7 +245,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Unattended key rotation with documented exit codes (see module docstring).",
     )
     p.add_argument("--env", required=True, help="environment to rotate")
-    p.add_argument("--inventory", "-i", help="inventory (default: ansible.cfg's)")
+    p.add_argument(
+        "--inventory",
+        "-i",
+        action="append",
+        default=[],
+        help="inventory (repeatable; default: ansible.cfg's)",
+    )
     p.add_argument("--role-id-file", help="rotator role-id file (else VAULT_TOKEN is used)")
     p.add_argument("--secret-id-file", help="rotator secret-id file (0600)")
     p.add_argument(
@@ -286,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "key_rotation_env": args.env,
         "key_rotation_unattended": True,
         "key_rotation_key_source": args.key_source,
+        # The role's messages then name this wrapper's flags (--env, --confirm-revoked).
+        "key_rotation_caller": "rotate-unattended",
     }
     if args.role_id_file:
         variables |= {
@@ -322,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [str(Path(sys.executable).parent / "ansible-playbook")]
         if not Path(cmd[0]).exists():
             cmd = ["ansible-playbook"]
-        if args.inventory:
-            cmd += ["-i", str(Path(args.inventory).resolve())]
+        for inventory in args.inventory:
+            cmd += ["-i", str(Path(inventory).resolve())]
         cmd += [str(PLAYBOOK), "-e", f"@{vars_file}"]
         for extra in args.extra_vars_file:
             cmd += ["-e", f"@{Path(extra).resolve()}"]

@@ -117,11 +117,26 @@ class Rotation:
                 raise RotationRefused(
                     f"The token lacks rotator rights for {self.env}: missing "
                     + ", ".join(missing)
-                    + f". Use the captcha-rotator-{self.env} AppRole or an admin token; "
-                    "nothing changed",
+                    + f". The token in use is {self.identity()}. Use the "
+                    f"captcha-rotator-{self.env} AppRole or an admin token; nothing changed",
                     missing_rights=missing,
                 )
         self.refresh()
+
+    def identity(self):
+        """Who the token is, for a refusal: its name, the AppRole role it logged in with
+        (``role_name``) and its policies; ``unknown`` when the lookup fails."""
+        try:
+            info = self.client.auth.token.lookup_self()["data"]
+        except Exception:
+            return "unknown (token lookup failed)"
+        name = info.get("display_name") or "token"
+        role = (info.get("meta") or {}).get("role_name")
+        policies = [p for p in (info.get("policies") or []) if p != "default"]
+        parts = [f"logged in with AppRole role {role}"] if role else []
+        if policies:
+            parts.append("policies " + ", ".join(sorted(policies)))
+        return f"{name} ({'; '.join(parts)})" if parts else name
 
     # ---- reading -------------------------------------------------------------------------
     def refresh(self):
@@ -230,10 +245,11 @@ class Rotation:
         pattern = self.params["key_pattern"]
         info = {"source": source, "present": True, "fingerprint": mask_key(key)}
         where = f" (from the {source} key)" if source == "staged" else ""
+        help_ = (" " + self.staged_help()) if source == "staged" else ""
         if not re.fullmatch(pattern, key):
             raise RotationRefused(
                 f"The new key{where} is malformed: it does not match the key pattern {pattern!r} "
-                f"(CaptchaAI keys are 32 lowercase hex characters); nothing changed",
+                f"(CaptchaAI keys are 32 lowercase hex characters); nothing changed.{help_}",
                 candidate=dict(info, format_ok=False),
             )
         info["format_ok"] = True
@@ -241,18 +257,41 @@ class Rotation:
         if same == "current":
             raise RotationRefused(
                 f"The new key{where} ({mask_key(key)}) is the current key of {self.env}: "
-                "nothing to rotate; nothing changed",
+                f"nothing to rotate; nothing changed.{help_}",
                 candidate=dict(info, same_as=same),
             )
         if same:
             raise RotationRefused(
                 f"The new key{where} ({mask_key(key)}) is still held in Vault as {same} of "
                 f"{self.mount}/{self.key_path}: a rotation needs a key never used before; "
-                "nothing changed",
+                f"nothing changed.{help_}",
                 candidate=dict(info, same_as=same),
             )
         info["same_as"] = None
         return info
+
+    def staged_commands(self):
+        """The stager's exact commands (a ``captcha-stager-<env>`` token in VAULT_TOKEN) that
+        withdraw the staged key and that replace it by a new staged version (check-and-set on
+        the current version, read from the metadata); neither puts a key on a command line."""
+        m, path = self.mount, self.staged_path
+        withdraw = f"bao kv delete -mount={m} {path}"
+        replace = (
+            'read -rs KEY && printf \'{"api_key":"%s"}\' "$KEY" | bao kv put '
+            f'-mount={m} -cas="$(bao read -field=current_version {m}/metadata/{path})" '
+            f"{path} - ; unset KEY"
+        )
+        return {"withdraw": withdraw, "replace": replace}
+
+    def staged_help(self):
+        """What a stager does about a staged key the rotation refuses (never: turn a check off)."""
+        cmds = self.staged_commands()
+        return (
+            f"The staged key stays at {self.mount}/{self.staged_path} and every run refuses it "
+            "until the stager (a captcha-stager-" + self.env + " token in VAULT_TOKEN) withdraws "
+            f"it: {cmds['withdraw']} (the next runs then find nothing staged), or replaces it by "
+            f"the right key: {cmds['replace']}"
+        )
 
     # ---- rights --------------------------------------------------------------------------
     def missing_rights(self):
@@ -384,6 +423,10 @@ def check_confirmation(rot, key):
                 f"{rid} of {rot.env} is {state}: pass key_rotation_confirm_revoked={rid}; "
                 "nothing changed"
             )
+        return
+    if not named and key is None and rot.params["key_source"] != "staged":
+        # The env name given up front before the key is known: the run asks for the key (the
+        # prompt, or need_key), and the confirmation applies to the rotation that key starts.
         return
     if named or key is None:
         # (With a new key and no name, the confirmation is given up front: emergency rotation.)

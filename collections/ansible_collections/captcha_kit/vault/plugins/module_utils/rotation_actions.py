@@ -1,6 +1,6 @@
 # Copyright: captcha key vault kit contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The five actions of ``captcha_kit.vault.key_rotation_state``, one step of the rotation each.
+"""The six actions of ``captcha_kit.vault.key_rotation_state``, one step of the rotation each.
 
 ``ACTIONS[action](rot, check_mode) -> result``: ``rot`` is a loaded
 ``module_utils.rotation.Rotation``; the result is the module's result dict (with ``diff`` where
@@ -15,6 +15,8 @@ written and the result says what would be (``plan``, ``diff``).
 ``mark``      propagating -> awaiting_revocation (every worker converged)
 ``rollback``  write the previous version's data back as a new version; rolled_back
 ``finalize``  destroy every held version older than the new one; complete
+``census``    read-only: the live secret-ids of the env's worker role and the hosts their
+              metadata names (the rotation's check that no worker is left out of the inventory)
 
 With the parameter ``return_keys``, ``plan`` returns the staged candidate as ``staged_key`` and
 ``finalize`` the old key as ``previous_key``, for the provider check of the next task; nothing
@@ -22,6 +24,9 @@ else here ever returns a key.
 """
 
 from __future__ import annotations
+
+import datetime
+import re
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.contract import (
     ROTATION_IN_PROGRESS,
@@ -37,6 +42,7 @@ from ansible_collections.captcha_kit.vault.plugins.module_utils.rotation import 
     now_utc,
     version_keys,
 )
+from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import VaultNotFound
 
 try:
     from hvac.exceptions import InvalidRequest as CasRefused
@@ -61,6 +67,8 @@ def plan(rot, check_mode):
             candidate["staged_ref"] = rot.staged_ref
         if rot.params["return_keys"] and source == "staged":
             extra["staged_key"] = key
+        if source == "staged":
+            extra["staged_help"] = rot.staged_help()
     elif key is not None:
         candidate = {"present": True, "source": source, "fingerprint": mask_key(key)}
     steps = {
@@ -386,7 +394,109 @@ def finalize(rot, check_mode):
     )
 
 
+def _expired(expiration_time, now):
+    """Whether a secret-id's ``expiration_time`` (RFC 3339, Vault's nanoseconds) is past; the
+    zero time means it never expires."""
+    text = str(expiration_time or "")
+    if not text or text.startswith("0001-01-01"):
+        return False
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", text)
+    if not match:
+        return False  # unknown form: count it as live (the census errs on the side of a holder)
+    zone = "+00:00" if match.group(3) == "Z" else match.group(3)
+    when = datetime.datetime.fromisoformat(match.group(1) + zone)
+    return when <= now
+
+
+def census(rot, check_mode):
+    """The live secret-ids of the env's worker role, by the host their metadata names.
+
+    Read-only. The kit's deploy (captcha_worker) issues every secret-id with the metadata
+    ``host`` (its inventory name) and ``env``; the rotation compares the hosts found here with
+    the inventory's workers of the env, so a host that can still log in but is not in the
+    inventory is not left behind on the old key. ``holders`` lists one entry per live secret-id
+    with a host; ``unnamed`` the accessors of live secret-ids without one (not issued by the
+    kit's deploy). Accessors are not secret: they cannot log in.
+    """
+    mount = rot.params.get("approle_mount") or "approle"
+    role = rot.params.get("worker_role") or f"captcha-worker-{rot.env}"
+    base = f"auth/{mount}/role/{role}"
+    wanted = {f"{base}/secret-id": "list", f"{base}/secret-id-accessor/lookup": "update"}
+    resp = rot.call(
+        "check the token's capabilities (sys/capabilities-self)",
+        rot.client.sys.get_capabilities,
+        paths=list(wanted),
+    )
+    data = resp.get("data", resp) if isinstance(resp, dict) else {}
+    missing = [
+        f"{cap} on {path}"
+        for path, cap in wanted.items()
+        if "root" not in (data.get(path) or []) and cap not in (data.get(path) or [])
+    ]
+    if missing:
+        raise RotationRefused(
+            f"The token cannot take the census of the worker secret-ids of {rot.env}: missing "
+            + ", ".join(missing)
+            + f". The token in use is {rot.identity()}. policies/captcha-rotator.hcl.j2 grants "
+            "both: rerun playbooks/provision-vault.yml to update the rotator policy; nothing "
+            "changed",
+            missing_rights=missing,
+        )
+    try:
+        listed = rot.call(
+            f"list the secret-id accessors of AppRole role {role}",
+            rot.client.auth.approle.list_secret_id_accessors,
+            role,
+            mount_point=mount,
+        )
+    except VaultNotFound:  # no secret-id at all
+        listed = None
+    accessors = sorted(((listed or {}).get("data") or {}).get("keys") or [])
+    now = datetime.datetime.now(datetime.UTC)
+    holders, unnamed = [], []
+    for accessor in accessors:
+        try:
+            info = rot.call(
+                f"look up a secret-id accessor of AppRole role {role}",
+                rot.client.auth.approle.read_secret_id_accessor,
+                role,
+                accessor,
+                mount_point=mount,
+            )
+        except VaultNotFound:  # expired or destroyed since the list
+            continue
+        info = (info or {}).get("data") if isinstance(info, dict) else None
+        if not info or _expired(info.get("expiration_time"), now):
+            continue
+        meta = info.get("metadata") or {}
+        host = str(meta.get("host") or "")
+        if host:
+            holders.append(
+                {
+                    "host": host,
+                    "env": str(meta.get("env") or ""),
+                    "accessor": accessor,
+                    "expiration_time": str(info.get("expiration_time") or ""),
+                }
+            )
+        else:
+            unnamed.append(accessor)
+    holders.sort(key=lambda h: (h["host"], h["accessor"]))
+    hosts = sorted({h["host"] for h in holders})
+    return rot.result(
+        False,
+        [f"list the live secret-ids of {base} and the hosts their metadata names"],
+        f"{len(holders) + len(unnamed)} live secret-id(s) of {role}: {len(hosts)} host(s) named, "
+        f"{len(unnamed)} without a host",
+        role=role,
+        holders=holders,
+        hosts=hosts,
+        unnamed=unnamed,
+    )
+
+
 ACTIONS = {
+    "census": census,
     "plan": plan,
     "put": put,
     "mark": mark,

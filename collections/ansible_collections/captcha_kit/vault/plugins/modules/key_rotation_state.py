@@ -42,9 +42,13 @@ options:
         sets the state C(rolled_back). Refused after finalize.
       - C(finalize) destroys every held version older than the new one and sets the state
         C(complete) with C(confirmed_at).
+      - C(census) is read-only and lists the live secret-ids of the environment's worker AppRole
+        role (O(worker_role)) with the host their metadata names (RV(holders), RV(hosts)) and
+        those without one (RV(unnamed)). It needs C(list) on the role's C(secret-id) path and
+        C(update) on its C(secret-id-accessor/lookup) path.
     type: str
     required: true
-    choices: [plan, put, mark, rollback, finalize]
+    choices: [census, plan, put, mark, rollback, finalize]
   env:
     description:
       - Environment name (used in messages and in the default paths); must match the kit's
@@ -109,6 +113,13 @@ options:
     type: str
   actor:
     description: Who runs the rotation; default derived from the token (display name, role).
+    type: str
+  approle_mount:
+    description: With C(census), the AppRole mount of the worker role.
+    type: str
+    default: approle
+  worker_role:
+    description: With C(census), the worker AppRole role; default C(captcha-worker-<env>).
     type: str
   return_keys:
     description:
@@ -241,6 +252,29 @@ previous_key:
   description: The rotation's old key (empty when no longer held). Secret.
   returned: action=finalize with return_keys
   type: str
+staged_help:
+  description:
+    - For a staged candidate, what the stager does about a staged key the rotation refuses, with
+      the exact commands that withdraw it or replace it by a new staged version.
+  returned: action=plan with a staged candidate and next=put
+  type: str
+holders:
+  description:
+    - One entry per live secret-id of the worker role whose metadata names a host, with the keys
+      C(host), C(env), C(accessor) and C(expiration_time). Accessors cannot log in.
+  returned: action=census
+  type: list
+  elements: dict
+hosts:
+  description: The hosts named by RV(holders), sorted and unique.
+  returned: action=census
+  type: list
+  elements: str
+unnamed:
+  description: Accessors of live secret-ids of the worker role whose metadata names no host.
+  returned: action=census
+  type: list
+  elements: str
 plan:
   description: Human-readable steps this action performs (or would perform in check mode).
   returned: always
@@ -282,6 +316,8 @@ OPTIONS = {
     "check_rights": {"type": "bool", "default": True},
     "rotation_id": {"type": "str"},
     "actor": {"type": "str"},
+    "approle_mount": {"type": "str", "default": "approle"},
+    "worker_role": {"type": "str"},
     "return_keys": {"type": "bool", "default": False, "no_log": False},
 }
 

@@ -270,12 +270,21 @@ class TestNoRotationRecorded:
         msg = refusal(env_with_key(), rollback=True)
         assert msg == "Rollback refused: no rotation of dev is in progress; nothing changed"
 
-    def test_a_confirmation_alone_is_refused(self):
-        msg = refusal(env_with_key(), confirm=True)
+    def test_a_confirmation_alone_from_the_staged_source_is_refused(self):
+        """Nothing staged and nothing to prompt for: the confirmation has nothing to apply to."""
+        msg = refusal(env_with_key(), confirm=True, key_source="staged")
         assert msg == (
             "Confirmation refused: no rotation of dev is awaiting revocation "
             "(recorded state: none); nothing changed"
         )
+        msg = refusal(env_with_key(), confirm_rotation="dev", key_source="staged")
+        assert "no rotation of dev is awaiting revocation" in msg
+
+    def test_the_env_name_given_up_front_asks_for_the_key(self):
+        """The emergency runbook: the env name before the key is known; the run then asks for
+        the key (the prompt), and the plan with it is a put confirmed up front."""
+        assert decided(env_with_key(), confirm_rotation="dev")[0] == "need_key"
+        assert decided(env_with_key(), confirm=True)[0] == "need_key"
 
     def test_a_confirmation_with_a_new_key_is_an_emergency_rotation(self):
         assert decided(env_with_key(), confirm=True, new_key=new_key())[0] == "put"
@@ -404,7 +413,8 @@ class TestComplete:
 
     def test_a_confirmation_is_refused(self):
         vault, _, _ = mid_rotation("complete")
-        assert "(recorded state: complete)" in refusal(vault, confirm=True)
+        assert "(recorded state: complete)" in refusal(vault, confirm=True, key_source="staged")
+        assert decided(vault, confirm=True)[0] == "need_key"  # up front: the key is asked for
         assert refusal(vault, confirm_rotation="dev-r1") == (
             "Confirmation refused: no rotation of dev is awaiting revocation (recorded state: "
             "complete; the confirmation names rotation dev-r1); nothing changed"

@@ -123,7 +123,7 @@ class FakeVault:
     """The hvac client surface the rotation uses (``secrets.kv.v2``, ``sys.get_capabilities``,
     ``auth.token.lookup_self``, ``adapter.post`` of custom_metadata) over an in-memory KV v2."""
 
-    def __init__(self, capabilities=None, display_name="token", role_name=None):
+    def __init__(self, capabilities=None, display_name="token", role_name=None, policies=None):
         self.store = {}  # (mount, path) -> _Secret
         self.writes = []
         # None: every path is "root"; else path -> capabilities, unlisted paths "deny"
@@ -135,8 +135,16 @@ class FakeVault:
         self.secrets = SimpleNamespace(kv=SimpleNamespace(v2=FakeKv2(self)))
         self.sys = SimpleNamespace(get_capabilities=self._get_capabilities)
         meta = {"role_name": role_name} if role_name else None
-        token = {"data": {"display_name": display_name, "meta": meta}}
-        self.auth = SimpleNamespace(token=SimpleNamespace(lookup_self=lambda: token))
+        token = {"data": {"display_name": display_name, "meta": meta, "policies": policies or []}}
+        # AppRole secret-ids: (mount, role) -> {accessor: lookup data}
+        self.secret_ids = {}
+        self.auth = SimpleNamespace(
+            token=SimpleNamespace(lookup_self=lambda: token),
+            approle=SimpleNamespace(
+                list_secret_id_accessors=self._list_accessors,
+                read_secret_id_accessor=self._read_accessor,
+            ),
+        )
         self.adapter = SimpleNamespace(post=self._post)
 
     def _get_capabilities(self, paths):
@@ -150,7 +158,28 @@ class FakeVault:
         secret.custom = dict(json["custom_metadata"])
         self.writes.append(("metadata", f"{mount}/{path}", dict(secret.custom)))
 
+    def _list_accessors(self, role_name, mount_point="approle"):
+        known = self.secret_ids.get((mount_point, role_name))
+        if not known:
+            raise InvalidPath(f"no secret-ids of {role_name}")
+        return {"data": {"keys": list(known)}}
+
+    def _read_accessor(self, role_name, secret_id_accessor, mount_point="approle"):
+        info = self.secret_ids.get((mount_point, role_name), {}).get(secret_id_accessor)
+        if info is None:
+            raise InvalidPath(f"no accessor {secret_id_accessor}")
+        return {"data": dict(info)}
+
     # ---- set-up and inspection, for tests ----------------------------------------------------
+    def add_secret_id(self, role, metadata=None, expiration_time="2999-01-01T00:00:00Z"):
+        """A secret-id of AppRole ``role`` with ``metadata``; its (made-up) accessor."""
+        accessor = secrets.token_hex(8)
+        self.secret_ids.setdefault(("approle", role), {})[accessor] = {
+            "metadata": dict(metadata or {}),
+            "expiration_time": expiration_time,
+        }
+        return accessor
+
     def put(self, path, data, custom=None, mount="secret"):
         """Write a version directly (set-up: not recorded in ``writes``); its number."""
         secret = self.store.setdefault((mount, path), _Secret())

@@ -665,3 +665,86 @@ def test_a_whole_rotation_plan_put_mark_finalize(rotate):
     assert done["versions_held"] == [2]
     assert vault.key() == staged
     assert rotate(vault, action="plan", key_source="staged")["next"] == "noop"
+
+
+# ---- census, who logged in, a refused staged key (issue 15) ---------------------------------
+def test_census_names_the_live_holders_and_the_unnamed(rotate):
+    vault = env_with_key()
+    a = vault.add_secret_id("captcha-worker-dev", {"host": "w1", "env": "dev"})
+    b = vault.add_secret_id("captcha-worker-dev", {"host": "gone", "env": "dev"})
+    vault.add_secret_id("captcha-worker-dev", {"host": "old"}, "2001-01-01T00:00:00.123456789Z")
+    c = vault.add_secret_id("captcha-worker-dev", {}, "0001-01-01T00:00:00Z")  # never expires
+    vault.add_secret_id("captcha-worker-prod", {"host": "p1", "env": "prod"})
+    result = rotate(vault, action="census")
+    assert not result.get("failed"), result
+    assert result["hosts"] == ["gone", "w1"]
+    assert {h["accessor"] for h in result["holders"]} == {a, b}
+    assert result["unnamed"] == [c]
+    assert result["changed"] is False
+    assert vault.writes == []
+
+
+def test_census_of_a_role_without_secret_ids_is_empty(rotate):
+    result = rotate(env_with_key(), action="census")
+    assert (result["hosts"], result["holders"], result["unnamed"]) == ([], [], [])
+
+
+def test_census_without_the_rights_names_them_and_the_token(rotate):
+    vault = env_with_key()
+    vault.capabilities = {}
+    vault.auth.token.lookup_self = lambda: {
+        "data": {"display_name": "approle", "meta": {"role_name": "captcha-rotator-dev"}}
+    }
+    result = rotate(vault, action="census")
+    assert result["failed"]
+    assert result["missing_rights"] == [
+        "list on auth/approle/role/captcha-worker-dev/secret-id",
+        "update on auth/approle/role/captcha-worker-dev/secret-id-accessor/lookup",
+    ]
+    assert "logged in with AppRole role captcha-rotator-dev" in result["msg"]
+
+
+def test_a_token_of_another_env_is_refused_naming_its_role(rotate):
+    vault = FakeVault(
+        capabilities={},
+        display_name="approle",
+        role_name="captcha-rotator-prod",
+        policies=["default", "captcha-rotator-prod"],
+    )
+    vault.put(KEY_PATH, {"api_key": new_key()})
+    result = rotate(vault, action="plan", new_key=new_key())
+    assert result["failed"]
+    assert result["msg"].startswith("The token lacks rotator rights for dev: missing ")
+    assert (
+        "The token in use is approle (logged in with AppRole role captcha-rotator-prod; "
+        "policies captcha-rotator-prod)" in result["msg"]
+    )
+
+
+def test_a_refused_staged_key_says_how_to_withdraw_or_replace_it(rotate):
+    vault = env_with_key()
+    vault.put(STAGED_PATH, {"api_key": "not-a-key"})  # pragma: allowlist secret
+    result = rotate(vault, action="plan", key_source="staged")
+    assert result["failed"]
+    assert "is malformed" in result["msg"]
+    assert "bao kv delete -mount=secret captchaai-staged/dev" in result["msg"]
+    assert (
+        '-cas="$(bao read -field=current_version secret/metadata/captchaai-staged/dev)" '
+        "captchaai-staged/dev -" in result["msg"]
+    )
+    assert "validate_provider" not in result["msg"]
+    good = new_key()
+    vault.put(STAGED_PATH, {"api_key": good})  # replaced: the latest staged version counts
+    plan = rotate(vault, action="plan", key_source="staged")
+    assert plan["next"] == "put"
+    assert "bao kv delete -mount=secret captchaai-staged/dev" in plan["staged_help"]
+
+
+def test_a_withdrawn_staged_key_is_nothing_staged(rotate):
+    vault = env_with_key()
+    vault.put(STAGED_PATH, {"api_key": new_key()})
+    secret = vault.store[("secret", STAGED_PATH)]
+    secret.versions[secret.current]["deletion_time"] = "2026-01-01T00:00:00Z"  # bao kv delete
+    plan = rotate(vault, action="plan", key_source="staged")
+    assert plan["next"] == "noop"
+    assert rotate(vault, action="plan")["next"] == "need_key"
