@@ -1,14 +1,15 @@
-"""Run the stages of `make test` in three lanes and print each stage's wall time at the end.
+"""Run the stages of `make test` in four lanes and print each stage's wall time at the end.
 
     python tests/stages.py            # what `make test` runs (after the venv and the image)
     python tests/stages.py --list     # the lanes and their stages
 
-The suites run in three lanes that share no port and no container name (docs/interfaces.md):
-the playbook suites under tests/, then some worker-host suites, in one; lint, the collections'
-unit tests, the monitoring / collection / execution-environment checks, the solver package,
-the fault tests (all but the slow ones: `make test-faults`) and the molecule scenarios in the
-second; the other worker-host suites in the third. Much of each
-suite waits on servers, hosts and refresh windows, so three lanes share 2 cores well. All use
+The suites run in four lanes that share no port and no container name (docs/interfaces.md):
+the playbook suites under tests/ but the rotation ones, then some worker-host suites, in one;
+lint, the collections' unit tests, the monitoring / collection / execution-environment checks,
+the solver package, the fault tests (all but the slow ones: `make test-faults`) and the
+molecule scenarios in the second; the other worker-host suites in the third; the rotation
+suites (worker processes on free ports, emulators of their own) in the fourth. Much of each
+suite waits on servers, hosts and refresh windows, so four lanes share 2 cores well. All use
 the shared test OpenBao on 18250, which is started here first, so that no two stages race to
 initialise it, and stopped here at the end, pass or fail, with the emulator the scenarios
 share. The whole run holds the machine's test-port lock (testkit.portlock): a second
@@ -84,12 +85,22 @@ OPS_SUITES = [
 ]
 
 
+# Lane 4: the rotation suites (each env, emulator and worker fleet of its own).
+ROTATION_SUITES = sorted(
+    str(path.relative_to(REPO))
+    for path in (REPO / "tests").glob("test_rotation_*.py")
+    if str(path.relative_to(REPO)) not in OPS_SUITES
+)
+
+
 def lanes() -> list[list[Stage]]:
     """Three lanes of about the same length (measured on 2 cores: much of each is waiting on
     servers, hosts and refresh windows, so a third lane shortens the whole)."""
     pytest = _bin("pytest")
     hosts = HOST_SUITES_A + HOST_SUITES_B
-    ignore = [f"--ignore={path}" for path in [*hosts, *OPS_SUITES, "tests/faults"]]
+    ignore = [
+        f"--ignore={path}" for path in [*hosts, *OPS_SUITES, *ROTATION_SUITES, "tests/faults"]
+    ]
     playbooks = Stage("playbooks", [pytest, "tests", *ignore, "-m", "not long"])
     lint = [
         Stage("lint-yaml", [_bin("yamllint"), "--strict", "."]),
@@ -104,7 +115,13 @@ def lanes() -> list[list[Stage]]:
     molecule = [Stage(f"molecule-{s}", [_bin("molecule"), "test", "-s", s]) for s in scenarios]
     hosts_a = Stage("hosts-a", [pytest, *HOST_SUITES_A, "-m", "not long"])
     hosts_b = Stage("hosts-b", [pytest, *HOST_SUITES_B])
-    return [[playbooks, hosts_b], [*lint, units, ops, solver, faults, *molecule], [hosts_a]]
+    rotation = Stage("rotation", [pytest, *ROTATION_SUITES])
+    return [
+        [playbooks, hosts_b],
+        [*lint, units, ops, solver, faults, *molecule],
+        [hosts_a],
+        [rotation],
+    ]
 
 
 def _summary(log: Path) -> str:

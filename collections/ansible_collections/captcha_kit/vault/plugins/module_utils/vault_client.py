@@ -33,9 +33,9 @@ Connection
         (right after it was enabled the server answers "Upgrading from non-versioned to
         versioned data ..." for a moment, longer on a busy machine).
 
-    ``VaultNotFound``
-        Alias of ``hvac.exceptions.InvalidPath`` (404) for ``except`` clauses; a placeholder
-        exception class when hvac is missing.
+    ``VaultNotFound``, ``VaultForbidden``
+        Aliases of ``hvac.exceptions.InvalidPath`` (404) and ``hvac.exceptions.Forbidden`` (403)
+        for ``except`` clauses; placeholder exception classes when hvac is missing.
 
 Running a module
     ``run_module(options, handler, **module_kwargs)``
@@ -108,6 +108,7 @@ try:
     import requests
 
     VaultNotFound = hvac.exceptions.InvalidPath
+    VaultForbidden = hvac.exceptions.Forbidden
 except ImportError:  # pragma: no cover - reported through fail_json
     HVAC_IMPORT_ERROR = traceback.format_exc()
     hvac = None
@@ -115,6 +116,9 @@ except ImportError:  # pragma: no cover - reported through fail_json
 
     class VaultNotFound(Exception):  # type: ignore[no-redef]
         """Placeholder so ``except VaultNotFound`` works without hvac."""
+
+    class VaultForbidden(Exception):  # type: ignore[no-redef]
+        """Placeholder so ``except VaultForbidden`` works without hvac."""
 
 
 ADMIN_POLICY_HINT = (

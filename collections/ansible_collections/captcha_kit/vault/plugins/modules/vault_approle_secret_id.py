@@ -149,6 +149,7 @@ import datetime as dt
 import itertools
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
+    VaultForbidden,
     VaultNotFound,
     duration_or_fail,
     get_client,
@@ -212,15 +213,32 @@ def _lookup_accessor(module, client, role, mount, accessor):
     return None
 
 
+class _RoleIdForbidden(Exception):
+    """Vault answered 403 to the role-id read."""
+
+
 def read_role_id(module, client, role, mount):
     """The role-id of ``role``; a missing role fails (the environment is not provisioned)."""
+
+    def read(*args, **kwargs):
+        try:
+            return client.auth.approle.read_role_id(*args, **kwargs)
+        except VaultForbidden as exc:
+            raise _RoleIdForbidden() from exc
+
     try:
         response = vault_call(
-            module,
-            f"read the role-id of AppRole role {role}",
-            client.auth.approle.read_role_id,
-            role,
-            mount_point=mount,
+            module, f"read the role-id of AppRole role {role}", read, role, mount_point=mount
+        )
+    except _RoleIdForbidden:
+        # A deployer's token may read only the role-ids of its envs, and Vault answers 403 for
+        # a role that does not exist as for one the token may not read.
+        module.fail_json(
+            msg=f"AppRole role {role} does not exist at auth/{mount}, or this token may not read "
+            "it (Vault answers both with 403 to a token without the env's deployer policy): if "
+            "this environment is not provisioned in Vault, run playbooks/provision-vault.yml "
+            "for it first; otherwise deploy with a token of captcha-deployer-<env> "
+            "(docs/tokens.md)"
         )
     except VaultNotFound:
         module.fail_json(
