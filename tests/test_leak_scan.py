@@ -283,6 +283,10 @@ def leak_inventory(dest: Path, vault_addr: str, ca_file: Path, audit_log: Path) 
     main = dest / "group_vars" / "all" / "main.yml"
     kv = yaml.safe_load(main.read_text())
     kv |= {
+        # Mounts of its own on the shared test OpenBao: the molecule scenarios use the default
+        # ones with the same env names, and a rotation's census would see their hosts.
+        "captcha_kit_kv_mount": "kv-leak",
+        "captcha_kit_approle_mount": "approle-leak",
         "captcha_kit_vault_addr": vault_addr,
         "captcha_kit_vault_cacert": str(ca_file),
         "captcha_kit_provider_url": f"http://127.0.0.1:{EMULATOR_PORT}",
