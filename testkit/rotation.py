@@ -53,7 +53,7 @@ import requests
 from testkit.creds import assert_no_secrets, new_key, write_private
 from testkit.emulator import EmulatorProcess
 from testkit.net import free_port
-from testkit.paths import BIN, PROVISION, ROTATE
+from testkit.paths import BIN, PROVISION, REPO, ROTATE
 from testkit.playbook import (
     ansible_env,
     playbook_argv,
@@ -72,6 +72,7 @@ from testkit.worker import WorkerProc, worker_config
 # Several sessions (a developer, CI, a molecule run with workers on 18451+) may share this
 # machine and the test OpenBao: each session has its own env names and free loopback ports.
 SESSION = secrets.token_hex(2)
+WRAPPER = REPO / "tools" / "rotate-unattended"
 ENVS = [f"r{SESSION}-{i}" for i in range(1, 5)]
 _ENV_POOL = itertools.cycle(ENVS)
 REFRESH_INTERVAL = 2.0
@@ -403,6 +404,26 @@ def run_unattended(
     """A scheduler's run: ``key_rotation_unattended`` with a rotator token of the env."""
     variables = {**(variables or {}), "key_rotation_unattended": True}
     return run_rotation(rot_env, inventory, variables, token=rot_env.rotator_token(), **kwargs)
+
+
+def run_wrapper(rot_env: RotEnv, *args: str) -> tuple[int, str]:
+    """``tools/rotate-unattended *args`` as a scheduler runs it: with the env's rotator AppRole
+    files (no VAULT_TOKEN: they are the only credential), from the env's directory, no stdin.
+    Returns the exit status and stdout + stderr, checked for secrets."""
+    role_id, secret_id = rot_env.approle_files(f"captcha-rotator-{rot_env.name}")
+    proc = subprocess.run(
+        [str(WRAPPER), *args, "--role-id-file", str(role_id), "--secret-id-file", str(secret_id)],
+        cwd=rot_env.tmp,
+        env=rotation_env(rot_env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert_no_secrets(out, rot_env.secrets)
+    return proc.returncode, out
 
 
 def _wait_reading(fd: int, deadline: float) -> None:

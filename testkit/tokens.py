@@ -32,6 +32,7 @@ from typing import Any
 
 import hvac
 import yaml
+from captcha_solver import contract
 
 from testkit.creds import write_private
 from testkit.paths import BIN, REPO, TEST_VAULT_DIR, TEST_VAULT_PORT
@@ -42,13 +43,14 @@ FILTERS = COLLECTION / "plugins" / "filter"
 ROLE_VARS = REPO / "roles" / "vault_provision" / "vars" / "main.yml"
 TOKEN_TTL = "2h"  # noqa: S105 (a duration)
 
-# The role defaults a layout falls back to (roles/vault_provision/defaults/main.yml).
+# The role defaults a layout falls back to (roles/vault_provision/defaults/main.yml, which takes
+# the mount and key paths from the kit's contract as well).
 DEFAULT_LAYOUT = {
     "envs": ["dev", "staging", "prod"],
-    "kv_mount": "secret",
+    "kv_mount": contract.DEFAULT_KV_MOUNT,
     "approle_mount": "approle",
-    "key_path_prefix": "captchaai",
-    "staged_path_prefix": "captchaai-staged",
+    "key_path_prefix": contract.KEY_PATH_TEMPLATE.rsplit("/", 1)[0],
+    "staged_path_prefix": contract.STAGED_PATH_TEMPLATE.rsplit("/", 1)[0],
     "audit_path": "file",
 }
 
@@ -132,8 +134,8 @@ def provisioner_token(vault: LocalVault, layout: Mapping[str, Any]) -> str:
     """A token of the provisioner's policy for ``layout`` (written under a name of its own)."""
     text = provisioner_policy(layout)
     name = "captcha-provisioner-" + hashlib.sha256(text.encode()).hexdigest()[:12]
-    root = _root(vault)
-    root.sys.create_or_update_policy(name, text)
+    if (str(vault.state_dir), vault.root_token(), (name,)) not in _TOKENS:  # named by its text
+        _root(vault).sys.create_or_update_policy(name, text)
     return token_with(vault, [name])
 
 

@@ -18,15 +18,16 @@ from testkit.paths import BIN, REPO
 from testkit.playbook import process_host
 from testkit.rotation import (
     ENVS,
+    WRAPPER,
     RotEnv,
     rotation_env,
     run_in_terminal,
     run_rotation,
     run_unattended,
+    run_wrapper,
     write_inventory,
 )
 
-WRAPPER = REPO / "tools" / "rotate-unattended"
 FIXED = {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
 
 
@@ -51,24 +52,9 @@ def refused_before_any_change(rot_env: RotEnv, inventory: Path, variables: dict[
 
 
 def wrapper(rot_env: RotEnv, *args: str) -> tuple[int, str]:
-    """tools/rotate-unattended with the env's rotator AppRole files (no VAULT_TOKEN); the
-    outcome's message is in ``rot_env.tmp / "status.json"``."""
-    role_id, secret_id = rot_env.approle_files(f"captcha-rotator-{rot_env.name}")
-    files = ["--role-id-file", str(role_id), "--secret-id-file", str(secret_id)]
-    status = ["--status-file", str(rot_env.tmp / "status.json")]
-    proc = subprocess.run(
-        [str(WRAPPER), *args, *files, *status],
-        cwd=rot_env.tmp,
-        env=rotation_env(rot_env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    out = proc.stdout + proc.stderr
-    assert_no_secrets(out, rot_env.secrets)
-    return proc.returncode, out
+    """tools/rotate-unattended with the rotator's AppRole files; the outcome's message is in
+    ``rot_env.tmp / "status.json"``."""
+    return run_wrapper(rot_env, *args, "--status-file", str(rot_env.tmp / "status.json"))
 
 
 # --------------------------------------------------------------------------- 1. no empty proof

@@ -12,10 +12,7 @@ import pytest
 
 from testkit.creds import assert_no_secrets, new_key, write_private
 from testkit.net import free_port
-from testkit.paths import REPO
-from testkit.rotation import RotEnv, rotation_env, write_inventory
-
-WRAPPER = REPO / "tools" / "rotate-unattended"
+from testkit.rotation import WRAPPER, RotEnv, run_wrapper, write_inventory
 
 
 class Hook(BaseHTTPRequestHandler):
@@ -42,31 +39,7 @@ def webhook():
 
 
 def wrapper(rot_env: RotEnv, inventory, *args: str) -> tuple[int, str]:
-    role_id, secret_id = rot_env.approle_files(f"captcha-rotator-{rot_env.name}")
-    proc = subprocess.run(
-        [
-            str(WRAPPER),
-            "--env",
-            rot_env.name,
-            "-i",
-            str(inventory),
-            "--role-id-file",
-            str(role_id),
-            "--secret-id-file",
-            str(secret_id),
-            *args,
-        ],
-        cwd=rot_env.tmp,
-        env=rotation_env(rot_env),  # no VAULT_TOKEN: the AppRole files are the only credential
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    out = proc.stdout + proc.stderr
-    assert_no_secrets(out, rot_env.secrets)
-    return proc.returncode, out
+    return run_wrapper(rot_env, "--env", rot_env.name, "-i", str(inventory), *args)
 
 
 def test_scheduled_rotation_exit_codes_and_webhook(rot_env: RotEnv, start_workers, webhook):

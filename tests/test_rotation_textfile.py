@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 
 from testkit.creds import assert_no_secrets
-from testkit.paths import REPO
-from testkit.rotation import RotEnv, rotation_env, write_inventory
+from testkit.rotation import RotEnv, run_wrapper, write_inventory
 from tools import rotate_unattended as ru
 
-WRAPPER = REPO / "tools" / "rotate-unattended"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 AWAITING = {
@@ -154,25 +152,9 @@ def test_metrics_file_must_not_be_the_status_file(tmp_path: Path):
 
 
 def _wrapper(rot_env: RotEnv, inventory: Path, status: Path, *args: str) -> tuple[int, str]:
-    role_id, secret_id = rot_env.approle_files(f"captcha-rotator-{rot_env.name}")
-    proc = subprocess.run(
-        [
-            str(WRAPPER),
-            *("--env", rot_env.name, "-i", str(inventory)),
-            *("--role-id-file", str(role_id), "--secret-id-file", str(secret_id)),
-            *("--status-file", str(status), *args),
-        ],
-        cwd=rot_env.tmp,
-        env=rotation_env(rot_env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    return run_wrapper(
+        rot_env, "--env", rot_env.name, "-i", str(inventory), "--status-file", str(status), *args
     )
-    out = proc.stdout + proc.stderr
-    assert_no_secrets(out, rot_env.secrets)
-    return proc.returncode, out
 
 
 @pytest.mark.timeout(600)
