@@ -45,11 +45,15 @@ import yaml
 from testkit.creds import new_key
 from testkit.hosts import CONTAINERS_CONF, DEFAULT_SSH_KEY, Recipe, build
 from testkit.paths import BIN, REPO
+from testkit.vault import LocalVault
+from testkit.vault_ops import admin_client
 
 # Ports of its own (docs/interfaces.md), so the scan runs beside the molecule scenarios.
 WORKER_PORTS = (18481, 18482)
 SSH_PORTS = (18491, 18492)
 EMULATOR_PORT = 18380
+LEAK_VAULT_PORT = 18286  # docs/interfaces.md
+LEAK_VAULT_DIR = REPO / ".state" / "test" / "vault-leak"
 LOAD_SECONDS = 20
 TOKEN_RE = re.compile(rb"(?<![A-Za-z0-9_.])(?:hvs|s)\.[A-Za-z0-9]{24}(?![A-Za-z0-9])")
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
@@ -238,7 +242,7 @@ class Scan:
 
 
 def repo_files() -> Iterator[Path]:
-    skip = {REPO / ".venv", REPO / ".git", REPO / ".state" / "test" / "vault" / "audit.log"}
+    skip = {REPO / ".venv", REPO / ".git", LEAK_VAULT_DIR / "audit.log"}  # scanned on its own
     for root, dirs, files in os.walk(REPO):
         here = Path(root)
         dirs[:] = [d for d in dirs if here / d not in skip]
@@ -283,10 +287,6 @@ def leak_inventory(dest: Path, vault_addr: str, ca_file: Path, audit_log: Path) 
     main = dest / "group_vars" / "all" / "main.yml"
     kv = yaml.safe_load(main.read_text())
     kv |= {
-        # Mounts of its own on the shared test OpenBao: the molecule scenarios use the default
-        # ones with the same env names, and a rotation's census would see their hosts.
-        "captcha_kit_kv_mount": "kv-leak",
-        "captcha_kit_approle_mount": "approle-leak",
         "captcha_kit_vault_addr": vault_addr,
         "captcha_kit_vault_cacert": str(ca_file),
         "captcha_kit_provider_url": f"http://127.0.0.1:{EMULATOR_PORT}",
@@ -360,13 +360,29 @@ def test_scanner_finds_planted_values_and_reports_them_masked():
     assert token not in repr(scan)
 
 
+@pytest.fixture(scope="module")
+def leak_vault() -> Iterator[LocalVault]:
+    """An OpenBao of the scan's own. Vault policy names are global, not per mount: on the shared
+    test server the demo would rewrite the policies of the molecule scenarios' dev and prod
+    workers (which run at the same time in another lane), and its rotation's census would see
+    their hosts."""
+    server = LocalVault(LEAK_VAULT_DIR, LEAK_VAULT_PORT)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.mark.containers
-def test_demo_flow_leaks_no_secret(vault, vault_client, tmp_path):
+def test_demo_flow_leaks_no_secret(leak_vault, tmp_path):
     """Run the demo at -vvv; no API key, secret-id, wrapping token or Vault token may be found
     anywhere but a worker's own 0600 secret-id file and the test Vault's 0600 root-token file."""
     for port in (*WORKER_PORTS, *SSH_PORTS, EMULATOR_PORT, EMULATOR_PORT + 1):
         assert _port_free(port), f"port {port} is taken: another leak scan running?"
     build(Recipe.load())
+    vault = leak_vault
+    vault_client = admin_client(vault)
     inventory = tmp_path / "inventory"
     hosts = leak_inventory(inventory, vault.addr, vault.ca_file, vault.audit_log)
     kv = yaml.safe_load((inventory / "group_vars" / "all" / "main.yml").read_text())
