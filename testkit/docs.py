@@ -57,6 +57,7 @@ kit's own test suites (``pytest``, ``make test*``, ``make fleet``/``make bench``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
 import os
 import pwd
@@ -528,8 +529,6 @@ def run_docs(run: DocsRun, docs: list[str] | None = None) -> Iterator[BlockRun]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from testkit.emulator import EmulatorProcess
-
     parser = argparse.ArgumentParser(prog="python -m testkit.docs", description=__doc__)
     parser.add_argument("action", choices=["list", "run"])
     parser.add_argument("docs", nargs="*", help="only these docs (default: every covered one)")
@@ -542,7 +541,16 @@ def main(argv: list[str] | None = None) -> int:
                 who = f" as {block.identity}" if block.identity else ""
                 print(f"{block.where}: {state}{who}")
         return 0
-    failed = 0
+    with docs_run() as run:
+        failed = sum(_report(run, run_docs(run, docs)))
+    return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def docs_run() -> Iterator[DocsRun]:
+    """A DocsRun against a private OpenBao and emulator on free ports, all removed at the end."""
+    from testkit.emulator import EmulatorProcess
+
     with tempfile.TemporaryDirectory(prefix="kit-docs-") as tmp:
         vault = LocalVault(Path(tmp) / "vault", free_port_pair())
         vault.start()
@@ -550,13 +558,11 @@ def main(argv: list[str] | None = None) -> int:
             with EmulatorProcess(free_port(), free_port()) as emu:
                 run = DocsRun(vault, emu.port, emu.admin_port, Path(tmp) / "work")
                 try:
-                    results = list(_report(run, run_docs(run, docs)))
+                    yield run
                 finally:
                     run.close()
-                failed = sum(results)
         finally:
             vault.stop()
-    return 1 if failed else 0
 
 
 def _report(run: DocsRun, results: Iterator[BlockRun]) -> Iterator[bool]:

@@ -135,7 +135,8 @@ def playbook_argv(
 def run_argv(
     argv: list[str], env: Mapping[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Run an ``ansible-playbook`` argv from the repository, no stdin, output captured."""
+    """Run an argv (``ansible-playbook``, or a kit tool that runs it) from the repository, no
+    stdin, output captured."""
     return subprocess.run(
         argv,
         cwd=REPO,

@@ -490,7 +490,38 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-class DroppingProxy:
+class _QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def reply(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _LocalServer:
+    """A loopback server on a free port, served by a thread from ``_serve`` to ``__exit__``."""
+
+    _server: _Server | None = None
+
+    def _serve(self, server: _Server) -> None:
+        self._server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def _url(self, scheme: str) -> str:
+        assert self._server is not None
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class DroppingProxy(_LocalServer):
     """HTTPS in front of the test Vault (its own server certificate, so the kit's CA verifies
     it) that forwards every request, except that it drops the answer of the first ``method``
     request to ``path``: Vault applies the request, the client sees the connection close without
@@ -504,22 +535,17 @@ class DroppingProxy:
         self.path = path
         self.dropped = 0
         self.forwarded: list[tuple[str, str, int]] = []
-        self._server: _Server | None = None
 
     @property
     def addr(self) -> str:
-        assert self._server is not None
-        return f"https://127.0.0.1:{self._server.server_address[1]}"
+        return self._url("https")
 
     def __enter__(self) -> DroppingProxy:
         proxy = self
         upstream = requests.Session()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(_QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
 
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -541,11 +567,8 @@ class DroppingProxy:
                     proxy.dropped += 1
                     self.close_connection = True  # applied by Vault; the answer never leaves
                     return
-                self.send_response(answer.status_code)
-                self.send_header("Content-Type", answer.headers.get("Content-Type", "text/plain"))
-                self.send_header("Content-Length", str(len(answer.content)))
-                self.end_headers()
-                self.wfile.write(answer.content)
+                content_type = answer.headers.get("Content-Type", "text/plain")
+                self.reply(answer.status_code, content_type, answer.content)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_LIST = _forward
 
@@ -555,17 +578,11 @@ class DroppingProxy:
             self.vault.state_dir / "server.pem", self.vault.state_dir / "server.key"
         )
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
-        self._server = server
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self._serve(server)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
-
-class ProviderStandIn:
+class ProviderStandIn(_LocalServer):
     """A provider for the controller's getbalance check only (``captcha_kit_provider_url``):
     it accepts every well-formed key and calls ``on_check()`` before it answers, so a test can
     act in the window between the plan's validation of a key and the put."""
@@ -573,20 +590,15 @@ class ProviderStandIn:
     def __init__(self, on_check: Callable[[], None]) -> None:
         self.on_check = on_check
         self.checks = 0
-        self._server: _Server | None = None
 
     @property
     def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._url("http")
 
     def __enter__(self) -> ProviderStandIn:
         stand_in = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(_QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 form = parse_qs(self.rfile.read(length).decode())
@@ -596,17 +608,7 @@ class ProviderStandIn:
                     body = json.dumps({"status": 1, "request": "10.00000"}).encode()
                 else:
                     body = json.dumps({"status": 0, "request": "ERROR_EMPTY_ACTION"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(200, "application/json", body)
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(_Server(("127.0.0.1", 0), Handler))
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()

@@ -35,7 +35,7 @@ from testkit.creds import new_key, new_tag, write_private
 from testkit.hosts import CONTAINERS_CONF, IMAGE, Recipe, build
 from testkit.net import free_port
 from testkit.paths import REPO
-from testkit.playbook import provision_vars, run_playbook
+from testkit.playbook import provision_vars, run_argv, run_playbook
 from testkit.rotation import RotEnv, run_rotation, write_inventory
 from testkit.worker_hosts import Host, worker_container, worker_inventory
 
@@ -101,15 +101,7 @@ def test_rotation_invalid_mode_is_refused(
 def _wrapper(rot_env: RotEnv, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env |= rot_env.vault.env() | {"VAULT_TOKEN": rot_env.rotator_token()}
-    return subprocess.run(
-        [str(WRAPPER), "--env", rot_env.name, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_argv([str(WRAPPER), "--env", rot_env.name, *args], env, timeout=120)
 
 
 def test_unattended_confirm_and_rollback_together_is_a_usage_error(rot_env: RotEnv):

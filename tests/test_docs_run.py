@@ -39,9 +39,7 @@ again (refused by check-and-set) and a block with a wrong path, and both must fa
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -53,15 +51,12 @@ from testkit.docs import (
     all_blocks,
     blocks,
     commands,
-    free_port_pair,
     is_operator_block,
     operator_blocks,
     run_docs,
 )
-from testkit.emulator import EmulatorProcess
-from testkit.net import free_port
+from testkit.docs import docs_run as private_docs_run
 from testkit.paths import REPO
-from testkit.vault import LocalVault
 
 
 def test_every_shell_block_is_run_or_marked() -> None:
@@ -111,18 +106,8 @@ def test_the_no_operator_check_sees_an_operator_command() -> None:
 
 @pytest.fixture(scope="module")
 def docs_run() -> Iterator[DocsRun]:
-    with tempfile.TemporaryDirectory(prefix="kit-docs-") as tmp:
-        server = LocalVault(Path(tmp) / "vault", free_port_pair())
-        server.start()
-        try:
-            with EmulatorProcess(free_port(), free_port()) as emu:
-                run = DocsRun(server, emu.port, emu.admin_port, Path(tmp) / "work")
-                try:
-                    yield run
-                finally:
-                    run.close()
-        finally:
-            server.stop()
+    with private_docs_run() as run:
+        yield run
 
 
 def test_docs_run_as_written(docs_run: DocsRun) -> None:

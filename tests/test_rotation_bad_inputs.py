@@ -67,27 +67,31 @@ def test_no_staged_key_in_scheduled_mode_is_a_noop_that_says_so(rot_env: RotEnv)
     assert rot_env.snapshot() == before
 
 
-def test_unknown_env_is_refused(rot_env: RotEnv):
+@pytest.mark.parametrize(
+    ("env", "listed", "expected"),
+    [
+        pytest.param("nosuchenv", False, "Unknown environment 'nosuchenv'", id="not_listed"),
+        pytest.param(
+            "ghost",
+            True,
+            "Unknown environment 'ghost': there is no key at secret/captchaai/ghost",
+            id="listed_without_key",
+        ),
+    ],
+)
+def test_unknown_env_is_refused(rot_env: RotEnv, env: str, listed: bool, expected: str):
     """An env outside captcha_kit_envs, and a listed env without a key in Vault, are refused."""
     key = rot_env.next_key(at_provider=False)
-    inv = write_inventory(rot_env)
+    listing = {"captcha_kit_envs": [env, rot_env.name]} if listed else None
+    inv = write_inventory(rot_env, extra_vars=listing)
     run = run_rotation(
         rot_env,
         inv,
-        {"key_rotation_env": "nosuchenv", "key_rotation_new_key": key},
+        {"key_rotation_env": env, "key_rotation_new_key": key},
         token=rot_env.admin.token,
     )
     assert run.rc == 2
-    assert "Unknown environment 'nosuchenv'" in run.output
-    inv = write_inventory(rot_env, [], {"captcha_kit_envs": ["ghost", rot_env.name]})
-    run = run_rotation(
-        rot_env,
-        inv,
-        {"key_rotation_env": "ghost", "key_rotation_new_key": key},
-        token=rot_env.admin.token,
-    )
-    assert run.rc == 2
-    assert "Unknown environment 'ghost': there is no key at secret/captchaai/ghost" in run.output
+    assert expected in run.output
 
 
 @pytest.mark.parametrize("policy", ["captcha-worker", "captcha-stager"])

@@ -147,11 +147,18 @@ def test_a_confirmation_must_name_the_rotation_awaiting_it(rot_env: RotEnv):
     naming another rotation or only the env is refused; naming it finishes it."""
     inv = write_inventory(rot_env, [], FIXED)
     token = rot_env.rotator_token()
+
+    def refused(confirmation: str) -> str:
+        """The message of a run confirming ``confirmation``, which must be refused (rc 2)."""
+        run = run_rotation(
+            rot_env, inv, {"key_rotation_confirm_revoked": confirmation}, token=token
+        )
+        assert run.rc == 2
+        return run.status["message"]
+
     ghost = f"{rot_env.name}-20260101T000000Z-abcdef"
     before = rot_env.snapshot()
-    none = run_rotation(rot_env, inv, {"key_rotation_confirm_revoked": ghost}, token=token)
-    assert none.rc == 2
-    assert none.status["message"] == (
+    assert refused(ghost) == (
         f"Confirmation refused: no rotation of {rot_env.name} is awaiting revocation (recorded "
         f"state: none; the confirmation names rotation {ghost}); nothing changed"
     )
@@ -164,18 +171,12 @@ def test_a_confirmation_must_name_the_rotation_awaiting_it(rot_env: RotEnv):
     assert f"-e key_rotation_confirm_revoked={rid}" in first.status["message"]
     awaiting = rot_env.snapshot()
 
-    wrong = run_rotation(rot_env, inv, {"key_rotation_confirm_revoked": ghost}, token=token)
-    assert wrong.rc == 2
-    assert wrong.status["message"] == (
+    assert refused(ghost) == (
         f"Confirmation refused: it names rotation {ghost}, but the rotation of {rot_env.name} in "
         f"progress is {rid} (awaiting_revocation); check which rotation you mean and pass "
         f"key_rotation_confirm_revoked={rid}; nothing changed"
     )
-    env_only = run_rotation(
-        rot_env, inv, {"key_rotation_confirm_revoked": rot_env.name}, token=token
-    )
-    assert env_only.rc == 2
-    assert env_only.status["message"] == (
+    assert refused(rot_env.name) == (
         f"Confirmation refused: a confirmation names the rotation it confirms; rotation {rid} of "
         f"{rot_env.name} is awaiting_revocation: pass key_rotation_confirm_revoked={rid}; "
         "nothing changed"

@@ -1,3 +1,8 @@
+import json
+import os
+import pwd
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -221,6 +226,46 @@ def _token_file(tmp_path: Path, text: str, mode: int = 0o640) -> Path:
     return path
 
 
+class _Raised:
+    def __init__(self, value: ConfigError) -> None:
+        self.value = value
+
+
+def _config_error_as_nobody(content: str, mode: int) -> tuple[Path, _Raised]:
+    """Root reads any file, so read the token file as ``nobody``, the way the service user reads
+    it: the file (``content``, ``mode``, owned by nobody) in a directory anyone may enter, read
+    by a child process that has become nobody. The ConfigError it raised, from its report."""
+    nobody = pwd.getpwnam("nobody")
+    directory = Path(tempfile.mkdtemp(prefix="token-file-"))
+    directory.chmod(0o755)  # /tmp is open to all: only the file's own mode may refuse
+    path = _token_file(directory, content, mode)
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    cfg = parse_config(_server(directory, token_file=str(path)), environ={})
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, read, report the error's field and message
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            try:
+                cfg.server.read_token()
+                report: dict = {"raised": None}
+            except ConfigError as exc:
+                report = {"raised": [exc.field, str(exc).removeprefix(f"{exc.field}: ")]}
+            os.write(wfd, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        report = json.loads(pipe.read() or b"{}")
+    os.waitpid(pid, 0)
+    shutil.rmtree(directory)
+    assert report.get("raised"), f"no ConfigError as nobody: {report}"
+    return path, _Raised(ConfigError(*report["raised"]))
+
+
 def _server(tmp_path: Path, **server: object) -> dict:
     return {
         "env": "dev",
@@ -276,8 +321,6 @@ def test_token_file_must_be_an_absolute_path(tmp_path):
 def test_a_bad_token_file_is_a_config_error_naming_the_setting(tmp_path, content, mode, reason):
     """Missing, empty, unreadable, open to other users, or not one token: each is refused
     with an error that names server.token_file and never quotes the file's content."""
-    import os
-
     if content is None:
         path = tmp_path / "missing"
     elif content == "<directory>":
@@ -287,10 +330,12 @@ def test_a_bad_token_file_is_a_config_error_naming_the_setting(tmp_path, content
     else:
         path = _token_file(tmp_path, content, mode)
     if mode == 0o000 and os.geteuid() == 0:
-        pytest.skip("root reads a 0000 file")
-    cfg = parse_config(_server(tmp_path, token_file=str(path)), environ={})
-    with pytest.raises(ConfigError) as err:
-        cfg.server.read_token()
+        path, err = _config_error_as_nobody(content, mode)
+    else:
+        cfg = parse_config(_server(tmp_path, token_file=str(path)), environ={})
+        with pytest.raises(ConfigError) as raised:
+            cfg.server.read_token()
+        err = raised
     assert err.value.field == "server.token_file"
     assert str(err.value).startswith("server.token_file: ")
     assert str(path) in str(err.value)

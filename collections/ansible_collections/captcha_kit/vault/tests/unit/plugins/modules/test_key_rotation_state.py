@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from ansible.module_utils import _internal as ansible_internal
 from ansible.module_utils import basic
@@ -350,17 +351,23 @@ def test_a_lost_check_and_set_is_a_concurrent_rotation(rotate):
     assert vault.record() == theirs
 
 
-def test_a_failed_write_gives_the_record_back(rotate):
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("disk full"), requests.exceptions.ConnectionError("Connection aborted")],
+    ids=["disk_full", "connection_dropped"],
+)
+def test_a_failed_write_gives_the_record_back_and_says_what_vault_holds(rotate, error):
     vault = env_with_key(owner="ops")
+    old = vault.key()
 
     def broken(mount_point, path):
-        raise RuntimeError("disk full")
+        raise error
 
     vault.before_write = broken
     result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-r9")
     assert result["msg"] == (
-        "Cannot write the new key to secret/captchaai/dev: disk full; Vault holds version 1 "
-        f"(***{vault.key()[-4:]}) of secret/captchaai/dev, recorded rotation none (none); this "
+        f"Cannot write the new key to secret/captchaai/dev: {error}; Vault holds version 1 "
+        f"(***{old[-4:]}) of secret/captchaai/dev, recorded rotation none (none); this "
         "run wrote no version"
     )
     assert vault.record() == {"owner": "ops"}, "the record this run wrote is taken back"
@@ -434,25 +441,6 @@ def test_a_write_that_landed_but_lost_its_answer_is_recognised(rotate):
         "the write landed although its answer was lost (InvalidRequest): read back version 2, "
         f"which holds this run's key ***{key[-4:]}"
     ) in result["plan"]
-
-
-def test_a_write_that_did_not_land_says_what_vault_holds(rotate):
-    import requests
-
-    vault = env_with_key(owner="ops")
-    old = vault.key()
-
-    def dropped(mount_point, path):
-        raise requests.exceptions.ConnectionError("Connection aborted")
-
-    vault.before_write = dropped
-    result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-r9")
-    assert result["msg"] == (
-        "Cannot write the new key to secret/captchaai/dev: Connection aborted; Vault holds "
-        f"version 1 (***{old[-4:]}) of secret/captchaai/dev, recorded rotation none (none); this "
-        "run wrote no version"
-    )
-    assert vault.record() == {"owner": "ops"}
 
 
 # ---- mark ----------------------------------------------------------------------------------
