@@ -1,15 +1,16 @@
 """captcha_worker: bad input fails with a clear error before anything changes on the host.
 
 Real parts: a systemd container of the kit's host image (podman, host network, SYS_ADMIN), the
-test OpenBao, ansible-playbook with playbooks/deploy-workers.yml. Each test provisions names of
-its own on the shared test server (``make_deployment``) and uses its own container and port.
+test OpenBao, ansible-playbook with playbooks/deploy-workers.yml. The tests share one container
+and one deployment (names of their own on the shared test server, ``make_deployment``): each
+asserts that its run changed nothing on the host, so the next one still finds a fresh host, and
+the last one runs check mode on it.
 Vault unreachable from a host that already runs a worker: tests/test_worker_lifecycle.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import hvac
 import pytest
@@ -35,16 +36,16 @@ def host_image() -> str:
     return IMAGE
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def host(host_image: str) -> Iterator[Host]:
     with worker_container(host_image, "kit-bad-input") as made:
         yield made
 
 
-@pytest.fixture
-def deployment(vault, host: Host, tmp_path: Path) -> Deployment:
+@pytest.fixture(scope="module")
+def deployment(vault, host: Host, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """`<tag>-dev` provisioned with a first key; `<tag>-staging` known but not provisioned."""
-    return make_deployment(vault, host, tmp_path)
+    return make_deployment(vault, host, tmp_path_factory.mktemp("bad-input"))
 
 
 def _failure(result, host: Host) -> str:
@@ -101,8 +102,11 @@ def test_port_taken_on_the_host_fails_before_any_change(vault, host: Host, deplo
         f"for i in $(seq 50); do ss -Htln 'sport = :{port}' | grep -q . && exit 0; sleep 0.1; done;"
         " exit 1"
     )
-    before = host.role_footprint()
-    result = deploy(vault, deployment, captcha_worker_port=port)
+    try:
+        before = host.role_footprint()
+        result = deploy(vault, deployment, captcha_worker_port=port)
+    finally:
+        host.sh(f"pkill -f 'http[.]server {port}'")
     assert result.rc != 0
     message = _failure(result, host)
     assert f"Port {port} is already taken" in message
