@@ -70,7 +70,6 @@ HOST_SUITES_A = [
     "tests/test_worker_transport.py",
     "tests/test_worker_bad_inputs.py",
     "tests/test_worker_redeploy.py",
-    "tests/test_worker_lockout.py",
 ]
 HOST_SUITES_B = [
     "tests/test_worker_local_api.py",
