@@ -44,6 +44,7 @@ def _other_ca(path: Path) -> Path:
         ("production_env_unbound", ["must bind", "rotator-v", "-prod: secret_id_bound_cidrs"]),
         ("production_env_unbound_by_override", ["must bind", "worker-v", "-prod: token_bound"]),
         ("production_env_blank_waiver", ["must bind", "vault_provision_unbound_cidrs_waivers"]),
+        ("first_key_trailing_newline", ["do not match", "(values not shown)"]),
     ],
 )
 def test_bad_variables_fail_before_any_change(vault, snapshot, case, phrases):
@@ -69,6 +70,9 @@ def test_bad_variables_fail_before_any_change(vault, snapshot, case, phrases):
         extra["vault_provision_worker_token_ttl"] = "an hour"  # noqa: S105 - a duration
     elif case == "first_key_malformed":
         secret_value = "not-a-key-" + new_key()  # pragma: allowlist secret
+        extra["vault_provision_first_keys"] = {envs[0]: secret_value}
+    elif case == "first_key_trailing_newline":  # `$` alone would let the newline into Vault
+        secret_value = new_key() + "\n"
         extra["vault_provision_first_keys"] = {envs[0]: secret_value}
     elif case == "first_key_unknown_env":
         extra["vault_provision_first_keys"] = {"elsewhere": secret_value}
