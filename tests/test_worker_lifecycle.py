@@ -18,8 +18,11 @@ import hvac
 import pytest
 
 from testkit.creds import assert_no_secrets, new_key
+from testkit.hosts import CONTAINERS_CONF
 from testkit.net import free_port, wait_for
+from testkit.playbook import run_playbook
 from testkit.worker_hosts import (
+    PLAYBOOK,
     Deployment,
     Host,
     deploy,
@@ -108,6 +111,34 @@ def test_bad_setting_in_a_redeploy_is_refused_before_it_replaces_the_config(
 
     assert result.rc != 0
     message = result.failure_messages(host.name) + str(result.failed_results(host.name))
+    assert "provider.request_timeuot" in message
+    assert host.sh(f"sha256sum {CONFIG}").stdout == config_before
+    assert host.main_pid() == pid
+    assert host.health()["status"] == "ok"
+
+
+def test_check_mode_names_a_bad_setting_as_the_real_run_would(
+    vault, deployed: tuple[Host, Deployment]
+):
+    """--check --diff with the same typo tells the truth: it fails the host with the solver's
+    message (check mode does not run the template's validate; the role checks the new file with
+    the installed solver instead) and changes nothing."""
+    host, deployment = deployed
+    pid = host.main_pid()
+    config_before = host.sh(f"sha256sum {CONFIG}").stdout
+
+    preview = run_playbook(
+        PLAYBOOK,
+        vault=vault,
+        inventory=deployment.inventory,
+        extra_vars={"captcha_worker_provider_settings": {"request_timeuot": 30}},
+        env={"CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        check=True,
+        diff=True,
+    )
+
+    assert preview.rc != 0
+    message = preview.failure_messages(host.name) + str(preview.failed_results(host.name))
     assert "provider.request_timeuot" in message
     assert host.sh(f"sha256sum {CONFIG}").stdout == config_before
     assert host.main_pid() == pid
