@@ -67,7 +67,6 @@ def _bin(name: str) -> str:
 # The suites that deploy worker hosts (systemd containers over SSH) run in lanes of their own.
 HOST_SUITES_A = [
     "tests/test_worker_lifecycle.py",
-    "tests/test_worker_transport.py",
     "tests/test_worker_bad_inputs.py",
     "tests/test_worker_redeploy.py",
 ]
