@@ -233,7 +233,8 @@ def test_no_role_spells_the_patterns_another_way(path):
     assert [m for m in _KEY_REGEX.findall(text) if m != KEY_PATTERN] == []
 
 
-_ENV_CHECK = re.compile(r"(\w*env\w*)\s+is\s+match\(([^()]*)\)|reject\('match',\s*([^()]*)\)")
+_ENV_CHECK = re.compile(r"(\w*env\w*)\s+is\s+(\w+)\(([^()]*)\)|reject\('(\w+)',\s*([^()]*)\)")
+_WHOLE = ", match_type='fullmatch'"
 VALIDATE_FILES = sorted(ROLES.glob("*/tasks/validate*.yml")) + sorted(
     ROLES.glob("key_rotation/tasks/preflight.yml")
 )
@@ -243,23 +244,31 @@ def _env_checks():
     checks = []
     for path in VALIDATE_FILES:
         for found in _ENV_CHECK.finditer(path.read_text()):
-            subject, matched, rejected = found.groups()
-            if rejected is not None and "env" not in rejected:
+            subject, is_test, matched, reject_test, rejected = found.groups()
+            test = is_test or reject_test
+            if test not in ("match", "regex") or (rejected is not None and "env" not in rejected):
                 continue
             checks.append(
                 pytest.param(
-                    (matched or rejected).strip(), id=f"{path.relative_to(ROLES)}:{subject or ''}"
+                    test,
+                    (matched or rejected).strip(),
+                    id=f"{path.relative_to(ROLES)}:{subject or ''}",
                 )
             )
     return checks
 
 
-@pytest.mark.parametrize("argument", _env_checks())
-def test_validate_tasks_check_env_names_with_the_contract(argument):
-    """Every env-name check of a validate task uses the filter, or a role variable held to the
-    contract by ``test_role_env_name_patterns_are_the_contract``."""
+@pytest.mark.parametrize(("test", "argument"), _env_checks())
+def test_validate_tasks_check_env_names_with_the_contract(test, argument):
+    """Every env-name check of a validate task matches the whole name (``regex`` with
+    ``match_type='fullmatch'``: ``match`` and a pattern's ``$`` let a trailing newline through)
+    against the filter, or a role variable held to the contract by
+    ``test_role_env_name_patterns_are_the_contract``."""
     held = {name for _, name, _ in ROLE_VALUES if name.endswith(ENV_PATTERN_NAMES)}
-    assert argument == "'env_name_pattern' | captcha_kit.vault.contract" or argument in held
+    assert test == "regex", argument
+    assert argument.endswith(_WHOLE), argument
+    pattern = argument.removesuffix(_WHOLE).strip()
+    assert pattern == "'env_name_pattern' | captcha_kit.vault.contract" or pattern in held
 
 
 def test_the_validate_tasks_are_found():
