@@ -150,7 +150,9 @@ def put(rot, check_mode):
         )
     if existing and existing != rid:
         raise RotationRefused(
-            f"Cannot put for rotation {rid}: rotation {existing} is recorded; resume that"
+            f"Another rotation is in progress: rotation {existing} of {rot.env} is recorded "
+            f"({rot.state}); rotation {rid} wrote no version and nothing changed. Follow "
+            f"{existing}, or roll it back before starting a new one"
         )
     key, source = rot.candidate()
     check_staged_ref(rot, key, source)

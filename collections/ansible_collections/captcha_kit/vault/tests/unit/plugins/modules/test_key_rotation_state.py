@@ -313,7 +313,9 @@ def test_put_refuses_a_second_rotation_while_one_is_recorded(rotate):
     vault, _, _ = mid_rotation("propagating", written=False)
     result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-other")
     assert result["msg"] == (
-        "Cannot put for rotation dev-other: rotation dev-r1 is recorded; resume that"
+        "Another rotation is in progress: rotation dev-r1 of dev is recorded (propagating); "
+        "rotation dev-other wrote no version and nothing changed. Follow dev-r1, or roll it "
+        "back before starting a new one"
     )
 
 
