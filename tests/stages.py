@@ -7,8 +7,9 @@ The suites run in four lanes that share no port and no container name (docs/inte
 the playbook suites under tests/ but the rotation ones, then some worker-host suites, in one;
 lint, the collections' unit tests, the monitoring / collection / execution-environment checks,
 the fault tests (all but the slow ones: `make test-faults`) and the molecule scenarios in the
-second; the solver package and the other worker-host suites in the third; the rotation suites
-(worker processes on free ports, emulators of their own) in the fourth. On 2 cores the run is
+second; the solver package and the other worker-host suites in the third; the secret-id
+lifecycle under compressed TTLs (minutes of waiting for expiries, little CPU) and the rotation
+suites (worker processes on free ports, emulators of their own) in the fourth. On 2 cores the run is
 CPU-bound (the closing table gives each stage's CPU time and the machine's): the lanes keep
 both cores busy to the end, and are about equally long. All use
 the shared test OpenBao on 18250, which is started here first, so that no two stages race to
@@ -85,7 +86,10 @@ OPS_SUITES = [
 ]
 
 
-# Lane 4: the rotation suites (each env, emulator and worker fleet of its own).
+# Lane 4: a worker host's secret-ids expiring under a compressed schedule (marked `long`: the
+# other stages deselect it), then the rotation suites (each env, emulator and worker fleet of
+# its own).
+LIFECYCLE_SUITE = "tests/test_secret_id_lifecycle.py"
 ROTATION_SUITES = sorted(
     str(path.relative_to(REPO))
     for path in (REPO / "tests").glob("test_rotation_*.py")
@@ -114,12 +118,13 @@ def lanes() -> list[list[Stage]]:
     molecule = [Stage(f"molecule-{s}", [_bin("molecule"), "test", "-s", s]) for s in scenarios]
     hosts_a = Stage("hosts-a", [pytest, *HOST_SUITES_A, "-m", "not long"])
     hosts_b = Stage("hosts-b", [pytest, *HOST_SUITES_B])
+    lifecycle = Stage("secret-id-lifecycle", [pytest, LIFECYCLE_SUITE])
     rotation = Stage("rotation", [pytest, *ROTATION_SUITES])
     return [
         [playbooks, hosts_b],
         [*lint, units, ops, faults, *molecule],
         [solver, hosts_a],
-        [rotation],
+        [lifecycle, rotation],
     ]
 
 
