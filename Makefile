@@ -55,8 +55,8 @@ lint-python: venv  ## module docs, ruff, mypy, detect-secrets
 	$(BIN)/mypy
 	git ls-files -z | xargs -0 $(BIN)/detect-secrets-hook --baseline .secrets.baseline
 
-test-units: venv  ## the collections' unit tests (seconds, no server)
-	$(BIN)/pytest collections/ansible_collections/captcha_kit/vault/tests/unit collections/ansible_collections/captcha_kit/captchaai/tests/unit
+test-units: venv  ## the collections' and the worker role's unit tests (seconds, no server)
+	$(BIN)/pytest collections/ansible_collections/captcha_kit/vault/tests/unit collections/ansible_collections/captcha_kit/captchaai/tests/unit roles/captcha_worker/tests/unit
 
 test-monitoring: venv host-deps  ## promtool rule tests, the metric-name check against a worker, the rotation's textfile metrics
 	$(BIN)/pytest tests/test_monitoring.py tests/test_rotation_textfile.py

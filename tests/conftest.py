@@ -2,6 +2,7 @@
 suites' environments and workers (testkit.rotation). A session holds the machine's test-port
 lock (testkit.portlock) while it runs."""
 
+from testkit.cpu_report import pytest_runtest_protocol, pytest_terminal_summary  # noqa: F401
 from testkit.fixtures import (  # noqa: F401
     playbook,
     pytest_sessionfinish,

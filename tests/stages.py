@@ -40,10 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOG_DIR = REPO / ".state" / "test" / "logs"
 TESTBED = REPO / "molecule" / "shared" / "testbed.py"
-# The collections' unit tests (seconds, no server): plans, decide(), normalisers, filters.
+# The collections' unit tests (seconds, no server): plans, decide(), normalisers, filters; and
+# the worker role's own module (its host probe).
 COLLECTION_TESTS = [
     "collections/ansible_collections/captcha_kit/vault/tests/unit",
     "collections/ansible_collections/captcha_kit/captchaai/tests/unit",
+    "roles/captcha_worker/tests/unit",
 ]
 
 
@@ -118,7 +120,8 @@ def lanes() -> list[list[Stage]]:
     molecule = [Stage(f"molecule-{s}", [_bin("molecule"), "test", "-s", s]) for s in scenarios]
     hosts_a = Stage("hosts-a", [pytest, *HOST_SUITES_A, "-m", "not long"])
     hosts_b = Stage("hosts-b", [pytest, *HOST_SUITES_B])
-    lifecycle = Stage("secret-id-lifecycle", [pytest, LIFECYCLE_SUITE])
+    # -rP: the test's figures (runs, re-issues, solves, the warning's lead) go into the log.
+    lifecycle = Stage("secret-id-lifecycle", [pytest, LIFECYCLE_SUITE, "-rP"])
     rotation = Stage("rotation", [pytest, *ROTATION_SUITES])
     return [
         [playbooks, hosts_b],

@@ -367,7 +367,9 @@ def ensure_secret_id(module):
 
 
 def main():
-    run_module(OPTIONS, ensure_secret_id, required_if=[("state", "absent", ["accessor"])])
+    # No required_if for state=absent: accessor defaults to '', which required_if accepts;
+    # ensure_secret_id refuses a blank accessor itself, before any Vault call.
+    run_module(OPTIONS, ensure_secret_id)
 
 
 if __name__ == "__main__":
