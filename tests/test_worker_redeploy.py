@@ -343,7 +343,7 @@ def test_an_unhealthy_or_unreachable_host_stops_the_rollout_after_its_batch(vaul
 
 def test_the_wrap_token_is_taken_on_delivery_not_at_the_restart(vault, fleet: Fleet, tmp_path):
     """The host unwraps the wrapping token in the task after its delivery, so a batch of any
-    size never outlives the wrap TTL: the role's secret-id step alone, with an 8 s token, then a
+    size never outlives the wrap TTL: the role's secret-id step alone, with a 30 s token, then a
     pause longer than that (a big batch's other tasks): the token was already taken, and the
     worker restarted afterwards runs on that secret-id. (Before, the token waited for the
     restart at the end of the batch and had expired by then.)"""
@@ -358,7 +358,9 @@ def test_the_wrap_token_is_taken_on_delivery_not_at_the_restart(vault, fleet: Fl
                     "gather_facts": False,
                     "vars": {
                         "captcha_worker_secret_id_rotate": True,
-                        "captcha_worker_secret_id_wrap_ttl": "8s",
+                        # 30 s: the delivery (three tasks) fits on a busy machine; an 8 s
+                        # token expired before the unwrap once, in CI, with all lanes running.
+                        "captcha_worker_secret_id_wrap_ttl": "30s",
                     },
                     "tasks": [
                         {
@@ -373,7 +375,7 @@ def test_the_wrap_token_is_taken_on_delivery_not_at_the_restart(vault, fleet: Fl
                                 "tasks_from": "secret_id.yml",
                             }
                         },
-                        {"ansible.builtin.pause": {"seconds": 10}},
+                        {"ansible.builtin.pause": {"seconds": 40}},
                     ],
                 }
             ]
