@@ -76,7 +76,7 @@ test-molecule: venv image  ## every molecule scenario
 test-faults: venv image  ## every fault test, the slow ones (minutes each) included
 	$(BIN)/pytest tests/faults
 
-test-long: venv image  ## compressed production time alone: secret-ids expiring under a deploy schedule (about 6 min; a stage of make test)
+test-long: venv image  ## compressed production time alone: secret-ids expiring under a deploy schedule (about 10 min; a stage of make test)
 	$(BIN)/pytest tests -m long
 
 test: venv image  ## everything CI runs: lint, unit tests, solver, playbook suites, molecule; three lanes, timed

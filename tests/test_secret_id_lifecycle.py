@@ -224,6 +224,8 @@ def accessor(host: Host) -> str:
 # --------------------------------------------------------------------------- the test
 
 
+# Longer than the suites' 600 s per test: 3 secret-id lifetimes of 180 s, then the last one's.
+@pytest.mark.timeout(1500)
 def test_scheduled_deploys_renew_the_secret_id_and_without_them_the_warning_comes_first(
     vault, box: Box
 ):
