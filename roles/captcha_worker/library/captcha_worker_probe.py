@@ -135,7 +135,7 @@ def read_text(path):
         return ""
 
 
-def reachable(url, timeout, sleep=time.sleep):
+def reachable(url, timeout):
     """Whether ``url``'s host and port accept a TCP connection within ``timeout`` seconds,
     trying again after a refusal (a server that is starting), like wait_for."""
     parts = urlsplit(url)
@@ -149,7 +149,7 @@ def reachable(url, timeout, sleep=time.sleep):
         except (OSError, ValueError):
             if time.monotonic() + 0.5 >= deadline:
                 return False
-            sleep(0.5)
+            time.sleep(0.5)
 
 
 def listeners(module, port):
