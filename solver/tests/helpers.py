@@ -77,7 +77,7 @@ class FakeVault:
     read_delay: float = 0.0  # seconds between taking the answer and returning it (on the wire)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def read_kv(self, mount: str, path: str) -> KvSecret:
+    def read_kv(self, mount: str, path: str, *, prompt: bool = False) -> KvSecret:
         with self.lock:
             self.reads += 1
             if self.down:

@@ -291,7 +291,7 @@ def test_slow_refresh_after_rejection_stays_within_task_timeout(tmp_path):
     class SlowVault(FakeVault):
         slow = False
 
-        def read_kv(self, mount, path):
+        def read_kv(self, mount, path, *, prompt=False):
             if self.slow:
                 time.sleep(1.5)
             return super().read_kv(mount, path)

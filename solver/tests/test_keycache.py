@@ -5,7 +5,7 @@ import pytest
 from captcha_solver.keycache import KeyCache, KeyUnavailable
 from captcha_solver.metrics import new_metrics
 from captcha_solver.secret import Secret
-from captcha_solver.vault import VaultAuthError
+from captcha_solver.vault import VaultAuthError, VaultUnavailable
 
 from .helpers import FakeVault, make_config, new_key, wait_for
 
@@ -29,7 +29,7 @@ class FailingVault(FakeVault):
 
     failure: Exception | None = None
 
-    def read_kv(self, mount, path):
+    def read_kv(self, mount, path, *, prompt=False):
         if self.failure is not None:
             self.reads += 1
             raise self.failure
@@ -272,6 +272,79 @@ def test_refresh_delay_is_spread_by_the_jitter(tmp_path):
         vault__refresh_jitter=0.0,
     )
     assert {still._next_delay() for _ in range(20)} == {100.0}
+
+
+def test_a_nudged_worker_retries_a_failed_read_promptly_for_the_window_only(tmp_path):
+    """After a SIGHUP (the rotation's nudge) a failed read is retried every retry_delay
+    (+-50 %), not on the growing backoff, for nudge_retry_window seconds; then, and without a
+    nudge, and once a read has answered, the backoff grows again (a long outage must not see
+    every worker retrying at once)."""
+    clock = Clock()
+    cache, vault, _ = _loaded_cache(
+        tmp_path,
+        clock,
+        FailingVault,
+        vault__retry_delay=0.5,
+        vault__nudge_retry_window=30.0,
+        vault__refresh_jitter=0.0,
+        vault__refresh_interval=300.0,
+    )
+    vault.failure = VaultUnavailable("all addresses down")
+    for _ in range(4):
+        assert not asyncio.run(cache.refresh("interval"))
+    backoff = cache._next_delay()
+    assert backoff == pytest.approx(0.5 * 2**4 + 0.05), "not nudged: the growing backoff"
+
+    cache.request_refresh("sighup")
+    prompt = [cache._next_delay() for _ in range(200)]
+    assert all(0.25 <= d <= 0.75 for d in prompt), (min(prompt), max(prompt))
+    assert max(prompt) - min(prompt) > 0.2, "the retries of a nudged fleet are spread"
+
+    clock.now += 31  # past the window: back to the backoff
+    assert cache._next_delay() == pytest.approx(backoff)
+
+    cache.request_refresh("sighup")
+    vault.failure = None
+    assert asyncio.run(cache.refresh("sighup"))  # answered: the nudge is spent
+    vault.failure = VaultUnavailable("all addresses down")
+    assert not asyncio.run(cache.refresh("interval"))
+    assert cache._next_delay() == pytest.approx(0.5 * 2 + 0.05)
+
+    off, off_vault, _ = _loaded_cache(
+        tmp_path,
+        clock,
+        FailingVault,
+        vault__retry_delay=0.5,
+        vault__nudge_retry_window=0.0,
+        vault__refresh_jitter=0.0,
+        vault__refresh_interval=300.0,
+    )
+    off_vault.failure = VaultUnavailable("all addresses down")
+    assert not asyncio.run(off.refresh("interval"))
+    off.request_refresh("sighup")
+    assert off._next_delay() == pytest.approx(0.5 * 2 + 0.05), "window 0: no difference"
+
+
+def test_only_a_nudged_read_is_asked_for_promptly(tmp_path):
+    """The read after a SIGHUP is made with prompt=True (steady pauses in the Vault client)
+    until one answers; the interval reads are not."""
+
+    prompts: list[bool] = []
+
+    class Recording(FailingVault):
+        def read_kv(self, mount, path, *, prompt=False):
+            prompts.append(prompt)
+            return super().read_kv(mount, path, prompt=prompt)
+
+    cache, vault, _ = _loaded_cache(tmp_path, Clock(), Recording)
+    asyncio.run(cache.refresh("interval"))
+    vault.failure = VaultUnavailable("all addresses down")
+    cache.request_refresh("sighup")
+    asyncio.run(cache.refresh("sighup"))
+    vault.failure = None
+    asyncio.run(cache.refresh("sighup"))
+    asyncio.run(cache.refresh("interval"))
+    assert prompts == [False, False, True, True, False]
 
 
 def test_a_rejection_reads_vault_again_even_while_an_older_read_is_on_the_wire(tmp_path):

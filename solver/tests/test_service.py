@@ -49,7 +49,7 @@ class FakeSession(FakeVault):
     def close(self) -> None:
         pass
 
-    def read_kv(self, mount: str, path: str) -> KvSecret:
+    def read_kv(self, mount: str, path: str, *, prompt: bool = False) -> KvSecret:
         return super().read_kv(mount, path)
 
 
@@ -305,7 +305,7 @@ def test_replayed_wrapping_token_found_later_stops_the_service(tmp_path):
     """Vault was down at start; when the unwrap finally fails, serve() raises (CLI: exit 78)."""
 
     class ReplayedSession(FakeSession):
-        def read_kv(self, mount, path):
+        def read_kv(self, mount, path, *, prompt=False):
             raise WrappingTokenError("already unwrapped: possible tampering")
 
     cfg = make_config(tmp_path)

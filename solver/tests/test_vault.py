@@ -49,6 +49,31 @@ def test_all_addresses_down_is_unavailable_after_retries(tmp_path):
     assert not client.has_token
 
 
+def test_a_prompt_read_pauses_steadily_between_rounds(tmp_path):
+    """A read the rotation waits for (prompt=True: the worker was nudged) pauses retry_delay
+    (+-50 %) between its rounds; any other call doubles the pause each round."""
+    cfg = make_config(
+        tmp_path,
+        vault__addrs=[f"https://127.0.0.1:{free_port()}"],
+        vault__retries=4,
+        vault__retry_delay=1.0,
+    )
+    (tmp_path / "role-id").write_text("r")
+    (tmp_path / "secret-id").write_text("s")
+    prompt: list[float] = []
+    with pytest.raises(VaultUnavailable):
+        VaultClient(cfg.vault, sleep=prompt.append).read_kv("secret", "k", prompt=True)
+    assert len(prompt) == 3
+    assert all(0.5 <= d <= 1.5 for d in prompt), prompt
+    backoff: list[float] = []
+    client = VaultClient(cfg.vault, sleep=backoff.append)
+    with pytest.raises(VaultUnavailable):
+        client.read_kv("secret", "k")
+    assert len(backoff) == 3
+    assert 2.0 <= backoff[2] <= 6.0, backoff
+    assert not client._prompt, "the next call is not prompt"
+
+
 def test_missing_credential_files(tmp_path):
     cfg = make_config(tmp_path)
     client = VaultClient(cfg.vault)

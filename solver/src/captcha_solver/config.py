@@ -207,6 +207,10 @@ class VaultConfig:
     timeout: Annotated[float, _float_in(0.0, lo_open=True)] = 5.0
     retries: Annotated[int, _int_in(1, 100)] = 3
     retry_delay: Annotated[float, _float_in(0.0)] = 0.5
+    # For this many seconds after a SIGHUP (the rotation's nudge) a failed key read is retried
+    # every retry_delay (+-50 %) instead of on the growing backoff: a rotation is waiting on this
+    # worker, and a raft leader election is over in seconds. 0: no difference after a nudge.
+    nudge_retry_window: Annotated[float, _float_in(0.0)] = 30.0
     # At most this many refused AppRole logins within login_refusal_window seconds; after that
     # no login is sent until the oldest refusal leaves the window. Vault and OpenBao lock a
     # role-id (shared by every worker of the env) after 5 refused logins within 15 minutes by

@@ -6,7 +6,9 @@
   ``circuit_cooldown`` seconds (repeated bad-key calls get the host banned); a new key from
   Vault closes it at once.
 * Vault unreachable → keep serving the cached key until it is ``max_staleness`` seconds past
-  its last confirmation, then fail closed.
+  its last confirmation, then fail closed. Failed reads are retried on a growing backoff, except
+  for ``nudge_retry_window`` seconds after a SIGHUP (a rotation waits): then every
+  ``retry_delay`` (±50 %), between the rounds over the addresses too (bench/leader_failover.py).
 * ``backup_keys`` in the secret: on ERROR_ZERO_BALANCE and similar the next key is used; the
   exhausted one is tried again after ``zero_balance_cooldown``.
 * The provider's word on each version: while the refresh loop runs, every version the worker
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import random
 import time
@@ -52,7 +55,7 @@ ROTATION_FIELDS = ROTATION_RECORD_FIELDS  # the record key_rotation_state writes
 
 
 class VaultReader(Protocol):
-    def read_kv(self, mount: str, path: str) -> KvSecret: ...
+    def read_kv(self, mount: str, path: str, *, prompt: bool = False) -> KvSecret: ...
 
 
 class KeyUnavailable(Exception):
@@ -154,6 +157,7 @@ class KeyCache:
         self._check_task: asyncio.Task[None] | None = None
         self._check_version: int | None = None  # the version _check_task checks
         self._nudges = 0  # SIGHUPs so far; _check_nudges: the count when the last attempt began
+        self._nudged_at: float | None = None  # monotonic time of a SIGHUP no read has answered yet
         self._check_nudges = 0
 
     # ------------------------------------------------------------------ refresh
@@ -179,7 +183,9 @@ class KeyCache:
     async def _do_refresh(self, reason: str) -> bool:
         try:
             secret = await asyncio.to_thread(
-                self._vault.read_kv, self._cfg.kv_mount, self._cfg.key_path
+                functools.partial(self._vault.read_kv, prompt=self._nudged_recently()),
+                self._cfg.kv_mount,
+                self._cfg.key_path,
             )
             keyset = _keyset_from(secret)
         except WrappingTokenError as exc:
@@ -225,6 +231,7 @@ class KeyCache:
         old = self._keyset
         now = self._clock()
         self._failures = 0
+        self._nudged_at = None
         self._vault_reachable = True
         self._last_success = now
         self._last_success_wall = self._wall()
@@ -259,14 +266,29 @@ class KeyCache:
         self._wake_reason = reason
         if reason == "sighup":
             self._nudges += 1
+            self._nudged_at = self._clock()
         self._wake.set()
 
     def _next_delay(self) -> float:
         interval = self._cfg.refresh_interval
+        if self._failures and self._nudged_recently():
+            # A rotation nudged this worker and waits for it, and Vault did not answer (a raft
+            # leader election, say: seconds). Retry on a short steady cadence, not the growing
+            # backoff whose 2 s and 4 s gaps would keep the worker behind a new leader. Only a
+            # nudged worker does this, for nudge_retry_window seconds, so a long outage still
+            # sees the backoff from every worker.
+            delay = self._cfg.retry_delay * random.uniform(0.5, 1.5)  # noqa: S311 (not crypto)
+            return min(interval, delay)
         if self._failures:
             interval = min(interval, self._cfg.retry_delay * 2 ** min(self._failures, 6) + 0.05)
         jitter = self._cfg.refresh_jitter
         return interval * random.uniform(1 - jitter, 1 + jitter)  # noqa: S311 (not crypto)
+
+    def _nudged_recently(self) -> bool:
+        return (
+            self._nudged_at is not None
+            and self._clock() - self._nudged_at < self._cfg.nudge_retry_window
+        )
 
     async def run(self, *, read_first: bool = True) -> None:
         """The refresh loop (runs until cancelled). Reads at once unless told otherwise."""

@@ -228,6 +228,8 @@ class VaultClient:
         ]
         self._verify = verify
         self._current = 0
+        # True during a read asked for promptly (a nudged worker, see read_kv): steady pauses.
+        self._prompt = False
         # Why a wrapped secret-id was refused while a secret-id on disk was kept ("" if never).
         self.refused_wrapping = ""
         # Wall-clock times of the logins Vault refused lately, kept in the state directory so
@@ -269,7 +271,7 @@ class VaultClient:
                     self._current = index
                 return result
             if attempt + 1 < self._cfg.retries:
-                delay = self._cfg.retry_delay * (2**attempt)
+                delay = self._cfg.retry_delay * (1 if self._prompt else 2**attempt)
                 self._sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 (jitter, not crypto)
         raise VaultUnavailable(f"{what}: no Vault address answered (last: {last})")
 
@@ -562,8 +564,20 @@ class VaultClient:
             self.login()
 
     # ------------------------------------------------------------------ KV v2
-    def read_kv(self, mount: str, path: str) -> KvSecret:
-        """Read the current version of a KV v2 secret (re-login once on 403)."""
+    def read_kv(self, mount: str, path: str, *, prompt: bool = False) -> KvSecret:
+        """Read the current version of a KV v2 secret (re-login once on 403).
+
+        ``prompt``: a rotation waits for this read (the worker was nudged): the pauses between
+        the rounds over the addresses stay at ``retry_delay`` instead of doubling, so that a
+        read during a raft election lands soon after the new leader has taken over."""
+        with self._lock:
+            self._prompt = prompt
+            try:
+                return self._read_kv(mount, path)
+            finally:
+                self._prompt = False
+
+    def _read_kv(self, mount: str, path: str) -> KvSecret:
         with self._lock:
             self.ensure_token()
 
