@@ -26,8 +26,8 @@ clients per fleet) runs throughout: failed solves are counted.
 Figures per trial and fleet: put -> last worker on the new version, put -> median worker; and
 put -> a new active node (the election and take-over, polled every 0.1 s). The ratio of the
 medians over the trials is the figure to read; absolute times depend on the machine.
-Ports: a 3-node OpenBao on 18660 / 18670 / 18680 (``.state/bench/ha``), emulator 18360/18361,
-workers 18500-18599, all on 127.0.0.1. Nothing is asserted: it measures.
+Ports: a 3-node OpenBao on 18660 / 18670 / 18680 (``.state/bench/ha``; stopped at the end),
+emulator 18360/18361, workers 18500-18599, all on 127.0.0.1. Nothing is asserted: it measures.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def run(workers: int, trials: int, nudge_after: float) -> dict[str, Any]:
                     for fleet in fleets.values():
                         fleet.stop()
     finally:
-        cluster.start()  # leave every node running, as found
+        cluster.stop()  # the bench's own cluster
     return {
         "workers_per_fleet": workers,
         "nudge_after_s": nudge_after,

@@ -406,11 +406,13 @@ def run_unattended(
     return run_rotation(rot_env, inventory, variables, token=rot_env.rotator_token(), **kwargs)
 
 
-def run_wrapper(rot_env: RotEnv, *args: str) -> tuple[int, str]:
+def run_wrapper(
+    rot_env: RotEnv, *args: str, creds: tuple[Path, Path] | None = None
+) -> tuple[int, str]:
     """``tools/rotate-unattended *args`` as a scheduler runs it: with the env's rotator AppRole
-    files (no VAULT_TOKEN: they are the only credential), from the env's directory, no stdin.
-    Returns the exit status and stdout + stderr, checked for secrets."""
-    role_id, secret_id = rot_env.approle_files(f"captcha-rotator-{rot_env.name}")
+    files (or ``creds``; no VAULT_TOKEN: they are the only credential), from the env's
+    directory, no stdin. Returns the exit status and stdout + stderr, checked for secrets."""
+    role_id, secret_id = creds or rot_env.approle_files(f"captcha-rotator-{rot_env.name}")
     proc = subprocess.run(
         [str(WRAPPER), *args, "--role-id-file", str(role_id), "--secret-id-file", str(secret_id)],
         cwd=rot_env.tmp,

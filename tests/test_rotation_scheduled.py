@@ -108,6 +108,35 @@ def test_scheduled_failures_map_to_distinct_codes(rot_env: RotEnv, start_workers
     assert worker.name in out
 
 
+def test_the_login_moves_past_a_dead_node_and_a_refused_one_is_named(rot_env: RotEnv):
+    """The rotator's AppRole login tries every node address: with the first one dead (a node
+    down, or restarted and not serving yet) a scheduled run logs in on the next one and gets
+    through (nothing staged: noop). A refused secret-id stops the run before any change with
+    Vault's reason and what to do, never the credential."""
+    dead = f"https://127.0.0.1:{free_port()}"
+    inv = write_inventory(
+        rot_env,
+        [],
+        {"key_rotation_vault_addr": dead, "key_rotation_vault_addrs": [rot_env.vault.addr]},
+    )
+    rc, out = wrapper(rot_env, inv)
+    assert rc == 0, out[-3000:]
+    assert "key-rotation: noop exit=0" in out
+
+    role_id, _ = rot_env.approle_files(f"captcha-rotator-{rot_env.name}")
+    wrong = new_key()
+    rot_env.secrets.append(wrong)
+    bad = write_private(rot_env.tmp / "wrong-secret-id", wrong + "\n")
+    rc, out = run_wrapper(
+        rot_env, "--env", rot_env.name, "-i", str(write_inventory(rot_env)), creds=(role_id, bad)
+    )
+    assert rc == 1, out[-3000:]
+    assert f"AppRole login at {rot_env.vault.addr}/v1/auth/approle/login refused (" in out
+    assert "invalid role or secret ID" in out
+    assert "An expired or used-up secret-id needs a new one" in out
+    assert "nothing changed" in out
+
+
 def test_wrapper_usage_error(rot_env: RotEnv):
     """Half the AppRole credentials is a usage error (64) before anything runs."""
     proc = subprocess.run(

@@ -14,12 +14,13 @@ Connection
         (seconds, default ``$CAPTCHA_KIT_VAULT_RETRY_TIMEOUT`` or 30). Pass the result to
         ``AnsibleModule(argument_spec=...)``.
 
-    ``get_client(module, check_token=True) -> hvac.Client``
+    ``get_client(module, check_token=True, token_required=True) -> hvac.Client``
         Builds the client from those options and fails the module with a clear message when hvac
         is missing, the URL is not set, the CA file does not exist, the token is missing, the
         server is unreachable, TLS verification fails, the server is sealed, or (with
         ``check_token``) the token is not valid (``auth/token/lookup-self``). Every request of
-        the client goes through ``RetryingAdapter`` (see "HA" below).
+        the client goes through ``RetryingAdapter`` (see "HA" below). ``token_required=False``
+        gives a client without a token (never ``$VAULT_TOKEN``), for a login.
 
     ``vault_call(module, what, func, *args, **kwargs)``
         Calls ``func(*args, **kwargs)`` and turns hvac/requests errors into ``module.fail_json``
@@ -365,8 +366,9 @@ def _short(exc):
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def get_client(module, check_token=True):
-    """Return an authenticated ``hvac.Client`` or fail the module with a clear message."""
+def get_client(module, check_token=True, token_required=True):
+    """Return an authenticated ``hvac.Client`` or fail the module with a clear message.
+    ``token_required=False``: a client without a token, for a login (no token check)."""
     if HVAC_IMPORT_ERROR is not None:
         module.fail_json(msg=missing_required_lib("hvac"), exception=HVAC_IMPORT_ERROR)
     params = module.params
@@ -384,8 +386,8 @@ def get_client(module, check_token=True):
                 "certificate (PEM) that signed the Vault server certificate"
             )
         verify = ca_cert
-    token = params.get("token")
-    if not token:
+    token = params.get("token") if token_required else ""
+    if token_required and not token:
         module.fail_json(
             msg=f"No Vault token: export VAULT_TOKEN ({ADMIN_POLICY_HINT}) or pass the token option"
         )
@@ -400,7 +402,7 @@ def get_client(module, check_token=True):
         addrs=addrs[1:],
         retry_timeout=DEFAULT_RETRY_TIMEOUT if retry_timeout is None else retry_timeout,
     )
-    if check_token:
+    if check_token and token_required:
         try:
             client.auth.token.lookup_self()
         except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
