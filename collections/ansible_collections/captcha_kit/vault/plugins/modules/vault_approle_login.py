@@ -19,8 +19,8 @@ description:
     O(retry_timeout) seconds. A login at a single address that a restarted node answers with
     "active cluster node not found" therefore waits for the election instead of failing.
   - A refused login (HTTP 400 or 403) is not retried. It fails with Vault's reason and what to
-    do, naming AppRole user lockout when that is the cause. Neither the role-id, the secret-id
-    nor the token ever appears in a message.
+    do; on a 403 it also names AppRole user lockout as a possible cause. Neither the role-id,
+    the secret-id nor the token ever appears in a message.
   - Changes nothing in Vault beyond the login itself (a secret-id with a use limit spends a use),
     so it reports C(changed=false) and runs in check mode too.
   - Register its result with C(no_log) and keep the token out of output.
@@ -81,8 +81,6 @@ addr:
   returned: state is present
   type: str
 """
-
-import os
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     _connection_hint,
@@ -186,7 +184,6 @@ def login(module):
 
 
 def main():
-    os.umask(0o077)
     run_module(OPTIONS, login, required_if=REQUIRED_IF)
 
 
