@@ -274,22 +274,28 @@ def test_refresh_delay_is_spread_by_the_jitter(tmp_path):
     assert {still._next_delay() for _ in range(20)} == {100.0}
 
 
+def _vault_down_cache(tmp_path, clock, nudge_retry_window):
+    """A loaded cache (kit retry timings, no jitter) whose Vault is now down: (cache, vault)."""
+    cache, vault, _ = _loaded_cache(
+        tmp_path,
+        clock,
+        FailingVault,
+        vault__retry_delay=0.5,
+        vault__nudge_retry_window=nudge_retry_window,
+        vault__refresh_jitter=0.0,
+        vault__refresh_interval=300.0,
+    )
+    vault.failure = VaultUnavailable("all addresses down")
+    return cache, vault
+
+
 def test_a_nudged_worker_retries_a_failed_read_promptly_for_the_window_only(tmp_path):
     """After a SIGHUP (the rotation's nudge) a failed read is retried every retry_delay
     (+-50 %), not on the growing backoff, for nudge_retry_window seconds; then, and without a
     nudge, and once a read has answered, the backoff grows again (a long outage must not see
     every worker retrying at once)."""
     clock = Clock()
-    cache, vault, _ = _loaded_cache(
-        tmp_path,
-        clock,
-        FailingVault,
-        vault__retry_delay=0.5,
-        vault__nudge_retry_window=30.0,
-        vault__refresh_jitter=0.0,
-        vault__refresh_interval=300.0,
-    )
-    vault.failure = VaultUnavailable("all addresses down")
+    cache, vault = _vault_down_cache(tmp_path, clock, nudge_retry_window=30.0)
     for _ in range(4):
         assert not asyncio.run(cache.refresh("interval"))
     backoff = cache._next_delay()
@@ -310,16 +316,7 @@ def test_a_nudged_worker_retries_a_failed_read_promptly_for_the_window_only(tmp_
     assert not asyncio.run(cache.refresh("interval"))
     assert cache._next_delay() == pytest.approx(0.5 * 2 + 0.05)
 
-    off, off_vault, _ = _loaded_cache(
-        tmp_path,
-        clock,
-        FailingVault,
-        vault__retry_delay=0.5,
-        vault__nudge_retry_window=0.0,
-        vault__refresh_jitter=0.0,
-        vault__refresh_interval=300.0,
-    )
-    off_vault.failure = VaultUnavailable("all addresses down")
+    off, _ = _vault_down_cache(tmp_path, clock, nudge_retry_window=0.0)
     assert not asyncio.run(off.refresh("interval"))
     off.request_refresh("sighup")
     assert off._next_delay() == pytest.approx(0.5 * 2 + 0.05), "window 0: no difference"

@@ -578,36 +578,34 @@ class VaultClient:
                 self._prompt = False
 
     def _read_kv(self, mount: str, path: str) -> KvSecret:
-        with self._lock:
-            self.ensure_token()
+        """``read_kv`` with the lock held."""
+        self.ensure_token()
 
-            def op(client: Any) -> Any:
-                return client.secrets.kv.v2.read_secret_version(
-                    path=path, mount_point=mount, raise_on_deleted_version=True
-                )
+        def op(client: Any) -> Any:
+            return client.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=mount, raise_on_deleted_version=True
+            )
 
+        try:
+            response = self._call("read", op)
+        except hvac.exceptions.Forbidden:
+            log.info("vault read forbidden with the current token, logging in again")
+            self.login()
             try:
                 response = self._call("read", op)
-            except hvac.exceptions.Forbidden:
-                log.info("vault read forbidden with the current token, logging in again")
-                self.login()
-                try:
-                    response = self._call("read", op)
-                except hvac.exceptions.Forbidden as exc:
-                    raise VaultAuthError(
-                        f"read of {mount}/{path} forbidden: {_reason(exc)}"
-                    ) from None
-            except hvac.exceptions.InvalidPath:
-                raise SecretNotFound(f"no current version at {mount}/data/{path}") from None
-            data = response["data"]
-            metadata = data.get("metadata") or {}
-            custom = metadata.get("custom_metadata") or {}
-            return KvSecret(
-                data=dict(data.get("data") or {}),
-                version=int(metadata.get("version") or 0),
-                custom_metadata={str(k): str(v) for k, v in custom.items()},
-                created_time=str(metadata.get("created_time") or ""),
-            )
+            except hvac.exceptions.Forbidden as exc:
+                raise VaultAuthError(f"read of {mount}/{path} forbidden: {_reason(exc)}") from None
+        except hvac.exceptions.InvalidPath:
+            raise SecretNotFound(f"no current version at {mount}/data/{path}") from None
+        data = response["data"]
+        metadata = data.get("metadata") or {}
+        custom = metadata.get("custom_metadata") or {}
+        return KvSecret(
+            data=dict(data.get("data") or {}),
+            version=int(metadata.get("version") or 0),
+            custom_metadata={str(k): str(v) for k, v in custom.items()},
+            created_time=str(metadata.get("created_time") or ""),
+        )
 
     def close(self) -> None:
         for client in self._clients:
