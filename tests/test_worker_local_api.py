@@ -319,3 +319,24 @@ def test_no_secret_in_any_output(deployed: Deployed):
     texts.append(json.dumps(_as(deployed, MEMBER, "tcp", "/solve", "file")))
     assert len(deployed.runs) >= 2
     assert_no_secrets("\n".join(texts), _secrets(deployed))
+
+
+def test_turning_the_socket_off_removes_its_directory_and_boot_entry(vault, deployed: Deployed):
+    """Last (the host has no socket after it): the role removes what the socket left, only
+    what is there, and the next run has nothing to remove."""
+    host = deployed.host
+    extra = {**deployed.extra, "captcha_worker_unix_socket": ""}
+    off = deploy(vault, deployed.deployment, **extra)
+    assert off.rc == 0, off.failure_messages(host.name)[-3000:]
+    removed = [
+        r.get("path")
+        for n, r in off.changed_results(host.name)
+        if n.endswith("Remove the socket's directory and its boot entry when there is no socket")
+    ]
+    assert sorted(removed) == ["/etc/tmpfiles.d/captcha-solver.conf", "/run/captcha-solver"]
+    assert not host.exists("/run/captcha-solver")
+    assert not host.exists("/etc/tmpfiles.d/captcha-solver.conf")
+    again = deploy(vault, deployed.deployment, **extra)
+    assert again.rc == 0, again.failure_messages(host.name)[-3000:]
+    assert [n for n, _ in again.changed_results(host.name)] == []
+    assert_no_secrets(off.output + again.output, _secrets(deployed))

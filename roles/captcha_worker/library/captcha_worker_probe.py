@@ -15,8 +15,8 @@ description:
   - Reads whether the host holds a secret-id and the accessor beside it, whether a wrapping
     token is waiting or was refused (and the accessor of the refused one), what listens on the
     worker port (ss), the worker unit's main PID and control group, the service user's uid,
-    whether systemd is the service manager (and its version), and which Vault addresses accept
-    a TCP connection from the host.
+    whether systemd is the service manager (and its version), which Vault addresses accept
+    a TCP connection from the host, and which of some more paths exist.
   - Never reads the secret-id or a wrapping token, only whether their files exist.
   - Changes nothing; supports check mode.
 options:
@@ -61,6 +61,11 @@ options:
     description: Seconds to keep trying each Vault address.
     type: float
     default: 5
+  paths:
+    description: More paths whose existence the role needs (files it may have to remove).
+    type: list
+    elements: path
+    default: []
 """
 
 RETURN = r"""
@@ -102,6 +107,10 @@ vault_reachable:
   description: The O(vault_addrs) that accepted a TCP connection within O(connect_timeout).
   type: list
   elements: str
+paths_present:
+  description: The O(paths) that exist on the host (a dangling link counts).
+  type: list
+  elements: str
 """
 
 import os
@@ -123,6 +132,7 @@ OPTIONS = {
     "user": {"type": "str", "required": True},
     "vault_addrs": {"type": "list", "elements": "str", "default": []},
     "connect_timeout": {"type": "float", "default": 5},
+    "paths": {"type": "list", "elements": "path", "default": []},
 }
 
 
@@ -218,6 +228,7 @@ def probe(module):
         "vault_reachable": [
             url for url in p["vault_addrs"] if reachable(url, p["connect_timeout"])
         ],
+        "paths_present": [path for path in p["paths"] if os.path.lexists(path)],
     }
 
 

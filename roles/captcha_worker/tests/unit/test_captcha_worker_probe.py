@@ -95,6 +95,16 @@ def test_files_and_accessors(run, files):
     assert "never read" not in json.dumps(result)
 
 
+def test_only_the_paths_that_exist_are_reported(run, tmp_path):
+    """The socket's leftovers the role removes: a file, a directory, a dangling link, none."""
+    (tmp_path / "entry.conf").write_text("d /run/x 0750\n")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    asked = [str(tmp_path / name) for name in ("entry.conf", "dir", "dangling", "absent")]
+    assert run(paths=asked)["paths_present"] == asked[:3]
+    assert run()["paths_present"] == []
+
+
 def test_accessor_files_count_only_beside_their_token(run, files):
     """An accessor file without the secret-id (or refused token) it names is not reported."""
     files["accessor"].write_text("acc-orphan")
