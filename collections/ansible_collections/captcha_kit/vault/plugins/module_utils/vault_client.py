@@ -218,6 +218,15 @@ def _connection_hint(module, exc):
     return None
 
 
+def fail_unreachable(module, exc, prefix="", suffix=""):
+    """In an ``except Exception`` block: fail with what a connection or TLS error means and what
+    to check (between ``prefix`` and ``suffix``); re-raise anything that is not such an error."""
+    hint = _connection_hint(module, exc)
+    if hint is None:
+        raise exc
+    module.fail_json(msg=f"{prefix}{hint}{suffix}")
+
+
 DEFAULT_RETRY_TIMEOUT = 30.0
 UNREACHABLE_TIMEOUT = 5.0
 MAX_ROUNDS = 200  # a hard bound besides the time budget
@@ -415,10 +424,7 @@ def get_client(module, check_token=True, token_required=True):
         except hvac.exceptions.VaultError as exc:
             module.fail_json(msg=f"Vault at {url} refused the token lookup: {_short(exc)}")
         except Exception as exc:  # requests errors: connection, TLS, timeout
-            hint = _connection_hint(module, exc)
-            if hint is None:
-                raise
-            module.fail_json(msg=hint)
+            fail_unreachable(module, exc)
     return client
 
 
@@ -438,10 +444,7 @@ def vault_call(module, what, func, *args, **kwargs):
     except hvac.exceptions.VaultError as exc:
         module.fail_json(msg=f"Cannot {what}: Vault said: {_short(exc)}")
     except Exception as exc:
-        hint = _connection_hint(module, exc)
-        if hint is None:
-            raise
-        module.fail_json(msg=f"Cannot {what}: {hint}")
+        fail_unreachable(module, exc, f"Cannot {what}: ")
     return None  # not reached: fail_json exits
 
 

@@ -83,8 +83,8 @@ addr:
 """
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
-    _connection_hint,
     _short,
+    fail_unreachable,
     get_client,
     hvac,
     run_module,
@@ -131,10 +131,7 @@ def logout(module):
     except hvac.exceptions.VaultError as exc:
         module.fail_json(msg=f"Revoking the login token failed ({_short(exc)})")
     except Exception as exc:  # requests errors: connection, TLS, timeout
-        hint = _connection_hint(module, exc)
-        if hint is None:
-            raise
-        module.fail_json(msg=f"Revoking the login token failed: {hint}")
+        fail_unreachable(module, exc, "Revoking the login token failed: ")
     return {"changed": True, "revoked": True}
 
 
@@ -167,10 +164,7 @@ def login(module):
             f" address for {client.adapter.retry_timeout:g} s; nothing changed"
         )
     except Exception as exc:  # requests errors: connection, TLS, timeout
-        hint = _connection_hint(module, exc)
-        if hint is None:
-            raise
-        module.fail_json(msg=f"AppRole login failed: {hint}; nothing changed")
+        fail_unreachable(module, exc, "AppRole login failed: ", "; nothing changed")
     auth = answer.get("auth") or {}
     token = auth.get("client_token")
     if not token:

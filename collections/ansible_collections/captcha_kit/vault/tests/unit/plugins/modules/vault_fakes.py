@@ -420,6 +420,12 @@ class FakeAppRole(_Api):
             raise _not_found(f"auth/{mount_point}/role/{role_name}")
         return self.vault.roles[(mount_point, role_name)]
 
+    @hvac_method(AppRole.login)
+    def login(self, role_id, secret_id, use_token, mount_point):
+        # Only injected failures are faked (vault.fail("approle.login", ...)); a real login
+        # runs against OpenBao in tests/test_rotation_scheduled.py.
+        raise AssertionError("the fake Vault has no AppRole login; inject a failure")
+
     @hvac_method(AppRole.read_role)
     def read_role(self, role_name, mount_point):
         settings = self._role(role_name, mount_point)
@@ -480,6 +486,10 @@ class FakeToken(_Api):
         if info is None:
             raise hvac.exceptions.Forbidden("permission denied")
         return {"data": {"display_name": info["display_name"], "policies": info["policies"]}}
+
+    @hvac_method(Token.revoke_self, write=True)
+    def revoke_self(self):
+        self.vault.tokens.pop(self.client.token, None)
 
 
 class FakeAdapter(_Api):
