@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testkit.playbook import ANSIBALLZ_BYTECODE_ENV
 from testkit.portlock import hold_test_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # Every stage's ansible-playbook runs, molecule's included (testkit.playbook).
+    os.environ.update(ANSIBALLZ_BYTECODE_ENV)
     started = time.monotonic()
     cpu_started = _machine_cpu_seconds()
     lock = threading.Lock()

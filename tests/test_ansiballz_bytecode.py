@@ -1,0 +1,140 @@
+"""The test runs' bytecode in module payloads (testkit/ansible_plugins/callback/
+ansiballz_bytecode.py): every Python file of a payload has its pyc beside it, a module gives
+the same result with it, a host with another bytecode format compiles the source as before,
+and the plugin refuses an ansible-core it was not written for. Real ansible-playbook runs on
+localhost, no server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from testkit.paths import BIN, REPO
+from testkit.playbook import ANSIBALLZ_BYTECODE_ENV, ansible_env
+
+PLAY = """
+- name: One module run, its payload kept
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Stat a path
+      ansible.builtin.stat:
+        path: {path}
+      register: result
+    - name: Show the result
+      ansible.builtin.debug:
+        var: result.stat.isdir
+"""
+
+
+def _kept_payload(tmp_path: Path, *, bytecode: bool) -> tuple[bytes, Path]:
+    """Run one ``stat`` with the payload kept on disk; return the payload's zip and its
+    AnsiballZ file."""
+    remote_tmp = tmp_path / ("kept-bytecode" if bytecode else "kept-source")
+    play = tmp_path / "play.yml"
+    target = tmp_path / "target"
+    target.mkdir(exist_ok=True)
+    play.write_text(PLAY.format(path=target))
+    env = ansible_env()
+    if not bytecode:
+        for key in ANSIBALLZ_BYTECODE_ENV:
+            env.pop(key)
+    env.update(
+        ANSIBLE_KEEP_REMOTE_FILES="1",
+        ANSIBLE_PIPELINING="0",
+        ANSIBLE_REMOTE_TMP=str(remote_tmp),
+    )
+    run = subprocess.run(
+        [
+            str(BIN / "ansible-playbook"),
+            str(play),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    [ansiballz] = remote_tmp.glob("ansible-tmp-*/AnsiballZ_stat.py")
+    found = re.search(r"zip_data='([A-Za-z0-9+/=]+)'", ansiballz.read_text())
+    assert found, "no payload in the kept AnsiballZ file"
+    return base64.b64decode(found.group(1)), ansiballz
+
+
+def _names(payload: bytes) -> set[str]:
+    return set(zipfile.ZipFile(io.BytesIO(payload)).namelist())
+
+
+def _run(ansiballz: Path) -> dict[str, object]:
+    """Run a kept AnsiballZ file as ansible does (the inventory's interpreter)."""
+    out = subprocess.run(
+        [sys.executable, str(ansiballz)], capture_output=True, text=True, timeout=60, check=True
+    )
+    return json.loads(out.stdout)
+
+
+def test_every_python_file_of_a_payload_has_its_bytecode(tmp_path: Path) -> None:
+    names = _names(_kept_payload(tmp_path, bytecode=True)[0])
+    sources = {n for n in names if n.endswith(".py")}
+    assert "ansible/module_utils/basic.py" in sources
+    assert "ansible/modules/stat.py" in sources
+    assert {n + "c" for n in sources} <= names
+
+
+def test_without_the_plugin_the_payload_is_source_only(tmp_path: Path) -> None:
+    names = _names(_kept_payload(tmp_path, bytecode=False)[0])
+    assert "ansible/module_utils/basic.py" in names
+    assert not [n for n in names if n.endswith(".pyc")]
+
+
+def test_the_module_answers_the_same_with_bytecode_and_with_source_only(tmp_path: Path) -> None:
+    with_bytecode = _run(_kept_payload(tmp_path, bytecode=True)[1])
+    source_only = _run(_kept_payload(tmp_path, bytecode=False)[1])
+    assert with_bytecode["stat"] == source_only["stat"]  # the same directory, unchanged
+    assert with_bytecode["stat"]["isdir"] is True  # type: ignore[index]
+
+
+def test_a_host_with_another_bytecode_format_compiles_the_source(tmp_path: Path) -> None:
+    """A pyc with a foreign magic number is skipped by zipimport: the run still works."""
+    payload, ansiballz = _kept_payload(tmp_path, bytecode=True)
+    source = zipfile.ZipFile(io.BytesIO(payload))
+    foreign = io.BytesIO()
+    with zipfile.ZipFile(foreign, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith(".pyc"):
+                data = b"\x00\x00\r\n" + data[4:]  # no CPython's magic number
+            out.writestr(info, data)
+    text = ansiballz.read_text()
+    old = base64.b64encode(payload).decode()
+    assert old in text
+    ansiballz.write_text(text.replace(old, base64.b64encode(foreign.getvalue()).decode()))
+    assert _run(ansiballz)["stat"]["isdir"] is True  # type: ignore[index]
+
+
+def test_the_plugin_refuses_an_ansible_core_it_was_not_written_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ansible.errors import AnsibleError
+
+    from testkit.ansible_plugins.callback import ansiballz_bytecode
+
+    monkeypatch.setattr(ansiballz_bytecode, "ansible_version", "2.99.0")
+    with pytest.raises(AnsibleError, match=r"written for ansible-core 2\.19"):
+        ansiballz_bytecode.install()
