@@ -28,11 +28,11 @@ from testkit.tokens import playbook_token
 from testkit.vault import LocalVault
 
 LOCALHOST = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-# The test runs' module payloads carry bytecode beside the source (testkit/ansible_plugins/callback/
-# ansiballz_bytecode.py): the same modules without recompiling module_utils in every run.
-ANSIBALLZ_BYTECODE_ENV = {
+# Cheaper module runs in the test runs (testkit/ansible_plugins/callback/module_runs.py): bytecode
+# beside the source in the payloads, and local module processes that read their code buffered.
+MODULE_RUNS_ENV = {
     "ANSIBLE_CALLBACK_PLUGINS": str(REPO / "testkit" / "ansible_plugins" / "callback"),
-    "ANSIBLE_CALLBACKS_ENABLED": "ansiballz_bytecode",
+    "ANSIBLE_CALLBACKS_ENABLED": "module_runs",
 }
 
 
@@ -102,7 +102,7 @@ def ansible_env(
     vault: LocalVault | None = None, *, token: str | None = None, addrs: Iterable[str] = ()
 ) -> dict[str, str]:
     """The environment of an ``ansible-playbook`` child: this venv first on PATH, the kit's
-    ansible.cfg, no colour, bytecode in module payloads, no VAULT_*/BAO_* of the caller; with
+    ansible.cfg, no colour, cheaper module runs, no VAULT_*/BAO_* of the caller; with
     ``vault`` its address and CA (and ``token``, and more node addresses for the kit's
     failover)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
@@ -114,7 +114,7 @@ def ansible_env(
         ANSIBLE_RETRY_FILES_ENABLED="0",
         PYTHONUNBUFFERED="1",
     )
-    env.update(ANSIBALLZ_BYTECODE_ENV)
+    env.update(MODULE_RUNS_ENV)
     if vault is not None:
         env.update(VAULT_ADDR=vault.addr, VAULT_CACERT=str(vault.ca_file))
         more = [a for a in addrs if a != vault.addr]

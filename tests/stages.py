@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testkit.playbook import ANSIBALLZ_BYTECODE_ENV
+from testkit.playbook import MODULE_RUNS_ENV
 from testkit.portlock import hold_test_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # Every stage's ansible-playbook runs, molecule's included (testkit.playbook).
-    os.environ.update(ANSIBALLZ_BYTECODE_ENV)
+    os.environ.update(MODULE_RUNS_ENV)
     started = time.monotonic()
     cpu_started = _machine_cpu_seconds()
     lock = threading.Lock()

@@ -1,23 +1,28 @@
-"""Bytecode in the module payloads of the test runs: each module run stops compiling ansible's
-module_utils from source.
+"""Cheaper module runs in the test runs: bytecode in the module payloads, and module processes
+that read their code buffered. The modules and what they do are unchanged.
 
-ansible-core 2.19 sends a module with every ``module_utils`` file it imports as source in a zip
-(AnsiballZ), and Python's zipimport compiles source from a zip on every import: about 0.15 CPU-s
-of a 0.26 CPU-s ``stat`` run on a 2-core test machine, in each of the few thousand module runs of
-``make test`` (docs/design.md, "Where the test run's CPU goes"). zipimport prefers a ``.pyc``
-entry beside the ``.py`` one, so this plugin adds one for every Python file of the payload:
-compiled once per source on the controller (cached under ``.state/test/ansiballz-pyc``) as an
-unchecked hash-based pyc (PEP 552), which zipimport loads without looking at a timestamp.
+**Bytecode.** ansible-core 2.19 sends a module with every ``module_utils`` file it imports as
+source in a zip (AnsiballZ), and Python's zipimport compiles source from a zip on every import:
+about 0.15 CPU-s of a 0.26 CPU-s ``stat`` run, in each of the few thousand module runs of ``make
+test`` (docs/design.md, "Where the test run's CPU goes"). zipimport prefers a ``.pyc`` entry
+beside the ``.py`` one, so this plugin adds one for every Python file of the payload: compiled
+once per source on the controller (cached under ``.state/test/ansiballz-pyc``) as an unchecked
+hash-based pyc (PEP 552), which zipimport loads without looking at a timestamp. The test hosts
+run Debian's Python 3.11 like the controller; on a host whose Python has another bytecode magic
+number, zipimport skips the ``.pyc`` entry and compiles the ``.py`` one, as without this plugin.
 
-What a module does is unchanged: the same source, compiled by the same CPython minor version
-(the test hosts run Debian's 3.11 like the controller). On a host whose Python has another
-bytecode magic number, zipimport skips the ``.pyc`` entry and compiles the ``.py`` one, as
-without this plugin.
+**Buffered reads.** With pipelining (the kit's ``ansible.cfg``) a module process reads its code
+from stdin, and with ``PYTHONUNBUFFERED`` set (the test machines set it, so that a stage's log and
+ansible-playbook's task headers come as they happen) Python reads it one byte per ``read(2)``: a
+0.2 MB payload costs 0.1 s of system time per local module run, more with the bytecode. The plugin
+removes the variable from ansible-playbook's environment after Python has read it, so its own
+output stays unbuffered and the processes it starts on the controller (local module runs) read
+buffered. Hosts reached over SSH never get it.
 
-It is a test-run measure, enabled by ``testkit.playbook.ANSIBALLZ_BYTECODE_ENV`` (``make test``
-and the test kit's ``ansible-playbook`` runs); the kit's ``ansible.cfg``, which operators use,
-does not enable it. It wraps two functions of ``ansible.executor.module_common`` and refuses to
-load on an ansible-core it was not written for, so an upgrade cannot silently change it.
+It is a test-run measure, enabled by ``testkit.playbook.MODULE_RUNS_ENV`` (``make test`` and the
+test kit's ``ansible-playbook`` runs); the kit's ``ansible.cfg``, which operators use, does not
+enable it. It wraps two functions of ``ansible.executor.module_common`` and refuses to load on an
+ansible-core it was not written for, so an upgrade cannot silently change it.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from ansible.plugins.callback import CallbackBase
 from ansible.release import __version__ as ansible_version
 
 DOCUMENTATION = """
-    name: ansiballz_bytecode
+    name: module_runs
     type: aggregate
-    short_description: add bytecode beside the source in module payloads (test runs)
+    short_description: cheaper module runs in the test runs
     description:
       - Adds an unchecked hash-based pyc for every Python file of an AnsiballZ payload.
+      - Removes PYTHONUNBUFFERED from the environment of the processes ansible-playbook starts.
     requirements:
       - enabled in callbacks_enabled
 """
@@ -106,7 +112,7 @@ def _wrap(function: Any) -> Any:
     if getattr(function, "_with_bytecode", False):
         return function
     if "zf" not in inspect.signature(function).parameters:
-        raise AnsibleError(f"ansiballz_bytecode: {function.__name__} takes no zf any more")
+        raise AnsibleError(f"module_runs: {function.__name__} takes no zf any more")
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         bound = inspect.signature(function).bind(*args, **kwargs)
@@ -119,14 +125,16 @@ def _wrap(function: Any) -> Any:
 
 
 def install() -> None:
-    """Wrap the two functions that write Python files into a payload (idempotent)."""
+    """Wrap the two functions that write Python files into a payload (idempotent), and start
+    the module processes without PYTHONUNBUFFERED."""
     if not ansible_version.startswith(SUPPORTED):
         raise AnsibleError(
-            f"ansiballz_bytecode was written for ansible-core {SUPPORTED}x, not {ansible_version}:"
+            f"module_runs was written for ansible-core {SUPPORTED}x, not {ansible_version}:"
             " check module_common's payload writing and update or remove this test plugin"
         )
     module_common.recursive_finder = _wrap(module_common.recursive_finder)
     module_common._add_module_to_zip = _wrap(module_common._add_module_to_zip)
+    os.environ.pop("PYTHONUNBUFFERED", None)
 
 
 class CallbackModule(CallbackBase):
@@ -135,7 +143,7 @@ class CallbackModule(CallbackBase):
 
     CALLBACK_VERSION = 2.0
     CALLBACK_TYPE = "aggregate"
-    CALLBACK_NAME = "ansiballz_bytecode"
+    CALLBACK_NAME = "module_runs"
     CALLBACK_NEEDS_ENABLED = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

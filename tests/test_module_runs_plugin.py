@@ -1,8 +1,8 @@
-"""The test runs' bytecode in module payloads (testkit/ansible_plugins/callback/
-ansiballz_bytecode.py): every Python file of a payload has its pyc beside it, a module gives
-the same result with it, a host with another bytecode format compiles the source as before,
-and the plugin refuses an ansible-core it was not written for. Real ansible-playbook runs on
-localhost, no server."""
+"""The test runs' cheaper module runs (testkit/ansible_plugins/callback/module_runs.py): every
+Python file of a payload has its pyc beside it, a module gives the same result with it, a host
+with another bytecode format compiles the source as before, local module processes start without
+PYTHONUNBUFFERED, and the plugin refuses an ansible-core it was not written for. Real
+ansible-playbook runs on localhost, no server."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from testkit.paths import BIN, REPO
-from testkit.playbook import ANSIBALLZ_BYTECODE_ENV, ansible_env
+from testkit.playbook import MODULE_RUNS_ENV, ansible_env
 
 PLAY = """
 - name: One module run, its payload kept
@@ -35,23 +35,22 @@ PLAY = """
 """
 
 
-def _kept_payload(tmp_path: Path, *, bytecode: bool) -> tuple[bytes, Path]:
-    """Run one ``stat`` with the payload kept on disk; return the payload's zip and its
-    AnsiballZ file."""
-    remote_tmp = tmp_path / ("kept-bytecode" if bytecode else "kept-source")
-    play = tmp_path / "play.yml"
-    target = tmp_path / "target"
-    target.mkdir(exist_ok=True)
-    play.write_text(PLAY.format(path=target))
-    env = ansible_env()
-    if not bytecode:
-        for key in ANSIBALLZ_BYTECODE_ENV:
-            env.pop(key)
-    env.update(
-        ANSIBLE_KEEP_REMOTE_FILES="1",
-        ANSIBLE_PIPELINING="0",
-        ANSIBLE_REMOTE_TMP=str(remote_tmp),
-    )
+ENV_PLAY = """
+- name: What a local module process is given
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Print PYTHONUNBUFFERED as the module's child sees it
+      ansible.builtin.shell: echo "unbuffered=[${PYTHONUNBUFFERED-}]"
+      changed_when: false
+      register: seen
+    - name: Show it
+      ansible.builtin.debug:
+        msg: "{{ seen.stdout }}"
+"""
+
+
+def _playbook(play: Path, env: dict[str, str]) -> str:
     run = subprocess.run(
         [
             str(BIN / "ansible-playbook"),
@@ -71,6 +70,27 @@ def _kept_payload(tmp_path: Path, *, bytecode: bool) -> tuple[bytes, Path]:
         check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def _kept_payload(tmp_path: Path, *, bytecode: bool) -> tuple[bytes, Path]:
+    """Run one ``stat`` with the payload kept on disk; return the payload's zip and its
+    AnsiballZ file."""
+    remote_tmp = tmp_path / ("kept-bytecode" if bytecode else "kept-source")
+    play = tmp_path / "play.yml"
+    target = tmp_path / "target"
+    target.mkdir(exist_ok=True)
+    play.write_text(PLAY.format(path=target))
+    env = ansible_env()
+    if not bytecode:
+        for key in MODULE_RUNS_ENV:
+            env.pop(key)
+    env.update(
+        ANSIBLE_KEEP_REMOTE_FILES="1",
+        ANSIBLE_PIPELINING="0",
+        ANSIBLE_REMOTE_TMP=str(remote_tmp),
+    )
+    _playbook(play, env)
     [ansiballz] = remote_tmp.glob("ansible-tmp-*/AnsiballZ_stat.py")
     found = re.search(r"zip_data='([A-Za-z0-9+/=]+)'", ansiballz.read_text())
     assert found, "no payload in the kept AnsiballZ file"
@@ -128,13 +148,24 @@ def test_a_host_with_another_bytecode_format_compiles_the_source(tmp_path: Path)
     assert _run(ansiballz)["stat"]["isdir"] is True  # type: ignore[index]
 
 
+def test_local_module_processes_start_without_pythonunbuffered(tmp_path: Path) -> None:
+    """ansible-playbook itself keeps it (its output comes as it happens); the processes it
+    starts read their code buffered."""
+    play = tmp_path / "env.yml"
+    play.write_text(ENV_PLAY)
+    env = ansible_env() | {"PYTHONUNBUFFERED": "1"}
+    assert "unbuffered=[]" in _playbook(play, env)
+    without = {k: v for k, v in env.items() if k not in MODULE_RUNS_ENV}
+    assert "unbuffered=[1]" in _playbook(play, without)
+
+
 def test_the_plugin_refuses_an_ansible_core_it_was_not_written_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from ansible.errors import AnsibleError
 
-    from testkit.ansible_plugins.callback import ansiballz_bytecode
+    from testkit.ansible_plugins.callback import module_runs
 
-    monkeypatch.setattr(ansiballz_bytecode, "ansible_version", "2.99.0")
+    monkeypatch.setattr(module_runs, "ansible_version", "2.99.0")
     with pytest.raises(AnsibleError, match=r"written for ansible-core 2\.19"):
-        ansiballz_bytecode.install()
+        module_runs.install()
