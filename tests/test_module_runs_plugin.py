@@ -159,6 +159,62 @@ def test_local_module_processes_start_without_pythonunbuffered(tmp_path: Path) -
     assert "unbuffered=[1]" in _playbook(play, without)
 
 
+MODULE = """#!/usr/bin/python
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.kittest.demo.plugins.module_utils.value import VALUE
+
+
+def main():
+    AnsibleModule(argument_spec={}).exit_json(changed=False, value=VALUE)
+
+
+if __name__ == "__main__":
+    main()
+"""
+ANSWER_PLAY = """
+- name: Ask a collection module whose module_utils the test changes
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Ask
+      kittest.demo.answer:
+      register: answer
+    - name: Show it
+      ansible.builtin.debug:
+        msg: "answer=[{{ answer.value }}]"
+"""
+
+
+def test_a_changed_module_utils_file_is_taken_by_the_next_run(tmp_path: Path) -> None:
+    """The module_utils set an earlier run found is reused only while every file of it is
+    unchanged: a run after an edit sends the new file, and the run after that reuses it."""
+    from testkit.ansible_plugins.callback.module_runs import FINDER_DIR
+
+    collection = tmp_path / "collections" / "ansible_collections" / "kittest" / "demo"
+    (collection / "plugins" / "modules").mkdir(parents=True)
+    (collection / "plugins" / "module_utils").mkdir()
+    (collection / "plugins" / "modules" / "answer.py").write_text(MODULE)
+    value = collection / "plugins" / "module_utils" / "value.py"
+    value.write_text('VALUE = "one"\n')
+    play = tmp_path / "answer.yml"
+    play.write_text(ANSWER_PLAY)
+    env = ansible_env() | {"ANSIBLE_COLLECTIONS_PATH": str(tmp_path / "collections")}
+
+    def kept() -> list[Path]:
+        return [f for f in FINDER_DIR.glob("*.json") if str(value) in f.read_text()]
+
+    assert "answer=[one]" in _playbook(play, env)
+    [found] = kept()
+    first = found.stat().st_mtime_ns
+    value.write_text('VALUE = "two"\n')
+    assert "answer=[two]" in _playbook(play, env)
+    assert kept() == [found]
+    second = found.stat().st_mtime_ns
+    assert second != first  # found again: a file of the set changed
+    assert "answer=[two]" in _playbook(play, env)
+    assert found.stat().st_mtime_ns == second  # reused, not found again
+
+
 def test_the_plugin_refuses_an_ansible_core_it_was_not_written_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

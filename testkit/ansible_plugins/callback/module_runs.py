@@ -11,6 +11,15 @@ hash-based pyc (PEP 552), which zipimport loads without looking at a timestamp. 
 run Debian's Python 3.11 like the controller; on a host whose Python has another bytecode magic
 number, zipimport skips the ``.pyc`` entry and compiles the ``.py`` one, as without this plugin.
 
+**The module_utils set, found once.** Each ansible-playbook run finds again which module_utils
+files a module needs (parsing the module and each of those files) the first time it runs that
+module: about 0.1 CPU-s per module and run, and the test suites make hundreds of runs. The
+plugin keeps what it found under ``.state/test/ansiballz-finder`` (keyed by ansible-core, the
+module's content and the module_utils and collection search paths) and writes the kept set into
+the next run's payload while every file of it is byte-for-byte unchanged; otherwise it finds
+them again. A set with a generated redirect shim is never kept, so a redirect's deprecation
+warning still shows.
+
 **Buffered reads.** With pipelining (the kit's ``ansible.cfg``) a module process reads its code
 from stdin, and with ``PYTHONUNBUFFERED`` set (the test machines set it, so that a stage's log and
 ansible-playbook's task headers come as they happen) Python reads it one byte per ``read(2)``: a
@@ -21,26 +30,32 @@ buffered. Hosts reached over SSH never get it.
 
 It is a test-run measure, enabled by ``testkit.playbook.MODULE_RUNS_ENV`` (``make test`` and the
 test kit's ``ansible-playbook`` runs); the kit's ``ansible.cfg``, which operators use, does not
-enable it. It wraps two functions of ``ansible.executor.module_common`` and refuses to load on an
+enable it. It wraps two functions of ``ansible.executor.module_common`` (``recursive_finder``
+and ``_add_module_to_zip``) and refuses to load on an
 ansible-core it was not written for, so an upgrade cannot silently change it.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import importlib._bootstrap_external as bootstrap_external
 import importlib.util
 import inspect
+import json
 import os
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from ansible._internal._datatag._tags import Origin
 from ansible.errors import AnsibleError
 from ansible.executor import module_common
 from ansible.plugins.callback import CallbackBase
 from ansible.release import __version__ as ansible_version
+from ansible.utils.collection_loader import AnsibleCollectionConfig
 
 DOCUMENTATION = """
     name: module_runs
@@ -54,7 +69,9 @@ DOCUMENTATION = """
 """
 
 SUPPORTED = "2.19."
-CACHE_DIR = Path(__file__).resolve().parents[3] / ".state" / "test" / "ansiballz-pyc"
+STATE = Path(__file__).resolve().parents[3] / ".state" / "test"
+CACHE_DIR = STATE / "ansiballz-pyc"
+FINDER_DIR = STATE / "ansiballz-finder"
 
 
 def _bytecode(name: str, source: bytes) -> bytes | None:
@@ -86,10 +103,12 @@ def _bytecode(name: str, source: bytes) -> bytes | None:
 
 
 class _WithBytecode:
-    """A module payload's zip that writes a ``.pyc`` entry after each ``.py`` one."""
+    """A module payload's zip that writes a ``.pyc`` entry after each ``.py`` one, and notes
+    what it was given (name, content, the file it came from) for the finder cache."""
 
     def __init__(self, zf: zipfile.ZipFile) -> None:
         self._zf = zf
+        self.written: list[tuple[str, bytes, str | None]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._zf, name)
@@ -98,6 +117,14 @@ class _WithBytecode:
         self, zinfo: zipfile.ZipInfo, data: str | bytes, *args: Any, **kwargs: Any
     ) -> None:
         self._zf.writestr(zinfo, data, *args, **kwargs)
+        origin = Origin.get_tag(data)
+        self.written.append(
+            (
+                zinfo.filename,
+                data.encode() if isinstance(data, str) else bytes(data),
+                origin.path if origin else None,
+            )
+        )
         if not zinfo.filename.endswith(".py"):
             return
         source = data.encode() if isinstance(data, str) else bytes(data)
@@ -124,6 +151,90 @@ def _wrap(function: Any) -> Any:
     return wrapped
 
 
+def _finder_key(module_fqn: str, module_data: str | bytes) -> str:
+    """What a module's ``module_utils`` set depends on but their contents (checked on use)."""
+    data = module_data.encode() if isinstance(module_data, str) else bytes(module_data)
+    paths = module_common.module_utils_loader._get_paths(subdirs=False)
+    parts = [
+        ansible_version,
+        bootstrap_external.MAGIC_NUMBER.hex(),
+        module_fqn,
+        hashlib.sha256(data).hexdigest(),
+        *paths,
+        "--",
+        *AnsibleCollectionConfig.collection_paths,
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _cached_finding(key: str) -> tuple[list[tuple[str, bytes, str | None]], Any] | None:
+    """A finder result of an earlier run, if every file it took is still the same."""
+    try:
+        kept = json.loads((FINDER_DIR / f"{key}.json").read_text())
+        written = [(name, base64.b64decode(data), path) for name, data, path in kept["written"]]
+        metadata = module_common.ModuleMetadataV1(**kept["metadata"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    for _, data, path in written:
+        if path is not None:
+            try:
+                if Path(path).read_bytes() != data:
+                    return None
+            except OSError:
+                return None
+    return written, metadata
+
+
+def _keep_finding(key: str, written: list[tuple[str, bytes, str | None]], metadata: Any) -> None:
+    # Only files of known origin, and the empty or generated package __init__ files between them.
+    if any(path is None and not name.endswith("__init__.py") for name, _, path in written):
+        return
+    if type(metadata) is not module_common.ModuleMetadataV1:
+        return
+    kept = {
+        "written": [(name, base64.b64encode(data).decode(), path) for name, data, path in written],
+        "metadata": dataclasses.asdict(metadata),
+    }
+    FINDER_DIR.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=FINDER_DIR, suffix=".tmp")
+    with os.fdopen(fd, "w") as out:
+        json.dump(kept, out)
+    os.replace(tmp, FINDER_DIR / f"{key}.json")
+
+
+def _cached_finder(function: Any) -> Any:
+    """``recursive_finder`` that writes the module_utils set an earlier run found for the same
+    module, when every file of it is unchanged; else it finds them (parsing each file) and
+    keeps the result."""
+    if getattr(function, "_with_bytecode", False):
+        return function
+    signature = inspect.signature(function)
+    expected = ["name", "module_fqn", "module_data", "zf", "date_time", "extension_manager"]
+    if list(signature.parameters) != expected:
+        raise AnsibleError(f"module_runs: recursive_finder takes {list(signature.parameters)}")
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        given = signature.bind(*args, **kwargs).arguments
+        zf = _WithBytecode(given["zf"])
+        extensions = given["extension_manager"]
+        if extensions.debugger_enabled or extensions.extension_names:
+            return function(**(given | {"zf": zf}))
+        key = _finder_key(given["module_fqn"], given["module_data"])
+        found = _cached_finding(key)
+        if found is not None:
+            written, metadata = found
+            for name, data, _ in written:
+                zf.writestr(module_common._make_zinfo(name, given["date_time"], zf=zf._zf), data)
+            return metadata
+        metadata = function(**(given | {"zf": zf}))
+        _keep_finding(key, zf.written, metadata)
+        return metadata
+
+    wrapped._with_bytecode = True  # type: ignore[attr-defined]
+    wrapped.__name__ = function.__name__
+    return wrapped
+
+
 def install() -> None:
     """Wrap the two functions that write Python files into a payload (idempotent), and start
     the module processes without PYTHONUNBUFFERED."""
@@ -132,7 +243,7 @@ def install() -> None:
             f"module_runs was written for ansible-core {SUPPORTED}x, not {ansible_version}:"
             " check module_common's payload writing and update or remove this test plugin"
         )
-    module_common.recursive_finder = _wrap(module_common.recursive_finder)
+    module_common.recursive_finder = _cached_finder(module_common.recursive_finder)
     module_common._add_module_to_zip = _wrap(module_common._add_module_to_zip)
     os.environ.pop("PYTHONUNBUFFERED", None)
 
