@@ -117,17 +117,11 @@ class _WithBytecode:
         self, zinfo: zipfile.ZipInfo, data: str | bytes, *args: Any, **kwargs: Any
     ) -> None:
         self._zf.writestr(zinfo, data, *args, **kwargs)
+        source = data.encode() if isinstance(data, str) else bytes(data)
         origin = Origin.get_tag(data)
-        self.written.append(
-            (
-                zinfo.filename,
-                data.encode() if isinstance(data, str) else bytes(data),
-                origin.path if origin else None,
-            )
-        )
+        self.written.append((zinfo.filename, source, origin.path if origin else None))
         if not zinfo.filename.endswith(".py"):
             return
-        source = data.encode() if isinstance(data, str) else bytes(data)
         pyc = _bytecode(zinfo.filename, source)
         if pyc is not None:
             entry = zipfile.ZipInfo(zinfo.filename + "c", zinfo.date_time)
@@ -136,7 +130,7 @@ class _WithBytecode:
 
 
 def _wrap(function: Any) -> Any:
-    if getattr(function, "_with_bytecode", False):
+    if getattr(function, "_module_runs", False):
         return function
     if "zf" not in inspect.signature(function).parameters:
         raise AnsibleError(f"module_runs: {function.__name__} takes no zf any more")
@@ -146,7 +140,7 @@ def _wrap(function: Any) -> Any:
         bound.arguments["zf"] = _WithBytecode(bound.arguments["zf"])
         return function(*bound.args, **bound.kwargs)
 
-    wrapped._with_bytecode = True  # type: ignore[attr-defined]
+    wrapped._module_runs = True  # type: ignore[attr-defined]
     wrapped.__name__ = function.__name__
     return wrapped
 
@@ -206,7 +200,7 @@ def _cached_finder(function: Any) -> Any:
     """``recursive_finder`` that writes the module_utils set an earlier run found for the same
     module, when every file of it is unchanged; else it finds them (parsing each file) and
     keeps the result."""
-    if getattr(function, "_with_bytecode", False):
+    if getattr(function, "_module_runs", False):
         return function
     signature = inspect.signature(function)
     expected = ["name", "module_fqn", "module_data", "zf", "date_time", "extension_manager"]
@@ -230,7 +224,7 @@ def _cached_finder(function: Any) -> Any:
         _keep_finding(key, zf.written, metadata)
         return metadata
 
-    wrapped._with_bytecode = True  # type: ignore[attr-defined]
+    wrapped._module_runs = True  # type: ignore[attr-defined]
     wrapped.__name__ = function.__name__
     return wrapped
 
@@ -249,7 +243,7 @@ def install() -> None:
 
 
 class CallbackModule(CallbackBase):
-    """Installs the wrapper when ansible-playbook loads its callbacks, before any task runs
+    """Installs the wrappers when ansible-playbook loads its callbacks, before any task runs
     (and so before the worker processes fork)."""
 
     CALLBACK_VERSION = 2.0
