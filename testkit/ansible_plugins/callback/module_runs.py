@@ -1,10 +1,11 @@
-"""Cheaper module runs in the test runs: bytecode in the module payloads, and module processes
-that read their code buffered. The modules and what they do are unchanged.
+"""Cheaper module runs in the test runs: bytecode in the module payloads, each module's
+module_utils set found once, and module processes that read their code buffered. The modules and
+what they do are unchanged.
 
 **Bytecode.** ansible-core 2.19 sends a module with every ``module_utils`` file it imports as
 source in a zip (AnsiballZ), and Python's zipimport compiles source from a zip on every import:
 about 0.15 CPU-s of a 0.26 CPU-s ``stat`` run, in each of the few thousand module runs of ``make
-test`` (docs/design.md, "Where the test run's CPU goes"). zipimport prefers a ``.pyc`` entry
+test`` (docs/design.md, "Where `make test` spends its time"). zipimport prefers a ``.pyc`` entry
 beside the ``.py`` one, so this plugin adds one for every Python file of the payload: compiled
 once per source on the controller (cached under ``.state/test/ansiballz-pyc``) as an unchecked
 hash-based pyc (PEP 552), which zipimport loads without looking at a timestamp. The test hosts
@@ -21,9 +22,10 @@ them again. A set with a generated redirect shim is never kept, so a redirect's 
 warning still shows.
 
 **Buffered reads.** With pipelining (the kit's ``ansible.cfg``) a module process reads its code
-from stdin, and with ``PYTHONUNBUFFERED`` set (the test machines set it, so that a stage's log and
-ansible-playbook's task headers come as they happen) Python reads it one byte per ``read(2)``: a
-0.2 MB payload costs 0.1 s of system time per local module run, more with the bytecode. The plugin
+from stdin, and with ``PYTHONUNBUFFERED`` set (tests/stages.py and testkit set it, so that a
+stage's log and ansible-playbook's task headers come as they happen) Python reads it one byte
+per ``read(2)``: a 0.2 MB payload costs 0.1 s of system time per local module run, more with the
+bytecode. The plugin
 removes the variable from ansible-playbook's environment after Python has read it, so its own
 output stays unbuffered and the processes it starts on the controller (local module runs) read
 buffered. Hosts reached over SSH never get it.
@@ -31,8 +33,8 @@ buffered. Hosts reached over SSH never get it.
 It is a test-run measure, enabled by ``testkit.playbook.MODULE_RUNS_ENV`` (``make test`` and the
 test kit's ``ansible-playbook`` runs); the kit's ``ansible.cfg``, which operators use, does not
 enable it. It wraps two functions of ``ansible.executor.module_common`` (``recursive_finder``
-and ``_add_module_to_zip``) and refuses to load on an
-ansible-core it was not written for, so an upgrade cannot silently change it.
+and ``_add_module_to_zip``) and refuses to load on an ansible-core it was not written for, so an
+upgrade cannot silently change it.
 """
 
 from __future__ import annotations
