@@ -1,8 +1,9 @@
 """The test runs' cheaper module runs (testkit/ansible_plugins/callback/module_runs.py): every
 Python file of a payload has its pyc beside it, a module gives the same result with it, a host
 with another bytecode format compiles the source as before, local module processes start without
-PYTHONUNBUFFERED, and the plugin refuses an ansible-core it was not written for. Real
-ansible-playbook runs on localhost, no server."""
+PYTHONUNBUFFERED, an edited module_utils file reaches the next run while an unchanged set is
+reused, and the plugin refuses an ansible-core it was not written for. Real ansible-playbook
+runs on localhost, no server."""
 
 from __future__ import annotations
 
