@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit.paths import BIN, REPO
-from testkit.playbook import MODULE_RUNS_ENV, ansible_env
+from testkit.playbook import MODULE_RUNS_ENV, ansible_env, playbook_argv, run_argv
 
 PLAY = """
 - name: One module run, its payload kept
@@ -52,24 +51,9 @@ ENV_PLAY = """
 
 
 def _playbook(play: Path, env: dict[str, str]) -> str:
-    run = subprocess.run(
-        [
-            str(BIN / "ansible-playbook"),
-            str(play),
-            "-i",
-            "localhost,",
-            "-c",
-            "local",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    interpreter = f"ansible_python_interpreter={sys.executable}"
+    argv = playbook_argv(play, "localhost,", args=["-c", "local", "-e", interpreter])
+    run = run_argv(argv, env, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
 

@@ -134,11 +134,12 @@ class _WithBytecode:
 def _wrap(function: Any) -> Any:
     if getattr(function, "_module_runs", False):
         return function
-    if "zf" not in inspect.signature(function).parameters:
+    signature = inspect.signature(function)
+    if "zf" not in signature.parameters:
         raise AnsibleError(f"module_runs: {function.__name__} takes no zf any more")
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        bound = inspect.signature(function).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         bound.arguments["zf"] = _WithBytecode(bound.arguments["zf"])
         return function(*bound.args, **bound.kwargs)
 
