@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
+from ansible_collections.captcha_kit.vault.plugins.module_utils.normalize import (
     normalize_cidr,
     ttl_to_seconds,
 )

@@ -180,15 +180,17 @@ roles:
       type: dict
 """
 
+from ansible_collections.captcha_kit.vault.plugins.module_utils.normalize import (
+    normalize_cidr_list,
+    normalize_str_list,
+    ttl_to_seconds,
+)
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     VaultNotFound,
     batch_items,
     batch_result,
     get_client,
-    normalize_cidr_list,
-    normalize_str_list,
     run_module,
-    ttl_to_seconds,
     vault_call,
 )
 

@@ -77,12 +77,14 @@ changed_keys:
   elements: str
 """
 
-from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
+from ansible_collections.captcha_kit.vault.plugins.module_utils.normalize import (
     dict_difference,
+    ttl_to_seconds,
+)
+from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     duration_or_fail,
     get_client,
     run_module,
-    ttl_to_seconds,
     vault_call,
     vault_call_when_ready,
     with_diff,

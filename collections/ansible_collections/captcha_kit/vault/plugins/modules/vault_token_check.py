@@ -52,10 +52,10 @@ missing:
   type: dict
 """
 
+from ansible_collections.captcha_kit.vault.plugins.module_utils.normalize import normalize_str_list
 from ansible_collections.captcha_kit.vault.plugins.module_utils.vault_client import (
     ADMIN_POLICY_HINT,
     get_client,
-    normalize_str_list,
     run_module,
     vault_call,
 )

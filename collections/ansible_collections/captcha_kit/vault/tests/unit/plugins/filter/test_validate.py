@@ -4,6 +4,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from ansible_collections.captcha_kit.vault.plugins.filter import validate
 
@@ -58,3 +63,24 @@ def test_each_bad_duration_gives_one_message_in_order():
         "negative duration: -5",
         "not a duration: '1.5h' (use e.g. 300, '300s', '5m', '1h30m')",
     ]
+
+
+def test_the_filter_plugins_load_without_hvac():
+    """Filters run on the controller in every task's worker process, which imports the plugin
+    file again: none may pull in hvac and requests (about 0.2 CPU-s per task)."""
+    code = (
+        "import sys\n"
+        "from ansible_collections.captcha_kit.vault.plugins.filter import"
+        " contract, operator_policy, provision, validate\n"
+        "print(sorted(m for m in ('hvac', 'requests', 'urllib3') if m in sys.modules))\n"
+    )
+    root = Path(validate.__file__).parents[5]  # the directory holding ansible_collections
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert run.stdout.strip() == "[]"
