@@ -143,10 +143,42 @@ def learn_vault(client: hvac.Client, kv: dict, found: Secrets) -> None:
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-def learn_hosts(hosts: Iterable[str], found: Secrets) -> None:
+class HostFiles:
+    """Reads a file of a running host container through ``/proc/<its init>/root``: what
+    ``podman exec ... cat`` shows, without starting a podman process per read (the watcher
+    reads each host twice a second for minutes). The init's mount namespace is checked on
+    every read, so a host that was recreated is looked up again."""
+
+    def __init__(self) -> None:
+        self._roots: dict[str, tuple[int, str]] = {}
+
+    def _root(self, name: str) -> Path | None:
+        known = self._roots.get(name)
+        if known is not None:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{known[0]}/ns/mnt") == known[1]:
+                    return Path(f"/proc/{known[0]}/root")
+        pid = int(podman("inspect", "--format", "{{.State.Pid}}", name).strip() or 0)
+        if pid <= 0:
+            return None
+        self._roots[name] = (pid, os.readlink(f"/proc/{pid}/ns/mnt"))
+        return Path(f"/proc/{pid}/root")
+
+    def read(self, name: str, path: str) -> bytes:
+        """The file's bytes; empty when the host is not running or has no such file."""
+        root = self._root(name)
+        if root is None:
+            return b""
+        try:
+            return (root / path.lstrip("/")).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+
+def learn_hosts(hosts: Iterable[str], found: Secrets, files: HostFiles) -> None:
     """The secret-id (a UUID) and, while it exists, the wrapping token of each worker host."""
     for name in hosts:
-        out = in_container(name, f"cat {SECRET_ID_FILE} {WRAPPED_FILE} 2>/dev/null; true")
+        out = files.read(name, SECRET_ID_FILE) + b"\n" + files.read(name, WRAPPED_FILE)
         for line in out.decode(errors="replace").split():
             if UUID_RE.match(line):
                 found.add("worker secret-id", line)
@@ -161,6 +193,7 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.client, self.kv, self.hosts, self.demo_dir = client, kv, hosts, demo_dir
         self.found = Secrets()
+        self.files = HostFiles()
         self.stop = threading.Event()
         self.errors = 0
         self.argv: set[bytes] = set()  # controller command lines seen while the demo ran
@@ -189,7 +222,7 @@ class Watcher(threading.Thread):
                 self.found.add("api key", value)
         except OSError:
             pass
-        learn_hosts(self.hosts, self.found)
+        learn_hosts(self.hosts, self.found, self.files)
 
     def run(self) -> None:
         while not self.stop.is_set():
