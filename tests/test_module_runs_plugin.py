@@ -1,8 +1,9 @@
 """The test runs' cheaper module runs (testkit/ansible_plugins/callback/module_runs.py): every
 Python file of a payload has its pyc beside it, a module gives the same result with it, a host
 with another bytecode format compiles the source as before, local module processes start without
-PYTHONUNBUFFERED, an edited module_utils file reaches the next run while an unchanged set is
-reused, and the plugin refuses an ansible-core it was not written for. Real ansible-playbook
+PYTHONUNBUFFERED, filter plugins are loaded once in ansible-playbook rather than in each task's
+worker, an edited module_utils file reaches the next run while an unchanged set is reused, and
+the plugin refuses an ansible-core it was not written for. Real ansible-playbook
 runs on localhost, no server."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,6 +144,63 @@ def test_local_module_processes_start_without_pythonunbuffered(tmp_path: Path) -
     assert "unbuffered=[]" in _playbook(play, env)
     without = {k: v for k, v in env.items() if k not in MODULE_RUNS_ENV}
     assert "unbuffered=[1]" in _playbook(play, without)
+
+
+FILTER_PLUGIN = """import os
+
+
+def _mark(value):
+    return value
+
+
+with open(os.environ["PIDMARK_FILE"], "a") as out:
+    out.write(f"{os.getpid()} {os.getppid()}\\n")
+
+
+class FilterModule:
+    def filters(self):
+        return {"pidmark": _mark}
+"""
+FILTER_PLAY = """
+- name: Three tasks using a filter of the playbook's own filter_plugins directory
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Use the filter
+      ansible.builtin.debug:
+        msg: "{{ 1 | pidmark }}"
+    - name: Use it again
+      ansible.builtin.debug:
+        msg: "{{ 2 | pidmark }}"
+    - name: And again
+      ansible.builtin.debug:
+        msg: "{{ 3 | pidmark }}"
+"""
+
+
+def test_filter_plugins_are_loaded_once_in_ansible_playbook_not_in_every_worker(
+    tmp_path: Path,
+) -> None:
+    """Each task runs in a worker process forked from ansible-playbook; without the plugin
+    every worker loads the filter plugins again. With it ansible-playbook loads them before
+    the task starts (after the playbook's own plugin directory was added, which clears the
+    loader's cache), and the workers inherit them."""
+    (tmp_path / "filter_plugins").mkdir()
+    (tmp_path / "filter_plugins" / "pidmark.py").write_text(FILTER_PLUGIN)
+    play = tmp_path / "filters.yml"
+    play.write_text(FILTER_PLAY)
+    marks = tmp_path / "marks"
+    env = ansible_env() | {"PIDMARK_FILE": str(marks)}
+
+    _playbook(play, {k: v for k, v in env.items() if k not in MODULE_RUNS_ENV})
+    loaded = [line.split() for line in marks.read_text().splitlines()]
+    assert len(loaded) == 3, loaded  # one import in each task's worker
+    assert len({pid for pid, _ in loaded}) == 3
+
+    marks.unlink()
+    _playbook(play, env)
+    [(_, parent)] = [line.split() for line in marks.read_text().splitlines()]
+    assert int(parent) == os.getpid(), "loaded in a worker, not in ansible-playbook"
 
 
 MODULE = """#!/usr/bin/python

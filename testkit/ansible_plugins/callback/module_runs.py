@@ -1,6 +1,6 @@
 """Cheaper module runs in the test runs: bytecode in the module payloads, each module's
-module_utils set found once, and module processes that read their code buffered. The modules and
-what they do are unchanged.
+module_utils set found once, module processes that read their code buffered, and filter plugins
+loaded once per run instead of once per task. The modules and what they do are unchanged.
 
 **Bytecode.** ansible-core 2.19 sends a module with every ``module_utils`` file it imports as
 source in a zip (AnsiballZ), and Python's zipimport compiles source from a zip on every import:
@@ -30,6 +30,12 @@ removes the variable from ansible-playbook's environment after Python has read i
 output stays unbuffered and the processes it starts on the controller (local module runs) read
 buffered. Hosts reached over SSH never get it.
 
+**Filter and test plugins, loaded once.** Each task runs in a worker process forked from
+ansible-playbook, and a worker loads every filter and test plugin file of the search path on its
+first template with a filter, again in every task. The plugin loads them in ansible-playbook
+when a task starts (after the play's plugin directories were added, which clear the loader's
+cache), and the workers inherit them.
+
 It is a test-run measure, enabled by ``testkit.playbook.MODULE_RUNS_ENV`` (``make test`` and the
 test kit's ``ansible-playbook`` runs); the kit's ``ansible.cfg``, which operators use, does not
 enable it. It wraps two functions of ``ansible.executor.module_common`` (``recursive_finder``
@@ -56,6 +62,7 @@ from ansible._internal._datatag._tags import Origin
 from ansible.errors import AnsibleError
 from ansible.executor import module_common
 from ansible.plugins.callback import CallbackBase
+from ansible.plugins.loader import filter_loader, test_loader
 from ansible.release import __version__ as ansible_version
 from ansible.utils.collection_loader import AnsibleCollectionConfig
 
@@ -66,6 +73,7 @@ DOCUMENTATION = """
     description:
       - Adds an unchecked hash-based pyc for every Python file of an AnsiballZ payload.
       - Removes PYTHONUNBUFFERED from the environment of the processes ansible-playbook starts.
+      - Loads the filter and test plugins in ansible-playbook before each task's worker forks.
     requirements:
       - enabled in callbacks_enabled
 """
@@ -232,6 +240,14 @@ def _cached_finder(function: Any) -> Any:
     return wrapped
 
 
+def _load_jinja_plugins() -> None:
+    """Load the filter and test plugins of the search path in ansible-playbook itself, where
+    each task's worker process inherits them, instead of in every worker again (the loader
+    does it on a worker's first template with a filter; a role's plugin directory clears it)."""
+    filter_loader._ensure_non_collection_wrappers()
+    test_loader._ensure_non_collection_wrappers()
+
+
 def install() -> None:
     """Wrap the two functions that write Python files into a payload (idempotent), and start
     the module processes without PYTHONUNBUFFERED."""
@@ -257,3 +273,9 @@ class CallbackModule(CallbackBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         install()
+
+    def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
+        _load_jinja_plugins()
+
+    def v2_playbook_on_handler_task_start(self, task: Any) -> None:
+        _load_jinja_plugins()
