@@ -2,8 +2,9 @@
 Python file of a payload has its pyc beside it, a module gives the same result with it, a host
 with another bytecode format compiles the source as before, local module processes start without
 PYTHONUNBUFFERED, filter plugins are loaded once in ansible-playbook rather than in each task's
-worker, an edited module_utils file reaches the next run while an unchanged set is reused, and
-the plugin refuses an ansible-core it was not written for. Real ansible-playbook
+worker, an edited module_utils file reaches the next run while an unchanged set is reused, the
+code Jinja generated for a template is reused only while the filters it calls are called the same
+way, and the plugin refuses an ansible-core it was not written for. Real ansible-playbook
 runs on localhost, no server."""
 
 from __future__ import annotations
@@ -257,6 +258,88 @@ def test_a_changed_module_utils_file_is_taken_by_the_next_run(tmp_path: Path) ->
     assert second != first  # found again: a file of the set changed
     assert "answer=[two]" in _playbook(play, env)
     assert found.stat().st_mtime_ns == second  # reused, not found again
+
+
+SHOUT_PLAIN = """def shout(value):
+    return value.upper() + "!"
+
+
+class FilterModule:
+    def filters(self):
+        return {"shout": shout}
+"""
+SHOUT_WITH_CONTEXT = """from jinja2 import pass_context
+
+
+@pass_context
+def shout(context, value):
+    return value.upper() + "?"
+
+
+class FilterModule:
+    def filters(self):
+        return {"shout": shout}
+"""
+SHOUT_PLAY = """
+- name: Templates whose generated code the plugin keeps
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Call the playbook's own filter
+      ansible.builtin.debug:
+        msg: "shouted=[{{ 'hi' | shout }}] {{ '%(mark)s' }}"
+    - name: The same text under other delimiters (a template header)
+      ansible.builtin.debug:
+        msg: "{{ lookup('ansible.builtin.template', '%(header)s') }}"
+    - name: The same text under the default ones
+      ansible.builtin.debug:
+        msg: "{{ lookup('ansible.builtin.template', '%(plain)s') }}"
+"""
+
+
+def test_generated_template_code_is_reused_only_while_what_it_calls_is_the_same(
+    tmp_path: Path,
+) -> None:
+    """The code Jinja generated for a template is kept and reused by the next run; a filter
+    that is now called another way (with the context) makes the run generate it again, and a
+    template header's other delimiters give other code."""
+    from testkit.ansible_plugins.callback.module_runs import TEMPLATE_DIR
+
+    mark = f"mark-{tmp_path.name}-{os.getpid()}"
+    (tmp_path / "filter_plugins").mkdir()
+    shout = tmp_path / "filter_plugins" / "shout.py"
+    shout.write_text(SHOUT_PLAIN)
+    body = "{{ 'x' ~ 1 }}[% 'y' ~ 2 %] " + mark + "\n"
+    play = tmp_path / "shout.yml"
+    files = {"header": tmp_path / "header.j2", "plain": tmp_path / "plain.j2"}
+    files["header"].write_text(
+        "#jinja2:variable_start_string:'[%', variable_end_string:'%]'\n" + body
+    )
+    files["plain"].write_text(body)
+    play.write_text(SHOUT_PLAY % {"mark": mark, **files})
+
+    def kept() -> dict[Path, int]:
+        return {
+            f: f.stat().st_mtime_ns
+            for f in TEMPLATE_DIR.glob("*.code")
+            if mark.encode() in f.read_bytes()
+        }
+
+    first = _playbook(play, ansible_env())
+    assert "shouted=[HI!]" in first
+    assert f"{{{{ 'x' ~ 1 }}}}y2 {mark}" in first  # the header's delimiters
+    assert f"x1[% 'y' ~ 2 %] {mark}" in first  # the default ones
+    codes = kept()
+    assert len(codes) == 3, codes  # the task's template and the two template files
+
+    assert "shouted=[HI!]" in _playbook(play, ansible_env())
+    assert kept() == codes  # reused: none generated again
+
+    shout.write_text(SHOUT_WITH_CONTEXT)
+    assert "shouted=[HI?]" in _playbook(play, ansible_env())
+    again = kept()
+    changed = [f for f in codes if again[f] != codes[f]]
+    assert len(changed) == 1  # only the template calling the filter was generated again
 
 
 def test_the_plugin_refuses_an_ansible_core_it_was_not_written_for(

@@ -1,6 +1,7 @@
 """Cheaper module runs in the test runs: bytecode in the module payloads, each module's
-module_utils set found once, module processes that read their code buffered, and filter plugins
-loaded once per run instead of once per task. The modules and what they do are unchanged.
+module_utils set found once, module processes that read their code buffered, filter plugins
+loaded once per run instead of once per task, and template code generated once. The modules and
+what they do are unchanged.
 
 **Bytecode.** ansible-core 2.19 sends a module with every ``module_utils`` file it imports as
 source in a zip (AnsiballZ), and Python's zipimport compiles source from a zip on every import:
@@ -36,35 +37,52 @@ first template with a filter, again in every task. The plugin loads them in ansi
 when a task starts (after the play's plugin directories were added, which clear the loader's
 cache), and the workers inherit them.
 
+**Template code, generated once.** Each worker process compiles the templates of its task again
+(Jinja parses each and generates Python code for it): the largest part of a worker's own CPU
+after the module payload. The plugin keeps the generated code under ``.state/test/jinja-code``,
+keyed by ansible-core, Jinja, the template (or expression) source, the environment settings
+code generation reads (delimiters a template header can change, whitespace options) and
+Ansible's backslash escaping, and stores beside it each filter and test the code calls and how
+(with the context, the environment or neither). A compile reuses the code while each of those is
+still there and called the same way; otherwise it generates it again.
+
 It is a test-run measure, enabled by ``testkit.playbook.MODULE_RUNS_ENV`` (``make test`` and the
 test kit's ``ansible-playbook`` runs); the kit's ``ansible.cfg``, which operators use, does not
 enable it. It wraps two functions of ``ansible.executor.module_common`` (``recursive_finder``
-and ``_add_module_to_zip``) and refuses to load on an ansible-core it was not written for, so an
-upgrade cannot silently change it.
+and ``_add_module_to_zip``) and three methods of Ansible's Jinja environment (``compile``,
+``_generate``, ``compile_expression``), and refuses to load on an ansible-core it was not
+written for, so an upgrade cannot silently change it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
 import dataclasses
 import hashlib
 import importlib._bootstrap_external as bootstrap_external
 import importlib.util
 import inspect
 import json
+import marshal
 import os
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from ansible._internal._datatag._tags import Origin
+from ansible._internal._templating._jinja_bits import AnsibleEnvironment, _TemplateCompileContext
+from ansible._internal._templating._jinja_common import _TemplateConfig
 from ansible.errors import AnsibleError
 from ansible.executor import module_common
 from ansible.plugins.callback import CallbackBase
 from ansible.plugins.loader import filter_loader, test_loader
 from ansible.release import __version__ as ansible_version
 from ansible.utils.collection_loader import AnsibleCollectionConfig
+from jinja2 import nodes
+from jinja2.utils import _PassArg
 
 DOCUMENTATION = """
     name: module_runs
@@ -74,6 +92,8 @@ DOCUMENTATION = """
       - Adds an unchecked hash-based pyc for every Python file of an AnsiballZ payload.
       - Removes PYTHONUNBUFFERED from the environment of the processes ansible-playbook starts.
       - Loads the filter and test plugins in ansible-playbook before each task's worker forks.
+      - Keeps the code Jinja generates for a template and reuses it while the filters and tests
+        it calls are called the same way.
     requirements:
       - enabled in callbacks_enabled
 """
@@ -82,6 +102,7 @@ SUPPORTED = "2.19."
 STATE = Path(__file__).resolve().parents[3] / ".state" / "test"
 CACHE_DIR = STATE / "ansiballz-pyc"
 FINDER_DIR = STATE / "ansiballz-finder"
+TEMPLATE_DIR = STATE / "jinja-code"
 
 
 def _bytecode(name: str, source: bytes) -> bytes | None:
@@ -240,6 +261,164 @@ def _cached_finder(function: Any) -> Any:
     return wrapped
 
 
+# --------------------------------------------------------------------------- templates
+
+# What Jinja's code generation reads of an environment besides the template (the overlay
+# settings a template header can change, and the ones Ansible fixes).
+_ENV_SETTINGS = (
+    "block_start_string",
+    "block_end_string",
+    "variable_start_string",
+    "variable_end_string",
+    "comment_start_string",
+    "comment_end_string",
+    "line_statement_prefix",
+    "line_comment_prefix",
+    "trim_blocks",
+    "lstrip_blocks",
+    "newline_sequence",
+    "keep_trailing_newline",
+    "optimized",
+    "autoescape",
+    "is_async",
+)
+# The key of the template or expression the current compile is for (set by the wrappers).
+_COMPILING: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "module_runs_compiling", default=None
+)
+# The filters and tests the code generation of the current compile looked up.
+_LOOKED_UP: contextvars.ContextVar[list[tuple[str, str, str | None]] | None] = (
+    contextvars.ContextVar("module_runs_looked_up", default=None)
+)
+
+
+def _pass_arg(function: Any) -> str | None:
+    """How the generated code calls a filter or test: "missing" when there is none."""
+    if function is None:
+        return "missing"
+    passed = _PassArg.from_obj(function)
+    return passed.name if passed is not None else None
+
+
+def _template_key(env: Any, what: tuple[str, ...], name: Any, filename: Any, defer: bool) -> str:
+    compiling = _TemplateCompileContext.current(optional=True)
+    parts = [
+        ansible_version,
+        jinja2.__version__,
+        bootstrap_external.MAGIC_NUMBER.hex(),
+        f"{type(env).__module__}.{type(env).__qualname__}",
+        f"{env.code_generator_class.__module__}.{env.code_generator_class.__qualname__}",
+        repr(tuple(getattr(env, setting) for setting in _ENV_SETTINGS)),
+        repr(sorted(env.extensions)),
+        repr(_TemplateConfig.allow_embedded_templates),
+        repr(compiling.escape_backslashes if compiling else None),
+        repr((name, filename, defer)),
+        *what,
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _kept_code(env: Any, key: str) -> Any:
+    """Code an earlier compile of the same template kept, if every filter and test it calls is
+    still there and called the same way; else None."""
+    try:
+        # The plugin's own files, written below (as Python reads a __pycache__).
+        code, looked_up = marshal.loads((TEMPLATE_DIR / f"{key}.code").read_bytes())  # noqa: S302
+    except (FileNotFoundError, EOFError, ValueError, TypeError):
+        return None
+    for kind, name, passed in looked_up:
+        if _pass_arg(getattr(env, kind).get(name)) != passed:
+            return None
+    return code
+
+
+def _keep_code(key: str, code: Any, looked_up: list[tuple[str, str, str | None]]) -> None:
+    TEMPLATE_DIR.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=TEMPLATE_DIR, suffix=".tmp")
+    with os.fdopen(fd, "wb") as out:
+        out.write(marshal.dumps((code, looked_up)))
+    os.replace(tmp, TEMPLATE_DIR / f"{key}.code")
+
+
+def _cached_compile(function: Any) -> Any:
+    """``Environment.compile`` that reuses the code an earlier process generated for the same
+    template source (or expression), environment settings and filter and test calls."""
+    if getattr(function, "_module_runs", False):
+        return function
+
+    def wrapped(
+        self: Any,
+        source: Any,
+        name: Any = None,
+        filename: Any = None,
+        raw: bool = False,
+        defer_init: bool = False,
+    ) -> Any:
+        what = _COMPILING.get()
+        _COMPILING.set(None)  # for this compile only, not for one it may start
+        if isinstance(source, str):
+            what = ("template", source.encode().decode())
+        elif not isinstance(source, nodes.Template):
+            what = None
+        if raw or what is None or self._debuggable_template_source:
+            return function(self, source, name, filename, raw, defer_init)
+        key = _template_key(self, what, name, filename, defer_init)
+        code = _kept_code(self, key)
+        if code is not None:
+            return code
+        looked_up: list[tuple[str, str, str | None]] = []
+        token = _LOOKED_UP.set(looked_up)
+        try:
+            code = function(self, source, name, filename, raw, defer_init)
+        finally:
+            _LOOKED_UP.reset(token)
+        _keep_code(key, code, looked_up)
+        return code
+
+    wrapped._module_runs = True  # type: ignore[attr-defined]
+    wrapped.__name__ = function.__name__
+    return wrapped
+
+
+def _noting_generate(function: Any) -> Any:
+    """``Environment._generate`` that notes the filters and tests the generated code calls and
+    how (what it depends on besides the template and the environment's settings)."""
+    if getattr(function, "_module_runs", False):
+        return function
+
+    def wrapped(self: Any, source: Any, *args: Any, **kwargs: Any) -> Any:
+        looked_up = _LOOKED_UP.get()
+        if looked_up is not None:
+            _LOOKED_UP.set(None)
+            for kind, node_type in (("filters", nodes.Filter), ("tests", nodes.Test)):
+                for node in source.find_all(node_type):
+                    function_ = getattr(self, kind).get(node.name)
+                    looked_up.append((kind, node.name, _pass_arg(function_)))
+        return function(self, source, *args, **kwargs)
+
+    wrapped._module_runs = True  # type: ignore[attr-defined]
+    wrapped.__name__ = function.__name__
+    return wrapped
+
+
+def _expression_noted(function: Any) -> Any:
+    """``Environment.compile_expression`` that tells the compile below it which expression the
+    parsed tree it gets is."""
+    if getattr(function, "_module_runs", False):
+        return function
+
+    def wrapped(self: Any, source: str, *args: Any, **kwargs: Any) -> Any:
+        token = _COMPILING.set(("expression", source.encode().decode(), repr((args, kwargs))))
+        try:
+            return function(self, source, *args, **kwargs)
+        finally:
+            _COMPILING.reset(token)
+
+    wrapped._module_runs = True  # type: ignore[attr-defined]
+    wrapped.__name__ = function.__name__
+    return wrapped
+
+
 def _load_jinja_plugins() -> None:
     """Load the filter and test plugins of the search path in ansible-playbook itself, where
     each task's worker process inherits them, instead of in every worker again (the loader
@@ -258,6 +437,11 @@ def install() -> None:
         )
     module_common.recursive_finder = _cached_finder(module_common.recursive_finder)
     module_common._add_module_to_zip = _wrap(module_common._add_module_to_zip)
+    AnsibleEnvironment.compile = _cached_compile(AnsibleEnvironment.compile)  # type: ignore[method-assign]
+    AnsibleEnvironment._generate = _noting_generate(AnsibleEnvironment._generate)  # type: ignore[method-assign]
+    AnsibleEnvironment.compile_expression = _expression_noted(  # type: ignore[method-assign]
+        AnsibleEnvironment.compile_expression
+    )
     os.environ.pop("PYTHONUNBUFFERED", None)
 
 
