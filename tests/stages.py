@@ -25,6 +25,7 @@ passed.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import os
 import subprocess
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # Every stage's ansible-playbook runs, molecule's included (testkit.playbook).
     os.environ.update(MODULE_RUNS_ENV)
+    # The repository's own Python, compiled once: a machine that sets PYTHONDONTWRITEBYTECODE
+    # (this one does) would otherwise compile it in every worker, tool and pytest process.
+    compileall.compile_dir(REPO / "solver" / "src", quiet=1)
+    compileall.compile_dir(REPO / "testkit", quiet=1)
     started = time.monotonic()
     cpu_started = _machine_cpu_seconds()
     lock = threading.Lock()
