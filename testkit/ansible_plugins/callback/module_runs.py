@@ -428,8 +428,9 @@ def _load_jinja_plugins() -> None:
 
 
 def install() -> None:
-    """Wrap the two functions that write Python files into a payload (idempotent), and start
-    the module processes without PYTHONUNBUFFERED."""
+    """Wrap the two functions that write Python files into a payload and the three methods
+    that compile templates (idempotent), and start the module processes without
+    PYTHONUNBUFFERED."""
     if not ansible_version.startswith(SUPPORTED):
         raise AnsibleError(
             f"module_runs was written for ansible-core {SUPPORTED}x, not {ansible_version}:"
