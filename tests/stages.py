@@ -1,18 +1,17 @@
-"""Run the stages of `make test` in five lanes and print each stage's wall time at the end.
+"""Run the stages of `make test` in four lanes and print each stage's wall time at the end.
 
     python tests/stages.py            # what `make test` runs (after the venv and the image)
     python tests/stages.py --list     # the lanes and their stages
 
-The suites run in five lanes that share no port and no container name (docs/interfaces.md):
+The suites run in four lanes that share no port and no container name (docs/interfaces.md):
 the playbook suites under tests/ but the rotation ones, then some worker-host suites, in one;
-lint, the collections' unit tests, the monitoring / collection / execution-environment checks
-and the molecule scenarios in the second; the other worker-host suites, then the fault tests
-(all but the slow ones: `make test-faults`) in the third; the secret-id lifecycle under
-compressed TTLs (minutes of waiting for expiries, little CPU), then the solver package, in the
-fourth; the rotation suites (worker processes on free ports, emulators of their own) in the
-fifth. On 2 cores the run is CPU-bound (the closing table gives each stage's CPU time and the
-machine's): the lanes keep both cores busy to the end, and none is much longer than the run's
-CPU time over two cores. All use
+lint, the collections' unit tests, the monitoring / collection / execution-environment checks,
+the fault tests (all but the slow ones: `make test-faults`) and the molecule scenarios in the
+second; the solver package and the other worker-host suites in the third; the secret-id
+lifecycle under compressed TTLs (minutes of waiting for expiries, little CPU) and the rotation
+suites (worker processes on free ports, emulators of their own) in the fourth. On 2 cores the run is
+CPU-bound (the closing table gives each stage's CPU time and the machine's): the lanes keep
+both cores busy to the end, and are about equally long. All use
 the shared test OpenBao on 18250, which is started here first, so that no two stages race to
 initialise it, and stopped here at the end, pass or fail, with the emulator the scenarios
 share. The whole run holds the machine's test-port lock (testkit.portlock): a second
@@ -92,7 +91,7 @@ OPS_SUITES = [
 
 
 # Lane 4: a worker host's secret-ids expiring under a compressed schedule (marked `long`: the
-# other stages deselect it). Lane 5: the rotation suites (each env, emulator and worker fleet of
+# other stages deselect it), then the rotation suites (each env, emulator and worker fleet of
 # its own).
 LIFECYCLE_SUITE = "tests/test_secret_id_lifecycle.py"
 ROTATION_SUITES = sorted(
@@ -103,7 +102,7 @@ ROTATION_SUITES = sorted(
 
 
 def lanes() -> list[list[Stage]]:
-    """Five lanes, none much longer than the run's CPU time over 2 cores (docs/design.md)."""
+    """Four lanes of about the same length, measured on 2 cores (docs/design.md)."""
     pytest = _bin("pytest")
     hosts = HOST_SUITES_A + HOST_SUITES_B
     ignore = [
@@ -128,10 +127,9 @@ def lanes() -> list[list[Stage]]:
     rotation = Stage("rotation", [pytest, *ROTATION_SUITES])
     return [
         [playbooks, hosts_b],
-        [*lint, units, ops, *molecule],
-        [hosts_a, faults],
-        [lifecycle, solver],
-        [rotation],
+        [*lint, units, ops, faults, *molecule],
+        [solver, hosts_a],
+        [lifecycle, rotation],
     ]
 
 
