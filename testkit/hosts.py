@@ -12,6 +12,7 @@ module points ``CONTAINERS_CONF`` at it when the caller has not.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -261,17 +262,23 @@ def wait_for_systemd(container: str, timeout: float = 120) -> str:
 
 
 def ssh_key(path: Path = DEFAULT_SSH_KEY) -> Path:
-    """The controller's private key for the hosts' `deploy` user: ed25519, made once, 0600."""
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        res = subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "captcha-kit", "-f", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if res.returncode != 0:
-            raise HostImageError(f"ssh-keygen failed: {res.stderr.strip()}")
+    """The controller's private key for the hosts' `deploy` user: ed25519, made once, 0600.
+    Stages that start together wait on a lock for the one that makes it."""
+    if path.exists():
+        return path
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "captcha-kit"]
+            res = subprocess.run(
+                [*keygen, "-f", str(path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if res.returncode != 0:
+                raise HostImageError(f"ssh-keygen failed: {res.stderr.strip()}")
     return path
 
 
