@@ -10,18 +10,22 @@ runs on localhost, no server."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testkit.playbook import MODULE_RUNS_ENV, ansible_env, playbook_argv, run_argv
+from testkit.warm_modules import parse_command
 
 PLAY = """
 - name: One module run, its payload kept
@@ -53,9 +57,9 @@ ENV_PLAY = """
 """
 
 
-def _playbook(play: Path, env: dict[str, str]) -> str:
+def _playbook(play: Path, env: dict[str, str], args: list[str] | None = None) -> str:
     interpreter = f"ansible_python_interpreter={sys.executable}"
-    argv = playbook_argv(play, "localhost,", args=["-c", "local", "-e", interpreter])
+    argv = playbook_argv(play, "localhost,", args=["-c", "local", "-e", interpreter, *(args or [])])
     run = run_argv(argv, env, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
@@ -352,3 +356,122 @@ def test_the_plugin_refuses_an_ansible_core_it_was_not_written_for(
     monkeypatch.setattr(module_runs, "ansible_version", "2.99.0")
     with pytest.raises(AnsibleError, match=r"written for ansible-core 2\.19"):
         module_runs.install()
+
+
+# The module process is the shell's parent; a forked one's parent is the handler, and the
+# handler's the server (without the plugin: the task's worker, then ansible-playbook).
+ANCESTRY = """
+        module=$PPID
+        handler=$(ps -o ppid= -p "$module" | tr -d ' ')
+        server=$(ps -o ppid= -p "$handler" | tr -d ' ')
+        echo "server=[$server] $(tr '\\0' ' ' < /proc/$server/cmdline)"
+"""
+WARM_PLAY = f"""
+- name: Local module runs, as a Vault task of the kit runs them
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: The module process's environment, working directory and ancestry
+      ansible.builtin.shell: |
+        env -0 | sort -z | tr '\\0' '\\n'
+        echo "cwd=[$(pwd)]"{ANCESTRY}
+      changed_when: false
+      environment:
+        KIT_PLAIN: plain
+        KIT_QUOTED: "two words, a 'quote' and $dollar"
+      register: first
+    - name: A second run
+      ansible.builtin.shell: |{ANCESTRY}
+      changed_when: false
+      register: second
+    - name: A module that fails
+      ansible.builtin.command: /bin/false
+      register: failing
+      ignore_errors: true
+    - name: Keep them
+      ansible.builtin.copy:
+        content: "{{{{ {{'first': first.stdout, 'second': second.stdout,
+                      'failing': [failing.rc, failing.failed, failing.msg]}} | to_json }}}}"
+        dest: "{{{{ seen }}}}"
+        mode: "0600"
+"""
+
+
+def _warm_play(tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    play = tmp_path / "warm.yml"
+    play.write_text(WARM_PLAY)
+    seen = tmp_path / "seen.json"
+    _playbook(play, env, ["-e", f"seen={seen}"])
+    shown: dict[str, Any] = json.loads(seen.read_text())
+    return shown
+
+
+def _environment(stdout: str) -> dict[str, str]:
+    """The module's child's environment, without what the shell itself sets."""
+    lines = stdout.split("\ncwd=[")[0].splitlines()
+    pairs = [line.split("=", 1) for line in lines if re.match(r"^[A-Za-z_]\w*=", line)]
+    # PYTHONUNBUFFERED: removed by the plugin (another test)
+    shells = {"_", "SHLVL", "PWD", "OLDPWD", "PYTHONUNBUFFERED"}
+    return {k: v for k, v in pairs if k not in shells and k not in MODULE_RUNS_ENV}
+
+
+def _server(stdout: str) -> tuple[str, str]:
+    found = re.search(r"server=\[(\d+)\] (.*)", stdout)
+    assert found, stdout
+    return found.group(1), found.group(2)
+
+
+def test_local_module_runs_are_forks_of_one_warm_interpreter_that_see_what_a_new_one_sees(
+    tmp_path: Path,
+) -> None:
+    """With the plugin the module processes of two tasks are forks of one server (the parent
+    of each module process's parent), which runs testkit.warm_modules in the venv's Python;
+    each sees the environment (the task's `environment` too, quoting and all), the working
+    directory and the exit status a module process that ansible-core starts sees."""
+    env = ansible_env()
+    warm = _warm_play(tmp_path, env)
+    cold = _warm_play(tmp_path, {k: v for k, v in env.items() if k not in MODULE_RUNS_ENV})
+
+    pid, argv = _server(warm["first"])
+    assert "testkit.warm_modules" in argv
+    assert _server(warm["second"])[0] == pid
+    assert "warm_modules" not in _server(cold["first"])[1]
+    assert _server(cold["second"])[0] != pid
+
+    assert _environment(warm["first"]) == _environment(cold["first"])
+    assert _environment(warm["first"])["KIT_QUOTED"] == "two words, a 'quote' and $dollar"
+    cwd = re.compile(r"cwd=\[(.*)\]")
+    assert cwd.findall(warm["first"]) == cwd.findall(cold["first"]) != []
+    assert warm["failing"] == cold["failing"]
+    assert warm["failing"][:2] == [1, True]
+    # The server ends with the ansible-playbook run it served (it watches that process).
+    with contextlib.suppress(ProcessLookupError):
+        gone = os.pidfd_open(int(pid))
+        try:
+            assert select.select([gone], [], [], 60)[0], "the server outlived ansible-playbook"
+        finally:
+            os.close(gone)
+
+
+@pytest.mark.parametrize(
+    ("cmd", "parsed"),
+    [
+        ("/bin/sh -c '/v/bin/python3 && sleep 0'", ("/v/bin/python3", {})),
+        (
+            "/bin/sh -c 'A=1 B='\"'\"'two words'\"'\"' /v/bin/python3 && sleep 0'",
+            ("/v/bin/python3", {"A": "1", "B": "two words"}),
+        ),
+        # Not pipelined: the module is a file on disk.
+        ("/bin/sh -c '/v/bin/python3 /tmp/ansible-tmp-1/AnsiballZ_stat.py && sleep 0'", None),
+        # Become wraps the command in sudo.
+        ("sudo -H -S -n -u root /bin/sh -c 'echo BECOME-SUCCESS-x ; /v/bin/python3'", None),
+        ("/bin/sh -c 'python3 && sleep 0'", None),  # no absolute path: not ours
+        ("/bin/sh -c '/v/bin/python3 | tee x && sleep 0'", None),
+        ("/bin/sh -c 'A=1; /v/bin/python3 && sleep 0'", None),
+        ("/bin/sh -c 'unterminated", None),
+    ],
+)
+def test_only_a_plain_pipelined_module_run_is_forked(
+    cmd: str, parsed: tuple[str, dict[str, str]] | None
+) -> None:
+    assert parse_command(cmd) == parsed

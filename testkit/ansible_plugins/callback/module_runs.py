@@ -1,7 +1,7 @@
 """Cheaper module runs in the test runs: bytecode in the module payloads, each module's
 module_utils set found once, module processes that read their code buffered, filter plugins
-loaded once per run instead of once per task, and template code generated once. The modules and
-what they do are unchanged.
+loaded once per run instead of once per task, template code generated once, and local module
+processes forked from a warm interpreter. The modules and what they do are unchanged.
 
 **Bytecode.** ansible-core 2.19 sends a module with every ``module_utils`` file it imports as
 source in a zip (AnsiballZ), and Python's zipimport compiles source from a zip on every import:
@@ -46,11 +46,19 @@ Ansible's backslash escaping, and stores beside it each filter and test the code
 (with the context, the environment or neither). A compile reuses the code while each of those is
 still there and called the same way; otherwise it generates it again.
 
+**Local modules forked from a warm interpreter.** A module run on the controller (the kit's
+Vault modules) starts a new Python that imports ``ansible.module_utils.basic``, hvac and
+requests before the module's code: about 0.3 CPU-s per run. The plugin starts a server per
+ansible-playbook run (testkit/warm_modules.py) that imports them once, and the local
+connection forks each plain pipelined module run from it: the same payload, working directory,
+environment and exit status; become, a module file on disk or another interpreter run as
+before. ansible-playbook stops the server and waits for it when the playbook ends.
+
 It is a test-run measure, enabled by ``testkit.playbook.MODULE_RUNS_ENV`` (``make test`` and the
 test kit's ``ansible-playbook`` runs); the kit's ``ansible.cfg``, which operators use, does not
 enable it. It wraps two functions of ``ansible.executor.module_common`` (``recursive_finder``
-and ``_add_module_to_zip``) and three methods of Ansible's Jinja environment (``compile``,
-``_generate``, ``compile_expression``), and refuses to load on an ansible-core it was not
+and ``_add_module_to_zip``), three methods of Ansible's Jinja environment (``compile``,
+``_generate``, ``compile_expression``) and the local connection's ``exec_command``, and refuses to load on an ansible-core it was not
 written for, so an upgrade cannot silently change it.
 """
 
@@ -78,11 +86,15 @@ from ansible._internal._templating._jinja_common import _TemplateConfig
 from ansible.errors import AnsibleError
 from ansible.executor import module_common
 from ansible.plugins.callback import CallbackBase
+from ansible.plugins.connection import ConnectionBase
+from ansible.plugins.connection import local as local_connection
 from ansible.plugins.loader import filter_loader, test_loader
 from ansible.release import __version__ as ansible_version
 from ansible.utils.collection_loader import AnsibleCollectionConfig
 from jinja2 import nodes
 from jinja2.utils import _PassArg
+
+from testkit import warm_modules
 
 DOCUMENTATION = """
     name: module_runs
@@ -94,6 +106,7 @@ DOCUMENTATION = """
       - Loads the filter and test plugins in ansible-playbook before each task's worker forks.
       - Keeps the code Jinja generates for a template and reuses it while the filters and tests
         it calls are called the same way.
+      - Forks plain pipelined local module runs from a warm interpreter (testkit/warm_modules.py).
     requirements:
       - enabled in callbacks_enabled
 """
@@ -427,6 +440,25 @@ def _load_jinja_plugins() -> None:
     test_loader._ensure_non_collection_wrappers()
 
 
+def _warm_exec(function: Any) -> Any:
+    """Wrap the local connection's ``exec_command``: a plain pipelined module run is forked
+    from the warm interpreter (testkit/warm_modules.py); anything else runs as before."""
+    if getattr(function, "_module_runs", False):
+        return function
+
+    def wrapped(self: Any, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> Any:
+        if in_data is not None:
+            ConnectionBase.exec_command(self, cmd, in_data=in_data, sudoable=sudoable)
+            result = warm_modules.run(cmd, in_data, self.cwd)
+            if result is not None:
+                return result
+        return function(self, cmd, in_data, sudoable)
+
+    wrapped._module_runs = True  # type: ignore[attr-defined]
+    wrapped.__name__ = function.__name__
+    return wrapped
+
+
 def install() -> None:
     """Wrap the two functions that write Python files into a payload and the three methods
     that compile templates (idempotent), and start the module processes without
@@ -443,6 +475,9 @@ def install() -> None:
     AnsibleEnvironment.compile_expression = _expression_noted(  # type: ignore[method-assign]
         AnsibleEnvironment.compile_expression
     )
+    local_connection.Connection.exec_command = _warm_exec(  # type: ignore[method-assign]
+        local_connection.Connection.exec_command
+    )
     os.environ.pop("PYTHONUNBUFFERED", None)
 
 
@@ -458,6 +493,10 @@ class CallbackModule(CallbackBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         install()
+        warm_modules.start()
+
+    def v2_playbook_on_stats(self, stats: Any) -> None:
+        warm_modules.stop()
 
     def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
         _load_jinja_plugins()
