@@ -58,8 +58,9 @@ It is a test-run measure, enabled by ``testkit.playbook.MODULE_RUNS_ENV`` (``mak
 test kit's ``ansible-playbook`` runs); the kit's ``ansible.cfg``, which operators use, does not
 enable it. It wraps two functions of ``ansible.executor.module_common`` (``recursive_finder``
 and ``_add_module_to_zip``), three methods of Ansible's Jinja environment (``compile``,
-``_generate``, ``compile_expression``) and the local connection's ``exec_command``, and refuses to load on an ansible-core it was not
-written for, so an upgrade cannot silently change it.
+``_generate``, ``compile_expression``) and the local connection's ``exec_command``, and
+refuses to load on an ansible-core it was not written for, so an upgrade cannot silently
+change it.
 """
 
 from __future__ import annotations
