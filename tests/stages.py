@@ -7,11 +7,13 @@ The suites run in four lanes that share no port and no container name (docs/inte
 the playbook suites under tests/ but the rotation ones, then some worker-host suites, in one;
 lint, the collections' unit tests, the monitoring / collection / execution-environment checks,
 the fault tests (all but the slow ones: `make test-faults`) and the molecule scenarios in the
-second; the solver package and the other worker-host suites in the third; the secret-id
-lifecycle under compressed TTLs (minutes of waiting for expiries, little CPU) and the rotation
-suites (worker processes on free ports, emulators of their own) in the fourth. On 2 cores the run is
-CPU-bound (the closing table gives each stage's CPU time and the machine's): the lanes keep
-both cores busy to the end, and are about equally long. All use
+second; the solver package, the other worker-host suites and the operator's-path rotation
+suites in the third; the secret-id lifecycle under compressed TTLs (minutes of waiting for
+expiries, little CPU) and the other rotation suites in the fourth (the rotation suites run
+worker processes on free ports and emulators of their own, under env names of their own per
+session, so their two stages can run side by side). On 2 cores the run is CPU-bound (the
+closing table gives each stage's CPU time and the machine's): the lanes keep both cores busy
+to the end, and are about equally long. All use
 the shared test OpenBao on 18250, which is started here first, so that no two stages race to
 initialise it, and stopped here at the end, pass or fail, with the emulator the scenarios
 share. The whole run holds the machine's test-port lock (testkit.portlock): a second
@@ -92,13 +94,19 @@ OPS_SUITES = [
 
 # Lane 4: a worker host's secret-ids expiring under a compressed schedule (marked `long`: the
 # other stages deselect it), then the rotation suites (each env, emulator and worker fleet of
-# its own).
+# its own). They run as two stages of about the same length, one at the end of lane 3, so that
+# the lanes end together: the operator's-path ones, and the others.
 LIFECYCLE_SUITE = "tests/test_secret_id_lifecycle.py"
 ROTATION_SUITES = sorted(
     str(path.relative_to(REPO))
     for path in (REPO / "tests").glob("test_rotation_*.py")
     if str(path.relative_to(REPO)) not in OPS_SUITES
 )
+ROTATION_OPERATOR_SUITES = [
+    "tests/test_rotation_bad_inputs.py",
+    "tests/test_rotation_interactive.py",
+    "tests/test_rotation_operator_path.py",
+]
 
 
 def lanes() -> list[list[Stage]]:
@@ -124,11 +132,14 @@ def lanes() -> list[list[Stage]]:
     hosts_b = Stage("hosts-b", [pytest, *HOST_SUITES_B])
     # -rP: the test's figures (runs, re-issues, solves, the warning's lead) go into the log.
     lifecycle = Stage("secret-id-lifecycle", [pytest, LIFECYCLE_SUITE, "-rP"])
-    rotation = Stage("rotation", [pytest, *ROTATION_SUITES])
+    operator = [suite for suite in ROTATION_SUITES if suite in ROTATION_OPERATOR_SUITES]
+    others = [suite for suite in ROTATION_SUITES if suite not in ROTATION_OPERATOR_SUITES]
+    rotation_operator = Stage("rotation-operator", [pytest, *operator])
+    rotation = Stage("rotation", [pytest, *others])
     return [
         [playbooks, hosts_b],
         [*lint, units, ops, faults, *molecule],
-        [solver, hosts_a],
+        [solver, hosts_a, rotation_operator],
         [lifecycle, rotation],
     ]
 
