@@ -71,6 +71,8 @@ def parse_command(cmd: str) -> tuple[str, dict[str, str]] | None:
         return None
     if len(outer) != 3 or outer[1] != "-c":
         return None
+    if _expands(outer[2]):
+        return None
     # Shell operators are tokens of their own ("A=1;" is not an assignment to the command).
     lexer = shlex.shlex(outer[2], posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
@@ -84,6 +86,25 @@ def parse_command(cmd: str) -> tuple[str, dict[str, str]] | None:
     if not interpreter.startswith("/") or not all(_ASSIGNMENT.match(w) for w in assignments):
         return None
     return interpreter, dict(word.split("=", 1) for word in assignments)
+
+
+def _expands(text: str) -> bool:
+    """Whether the shell would expand something in ``text`` (a ``$`` or a backquote outside
+    single quotes); ansible-core quotes each value of a task's environment (shlex.quote)."""
+    quote = ""
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quote == "'":
+            quote = "" if char == "'" else quote
+        elif char in "$`":
+            return True
+        elif char == "\\":
+            escaped = True
+        elif char in "'\"":
+            quote = "" if quote == char else (quote or char)
+    return False
 
 
 def _our_python(python: str) -> bool:

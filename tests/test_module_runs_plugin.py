@@ -492,6 +492,13 @@ def test_a_shared_server_serves_many_runs_and_counts_their_cpu(tmp_path: Path) -
         ("/bin/sh -c 'python3 && sleep 0'", None),  # no absolute path: not ours
         ("/bin/sh -c '/v/bin/python3 | tee x && sleep 0'", None),
         ("/bin/sh -c 'A=1; /v/bin/python3 && sleep 0'", None),
+        # Expansions: the value is the shell's to compute, not a literal.
+        ("/bin/sh -c 'A=`id` /v/bin/python3 && sleep 0'", None),
+        ("/bin/sh -c 'A=\"$HOME\" /v/bin/python3 && sleep 0'", None),
+        (
+            "/bin/sh -c 'A='\"'\"'$HOME `id`'\"'\"' /v/bin/python3 && sleep 0'",
+            ("/v/bin/python3", {"A": "$HOME `id`"}),
+        ),
         ("/bin/sh -c 'unterminated", None),
     ],
 )
