@@ -5,25 +5,22 @@ A module that ansible-playbook runs on the controller (every Vault module of the
 to Vault from the controller) starts a new Python process, which imports
 ``ansible.module_utils.basic`` and, for the kit's Vault modules, hvac and requests before the
 module's own code runs: about 0.23 of the 0.3 CPU-seconds such a run costs, in each of the
-~1,600 local module runs of ``make test``. Here a server in the venv's Python imports those
-once, on its first request, and each local module run is a fork of it that runs the very
-payload ansible-playbook built (the AnsiballZ wrapper, with its zip of the module and
-module_utils) as ``__main__``, in the task's working directory with the task's environment,
-stdin from /dev/null (the wrapper, which a pipelined run reads from stdin, is its code), stdout
-and stderr back to the task's worker, and its exit status as the return code. The module, its
-module_utils and hvac are the installed ones (ansible-playbook builds the payload's copies from
-the same installation), and they talk to the same servers.
+~1,600 local module runs of ``make test``. Here each ansible-playbook run starts a server in
+its own (the venv's) Python, which imports those on the first request; each local module run is
+then a fork of it that runs the very payload ansible-playbook built (the AnsiballZ wrapper, with
+its zip of the module and module_utils) as ``__main__``, in the task's working directory with
+the task's environment, stdin from /dev/null (the wrapper, which a pipelined run reads from
+stdin, is its code), stdout and stderr back to the task's worker, and its exit status as the
+return code. The module, its module_utils and hvac are the installed ones (ansible-playbook
+builds the payload's copies from the same installation), and they talk to the same servers.
 
 Only a plain pipelined run of the venv's own Python is forked: ``<shell> -c '[NAME=value ...]
-<python> && sleep 0'``, checked token by token; a run with become, with a module file on disk
-or of another interpreter runs as ansible-core runs it, and so does every run when no server
-answers.
-``make test`` (tests/stages.py) starts one server for all its stages and names its socket in
-``CAPTCHA_KIT_WARM_MODULES``; an ansible-playbook run without it starts one of its own
-(``.state/test/warm/<pid>.sock``) and stops it and waits for it when it ends, so that the module
-processes' CPU time counts as ansible-playbook's. A server listens in a directory only this user
-can enter, has a session of its own (as each task worker has), and ends when the process that
-started it stops it or ends (its stop pipe closes).
+<python> && sleep 0'``, checked token by token (become, a module file on disk or another
+interpreter run as ansible-core runs them), and so does every run when the server is not there.
+The server listens on a Unix socket in a directory only this user can enter
+(``.state/test/warm/<ansible-playbook pid>.sock``); ansible-playbook stops it and waits for it
+when it ends (so the module processes' CPU time counts as ansible-playbook's), and a server
+whose ansible-playbook was killed sees its stop pipe close and ends too.
 """
 
 from __future__ import annotations
@@ -47,8 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE = Path(__file__).resolve().parents[1] / ".state" / "test" / "warm"
-# The socket of a server shared by many ansible-playbook runs (tests/stages.py sets it).
-ENV = "CAPTCHA_KIT_WARM_MODULES"
 # What a module process of the kit imports before the module's own code: ansible's module
 # side, and hvac (with requests and urllib3) for the Vault modules.
 PRELOAD = (
@@ -130,35 +125,37 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-# ------------------------------------------------------------------------ starting and stopping
+# ------------------------------------------------------------------------ ansible-playbook's side
 
 
 @dataclass
-class Server:
-    """A server listening on ``path``; ``process`` and ``stop_fd`` are None for one this process
-    did not start (the one ``make test`` shares with its stages)."""
-
+class _Server:
+    process: subprocess.Popen[bytes]
     path: Path
-    process: subprocess.Popen[bytes] | None = None
-    stop_fd: int | None = None
+    stop: int  # the write end of the server's stop pipe
 
 
-def launch(path: Path) -> Server | None:
-    """Start a server on ``path`` and wait until it listens; None when it does not come up or
-    the path is too long for a Unix socket (modules then run as ansible-core runs them)."""
+_SERVER: _Server | None = None
+
+
+def start() -> None:
+    """Start the server of this ansible-playbook process (its callback plugin calls this
+    before any task, so that every task worker inherits where it listens). The server imports
+    the module side on its first request: a run without local modules pays only its start."""
+    global _SERVER
+    if _SERVER is not None:
+        return
+    path = STATE / f"{os.getpid()}.sock"
     if len(str(path)) > _SUN_PATH_MAX:
-        return None
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.parent.chmod(0o700)
+        return  # too deep a checkout for a Unix socket: modules run as ansible-core runs them
+    STATE.mkdir(mode=0o700, parents=True, exist_ok=True)
+    STATE.chmod(0o700)
     ready_r, ready_w = os.pipe()
     stop_r, stop_w = os.pipe()
     boot = f"import testkit.warm_modules as w; w.serve({str(path)!r}, {ready_w}, {stop_r})"
     with open(path.with_suffix(".log"), "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", boot],
-            # Buffered, as the module_runs plugin starts module processes (Python reads the
-            # variable at its start; a module process gets its run's environment after).
-            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -174,52 +171,22 @@ def launch(path: Path) -> Server | None:
     if not up:
         process.wait()
         os.close(stop_w)
-        return None
-    return Server(path, process, stop_w)
-
-
-def shutdown(server: Server) -> float:
-    """Stop a server this process started and wait for it (and it for the module runs in
-    flight); the CPU seconds of it and its module processes."""
-    if server.process is None or server.stop_fd is None:
-        return 0.0
-    with contextlib.suppress(OSError):
-        os.write(server.stop_fd, b"stop")
-    os.close(server.stop_fd)
-    _, status, usage = os.wait4(server.process.pid, 0)
-    server.process.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_utime + usage.ru_stime
-
-
-_SERVER: Server | None = None
-
-
-def start() -> None:
-    """Find or start the server of this ansible-playbook process (its callback plugin calls
-    this before any task, so that every task worker inherits where it listens): the one named
-    by ``CAPTCHA_KIT_WARM_MODULES`` (``make test`` starts one for all its stages), or else one
-    of its own, which it stops when it ends. A server imports the module side on its first
-    request: a run without local modules pays only its start."""
-    global _SERVER
-    if _SERVER is not None:
         return
-    shared = Path(os.environ.get(ENV, "/nonexistent"))
-    if shared.is_socket():
-        _SERVER = Server(shared)
-        return
-    _SERVER = launch(STATE / f"{os.getpid()}.sock")
-    if _SERVER is not None:
-        atexit.register(stop)
+    _SERVER = _Server(process, path, stop_w)
+    atexit.register(stop)
 
 
 def stop() -> None:
-    """Stop this ansible-playbook's own server and wait for it (its module processes' CPU time
-    then counts as ansible-playbook's, as a module process's does without it)."""
+    """Stop the server and wait for it (its module processes' CPU time then counts as
+    ansible-playbook's, as a module process's does without it)."""
     global _SERVER
     if _SERVER is None or multiprocessing.parent_process() is not None:
         return
     server, _SERVER = _SERVER, None
-    shutdown(server)
+    with contextlib.suppress(OSError):
+        os.write(server.stop, b"stop")
+    os.close(server.stop)
+    server.process.wait()
 
 
 # ------------------------------------------------------------------------ a task worker's side

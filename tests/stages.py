@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testkit import warm_modules
 from testkit.playbook import MODULE_RUNS_ENV
 from testkit.portlock import hold_test_ports
 
@@ -235,15 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     cpu_started = _machine_cpu_seconds()
     lock = threading.Lock()
-    warm_cpu: list[float] = []
     with hold_test_ports(), contextlib.ExitStack() as stop:
         stop.callback(stop_testbed)
         start_testbed()
-        # One warm module server for every stage's ansible-playbook runs (testkit/warm_modules.py).
-        warm = warm_modules.launch(warm_modules.STATE / "make-test.sock")
-        if warm is not None:
-            os.environ[warm_modules.ENV] = str(warm.path)
-            stop.callback(lambda: warm_cpu.append(warm_modules.shutdown(warm)))
         threads = [threading.Thread(target=run_lane, args=(lane, lock)) for lane in plan]
         for t in threads:
             t.start()
@@ -260,10 +253,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {s.name} | {i} | {s.seconds:.0f} s | {s.cpu_seconds:.0f} s"
                 f" | {result}: {s.summary[:70]} |"
             )
-    if warm_cpu:
-        print(
-            f"| warm module server (local module runs of all stages) | | | {warm_cpu[0]:.0f} s | |"
-        )
     print(
         f"| all ({len(plan)} lanes in parallel) | | {total:.0f} s"
         f" | {machine_cpu:.0f} s (machine, {os.cpu_count()} cores) | |"

@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 
-from testkit import warm_modules
 from testkit.playbook import MODULE_RUNS_ENV, ansible_env, playbook_argv, run_argv
 from testkit.warm_modules import parse_command
 
@@ -412,7 +411,7 @@ def _environment(stdout: str) -> dict[str, str]:
     lines = stdout.split("\ncwd=[")[0].splitlines()
     pairs = [line.split("=", 1) for line in lines if re.match(r"^[A-Za-z_]\w*=", line)]
     # PYTHONUNBUFFERED: removed by the plugin (another test)
-    shells = {"_", "SHLVL", "PWD", "OLDPWD", "PYTHONUNBUFFERED", warm_modules.ENV}
+    shells = {"_", "SHLVL", "PWD", "OLDPWD", "PYTHONUNBUFFERED"}
     return {k: v for k, v in pairs if k not in shells and k not in MODULE_RUNS_ENV}
 
 
@@ -428,10 +427,8 @@ def test_local_module_runs_are_forks_of_one_warm_interpreter_that_see_what_a_new
     """With the plugin the module processes of two tasks are forks of one server (the parent
     of each module process's parent), which runs testkit.warm_modules in the venv's Python;
     each sees the environment (the task's `environment` too, quoting and all), the working
-    directory and the exit status a module process that ansible-core starts sees. Here each
-    ansible-playbook run starts a server of its own (`make test` shares one: the next test)."""
+    directory and the exit status a module process that ansible-core starts sees."""
     env = ansible_env()
-    env.pop(warm_modules.ENV, None)
     warm = _warm_play(tmp_path, env)
     cold = _warm_play(tmp_path, {k: v for k, v in env.items() if k not in MODULE_RUNS_ENV})
 
@@ -454,27 +451,6 @@ def test_local_module_runs_are_forks_of_one_warm_interpreter_that_see_what_a_new
             assert select.select([gone], [], [], 60)[0], "the server outlived ansible-playbook"
         finally:
             os.close(gone)
-
-
-def test_a_shared_server_serves_many_runs_and_counts_their_cpu(tmp_path: Path) -> None:
-    """The server `make test` starts for all its stages (CAPTCHA_KIT_WARM_MODULES): both runs'
-    module processes are its forks, it outlives them, and stopping it gives the CPU time of it
-    and its module processes (the closing table's row)."""
-    server = warm_modules.launch(tmp_path / "warm" / "shared.sock")
-    assert server is not None
-    assert server.process is not None
-    try:
-        env = ansible_env() | {warm_modules.ENV: str(server.path)}
-        runs = [_warm_play(tmp_path, env) for _ in range(2)]
-        assert {_server(run[task])[0] for run in runs for task in ("first", "second")} == {
-            str(server.process.pid)
-        }
-        assert server.process.poll() is None, "a shared server ended with a run"
-    finally:
-        cpu = warm_modules.shutdown(server)
-    assert cpu > 0
-    assert server.process.returncode == 0
-    assert not server.path.exists()
 
 
 @pytest.mark.parametrize(
