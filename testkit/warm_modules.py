@@ -15,8 +15,9 @@ return code. The module, its module_utils and hvac are the installed ones (ansib
 builds the payload's copies from the same installation), and they talk to the same servers.
 
 Only a plain pipelined run of the venv's own Python is forked: ``<shell> -c '[NAME=value ...]
-<python> && sleep 0'``, checked token by token (become, a module file on disk or another
-interpreter run as ansible-core runs them), and so does every run when the server is not there.
+<python> && sleep 0'``, checked token by token; a run with become, with a module file on disk,
+of another interpreter or with an environment the shell would expand runs as ansible-core runs
+it, and so does every run when the server is not there.
 The server listens on a Unix socket in a directory only this user can enter
 (``.state/test/warm/<ansible-playbook pid>.sock``); ansible-playbook stops it and waits for it
 when it ends (so the module processes' CPU time counts as ansible-playbook's), and a server
