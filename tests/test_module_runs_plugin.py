@@ -444,7 +444,7 @@ def test_local_module_runs_are_forks_of_one_warm_interpreter_that_see_what_a_new
     assert cwd.findall(warm["first"]) == cwd.findall(cold["first"]) != []
     assert warm["failing"] == cold["failing"]
     assert warm["failing"][:2] == [1, True]
-    # The server ends with the ansible-playbook run it served (it watches that process).
+    # The server ends with the ansible-playbook run it served (which stops it and waits for it).
     with contextlib.suppress(ProcessLookupError):
         gone = os.pidfd_open(int(pid))
         try:
