@@ -8,6 +8,15 @@ import os
 import signal
 import time
 
+import hvac
+import pytest
+from ansible_collections.captcha_kit.vault.plugins.module_utils.rotation import (
+    Rotation,
+    RotationRefused,
+)
+from ansible_collections.captcha_kit.vault.plugins.module_utils.rotation_actions import mark, put
+from ansible_collections.captcha_kit.vault.plugins.modules.key_rotation_state import OPTIONS
+
 from testkit.creds import assert_no_secrets, new_key
 from testkit.playbook import start_argv
 from testkit.rotation import (
@@ -89,6 +98,28 @@ def test_resume_when_the_record_was_written_but_not_the_key(rot_env: RotEnv):
     assert after["rotation_id"] == record["rotation_id"]
     assert after["started_at"] == started
     assert after["rotation_state"] == "awaiting_revocation"
+
+
+def test_resume_when_the_key_was_written_but_not_the_record(rot_env: RotEnv):
+    """Cut off between the check-and-set write and the record: the version names its rotation,
+    so the rerun resumes that rotation (no second version) and records it."""
+    key = rot_env.next_key()
+    before = rot_env.current_version()
+    rotation_id = f"{rot_env.name}-cut-off"
+    rot_env.admin.secrets.kv.v2.create_or_update_secret(
+        rot_env.key_path,
+        secret={"api_key": key, "rotation_id": rotation_id},
+        cas=before,
+        mount_point="secret",
+    )
+    inv = write_inventory(rot_env, [], FIXED)
+    run = run_unattended(rot_env, inv, {"key_rotation_key_source": "staged"})
+    assert run.rc == 0, run.output[-3000:]
+    assert "resuming rotation " + rotation_id in run.stdout
+    assert rot_env.current_version() == before + 1
+    after = rot_env.record()
+    assert (after["rotation_id"], after["rotation_state"]) == (rotation_id, "awaiting_revocation")
+    assert (after["previous_version"], after["new_version"]) == (str(before), str(before + 1))
 
 
 def test_stale_worker_fails_the_wait_then_the_rerun_resumes(rot_env: RotEnv, start_workers):
@@ -213,3 +244,44 @@ def test_two_rotations_started_at_once_write_one_version(rot_env: RotEnv):
     )
     assert rot_env.current_key() in keys
     assert rot_env.record()["rotation_id"] == winner["rotation_id"]
+
+
+def _loaded_put(rot_env: RotEnv, key: str, rotation_id: str) -> Rotation:
+    """A rotator's ``put`` of ``key`` as the module prepares it: the key path read, not yet
+    written (the module's own code, in this process, against the test OpenBao)."""
+    params = {name: spec.get("default") for name, spec in OPTIONS.items()}
+    params.update(
+        env=rot_env.name, action="put", new_key=key, rotation_id=rotation_id, actor="test"
+    )
+    client = hvac.Client(
+        url=rot_env.vault.addr, token=rot_env.rotator_token(), verify=str(rot_env.vault.ca_file)
+    )
+    rot = Rotation(client, params)
+    rot.load()
+    return rot
+
+
+def test_the_run_that_loses_the_check_and_set_leaves_the_winners_record(rot_env: RotEnv):
+    """Both runs read version n; the first puts n+1, then the second, still holding what it read,
+    puts. The second is refused and writes nothing: not the key, not the record. (The CI race of
+    the test above: the loser wrote its record over the winner's, then lost the check-and-set,
+    and the winner failed at mark on a record naming the loser.)"""
+    keys = [rot_env.next_key(), rot_env.next_key()]
+    before = rot_env.current_version()
+    first = _loaded_put(rot_env, keys[0], f"{rot_env.name}-first")
+    second = _loaded_put(rot_env, keys[1], f"{rot_env.name}-second")
+
+    put(first, False)
+    with pytest.raises(RotationRefused, match="Concurrent rotation refused"):
+        put(second, False)
+
+    assert rot_env.current_version() == before + 1
+    assert rot_env.current_key() == keys[0]
+    record = rot_env.record()
+    assert (record["rotation_id"], record["rotation_state"]) == (
+        f"{rot_env.name}-first",
+        "propagating",
+    )
+    first.refresh()
+    mark(first, False)
+    assert rot_env.record()["rotation_state"] == "awaiting_revocation"

@@ -29,6 +29,13 @@ modules and the workers cannot drift apart.
     written by ``captcha_kit.vault.key_rotation_state`` and reported by the workers. All values
     are strings; absent fields are not written.
 
+``VERSION_ROTATION_FIELD`` ``rotation_id``
+    The field of a key version's data that names the rotation which wrote it (not secret; the
+    workers read only ``api_key`` and ``backup_keys``). The rotation writes the version with
+    check-and-set first and its record after, so the one atomic step decides which of two runs
+    started at once rotates, and a run cut off between the two steps leaves a version that still
+    says whose it is: the next run rebuilds the record from it.
+
 ``mask_key(key)``
     How a key may ever be shown: ``***`` and its last four characters (``***ab12``).
 
@@ -54,6 +61,7 @@ ROTATION_RECORD_FIELDS = (
     "confirmed_at",
     "actor",
 )
+VERSION_ROTATION_FIELD = "rotation_id"
 # Values of rotation_state: the two in progress, then the two ends.
 ROTATION_STATES = ("propagating", "awaiting_revocation", "complete", "rolled_back")
 ROTATION_IN_PROGRESS = ("propagating", "awaiting_revocation")

@@ -34,6 +34,7 @@ import secrets
 from ansible_collections.captcha_kit.vault.plugins.module_utils.contract import (
     ROTATION_IN_PROGRESS,
     ROTATION_RECORD_FIELDS,
+    VERSION_ROTATION_FIELD,
     key_path,
     mask_key,
     staged_path,
@@ -104,6 +105,7 @@ class Rotation:
         self.versions = {}
         self.held = []
         self.record = {}
+        self.record_rebuilt = False  # the record was rebuilt from the current version's data
         self.state = ""
         self.staged_ref = ""  # the ref of the staged write candidate() took, if any
         self._data_cache = {}
@@ -165,7 +167,32 @@ class Rotation:
             if not info.get("destroyed") and not info.get("deletion_time")
         )
         self.record = {k: str(self.custom[k]) for k in ROTATION_RECORD_FIELDS if self.custom.get(k)}
+        self.record_rebuilt = False
+        self._rebuild_record()
         self.state = self.record.get("rotation_state", "")
+
+    def _rebuild_record(self):
+        """A run cut off between its check-and-set write and its record leaves a current version
+        that names its rotation (``VERSION_ROTATION_FIELD``) and a record that does not reach
+        that version: take that rotation as recorded, ``propagating`` (in memory; the next write
+        of that rotation writes it), so it is resumed, not mistaken for a change by hand."""
+        recorded_up_to = self.record_int("new_version") or 0
+        if recorded_up_to >= self.current_version:
+            return
+        data = self.version_data(self.current_version) or {}
+        rid = str(data.get(VERSION_ROTATION_FIELD) or "")
+        if not rid or rid == self.record.get("rotation_id"):
+            return
+        created = str(self.versions[self.current_version].get("created_time") or "")
+        self.record = {
+            "rotation_id": rid,
+            "rotation_state": "propagating",
+            "previous_version": str(self.current_version - 1),
+            "new_version": str(self.current_version),
+            "started_at": created[:19] + "Z" if created else now_utc(),
+            "actor": f"unrecorded (record rebuilt from version {self.current_version})",
+        }
+        self.record_rebuilt = True
 
     def version_data(self, version):
         """The data of a held version (cached until the next refresh); None when not held."""

@@ -8,8 +8,11 @@ the action has one). A refused step raises ``RotationRefused``. In check mode no
 written and the result says what would be (``plan``, ``diff``).
 
 ``plan``      read-only: ``next`` from ``decide()``, the candidate's checks when it is ``put``
-``put``       record the rotation (propagating), write the key with check-and-set on the
-              current version, delete the staged key once promoted; idempotent per rotation id.
+``put``       write the key with check-and-set on the current version (the version's data
+              names the rotation), then record the rotation (propagating), delete the staged
+              key once promoted; idempotent per rotation id. The check-and-set comes first: it
+              is the one atomic step, so of two runs started at once the one that loses it has
+              written nothing, neither a version nor a record.
               A staged key is put only when it is the staged write plan validated
               (``staged_ref``); a write whose answer was lost is recognised by reading back
 ``mark``      propagating -> awaiting_revocation (every worker converged)
@@ -30,7 +33,7 @@ import re
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.contract import (
     ROTATION_IN_PROGRESS,
-    ROTATION_RECORD_FIELDS,
+    VERSION_ROTATION_FIELD,
     mask_key,
 )
 from ansible_collections.captcha_kit.vault.plugins.module_utils.rotation import (
@@ -73,10 +76,10 @@ def plan(rot, check_mode):
         candidate = {"present": True, "source": source, "fingerprint": mask_key(key)}
     steps = {
         "put": [
-            f"record rotation {rid} as propagating in the custom_metadata of "
-            f"{rot.mount}/{rot.key_path}",
             f"write the {source} key {candidate.get('fingerprint', '')} as version {target} "
             f"(check-and-set on version {rot.current_version})",
+            f"record rotation {rid} as propagating in the custom_metadata of "
+            f"{rot.mount}/{rot.key_path}",
         ]
         + (
             [f"delete the staged key at {rot.mount}/{rot.staged_path}"]
@@ -125,7 +128,7 @@ def check_staged_ref(rot, key, source):
 
 
 def put(rot, check_mode):
-    """Record the rotation and write the new key with check-and-set on the current version."""
+    """Write the new key with check-and-set on the current version, then record the rotation."""
     rid = rot.params["rotation_id"]
     if not rid:
         raise RotationRefused("put needs rotation_id (from action=plan)")
@@ -135,10 +138,17 @@ def put(rot, check_mode):
         and rot.state in ROTATION_IN_PROGRESS
         and rot.current_version == rot.record_int("new_version")
     ):
+        steps = ["the new key is already written (resume)"]
+        rebuilt = rot.record_rebuilt
+        if rebuilt:
+            steps.append(f"record rotation {rid} as propagating (its record was never written)")
+            if not check_mode:
+                rot.write_record(rot.record)
+                rot.refresh()
         staged_deleted = delete_staged_if_promoted(rot, check_mode)
         return rot.result(
-            staged_deleted,
-            ["the new key is already written (resume)"],
+            staged_deleted or rebuilt,
+            steps,
             f"rotation {rid} already put version {rot.current_version}",
             target_version=rot.current_version,
             staged_deleted=staged_deleted,
@@ -170,8 +180,8 @@ def put(rot, check_mode):
     before = {"version": base, "key": mask_key(rot.current_key()), **rot.record}
     after = {"version": target, "key": mask_key(key), **record}
     steps = [
-        f"record rotation {rid} as propagating",
         f"write {mask_key(key)} as version {target} with check-and-set on version {base}",
+        f"record rotation {rid} as propagating",
     ]
     if check_mode:
         return rot.result(
@@ -186,7 +196,7 @@ def put(rot, check_mode):
     old_record = dict(rot.record)
     data = dict(rot.version_data(base) or {})
     data["api_key"] = key
-    rot.write_record(record)
+    data[VERSION_ROTATION_FIELD] = rid
     try:
         resp = rot.kv.create_or_update_secret(
             path=rot.key_path, secret=data, cas=base, mount_point=rot.mount
@@ -195,23 +205,24 @@ def put(rot, check_mode):
     except Exception as exc:
         # The answer is lost or negative: what does Vault hold now? A request retried after a
         # dropped connection can find its own first attempt applied (the retry then loses the
-        # check-and-set to it): the version after ``base`` holding this run's key is that write.
+        # check-and-set to it): the version after ``base`` naming this rotation is that write.
         rot.refresh()
-        if rot.current_version == target and rot.current_key() == key:
+        mine = rot.version_data(target) or {}
+        if rot.current_version == target and mine.get(VERSION_ROTATION_FIELD) == rid:
             written = target
-            steps.append(
+            steps.insert(
+                1,
                 f"the write landed although its answer was lost ({type(exc).__name__}): "
-                f"read back version {target}, which holds this run's key {mask_key(key)}"
+                f"read back version {target}, which holds this run's key {mask_key(key)}",
             )
         else:
-            put_failed(rot, exc, rid, base, old_record)
-    rot.refresh()
+            put_failed(rot, exc, rid, base)
     if written != target:  # pragma: no cover - cas guarantees this
         raise RotationRefused(f"Vault wrote version {written}, expected {target}")
-    if rot.record.get("rotation_id") != rid:
-        # A concurrent run overwrote the record before losing the check-and-set: ours won.
-        rot.write_record(record)
-        rot.refresh()
+    # The check-and-set made this run the rotation of version ``target``: only now is the record
+    # written, so a run that lost it never touches the record.
+    rot.write_record(record)
+    rot.refresh()
     staged_deleted = delete_staged_if_promoted(rot, check_mode)
     return rot.result(
         True,
@@ -226,13 +237,9 @@ def put(rot, check_mode):
     )
 
 
-def put_failed(rot, exc, rid, base, old_record):
-    """This run's write did not land: give the record back when it is still ours, and say what
-    Vault holds (read back, not guessed from the error)."""
-    if rot.record.get("rotation_id") == rid and rot.current_version == base:
-        rot.custom = {k: v for k, v in rot.custom.items() if k not in ROTATION_RECORD_FIELDS}
-        rot.write_record(old_record)
-        rot.refresh()
+def put_failed(rot, exc, rid, base):
+    """This run's write did not land (and its record was not written): say what Vault holds,
+    read back, not guessed from the error."""
     holds = (
         f"Vault holds version {rot.current_version} ({mask_key(rot.current_key())}) of "
         f"{rot.mount}/{rot.key_path}, recorded rotation "
@@ -242,12 +249,12 @@ def put_failed(rot, exc, rid, base, old_record):
         raise RotationRefused(
             f"Concurrent rotation refused: {rot.mount}/{rot.key_path} moved from version "
             f"{base} to {rot.current_version} while this run prepared rotation {rid} "
-            f"(check-and-set failed; the new version does not hold this run's key); {holds}; "
-            "this run wrote no version"
+            f"(check-and-set failed; the new version is another run's); {holds}; "
+            "this run wrote no version and no record"
         ) from None
     raise RotationRefused(
         f"Cannot write the new key to {rot.mount}/{rot.key_path}: {str(exc)[:300]}; {holds}; "
-        "this run wrote no version"
+        "this run wrote no version and no record"
     ) from None
 
 
@@ -345,7 +352,9 @@ def rollback(rot, check_mode):
     if not check_mode:
         if target != rot.current_version:
             rot.write_version(
-                prev_data, new, f"write the previous key back to {rot.mount}/{rot.key_path}"
+                {**prev_data, VERSION_ROTATION_FIELD: rid},
+                new,
+                f"write the previous key back to {rot.mount}/{rot.key_path}",
             )
         rot.write_record(record)
         rot.refresh()

@@ -32,8 +32,11 @@ options:
       - C(plan) reads the state and returns C(next) (C(put), C(wait), C(confirm), C(rollback),
         C(need_key), C(noop)) or fails with a clear message when the inputs are not acceptable
         (malformed key, a key still held in Vault, a second rotation, nothing to confirm).
-      - C(put) records the rotation (state C(propagating)) and writes the new key with
-        check-and-set on the current version, then deletes the staged key if it was promoted.
+      - C(put) writes the new key with check-and-set on the current version (the version's
+        data names the rotation in C(rotation_id)), then records the rotation (state
+        C(propagating)) and deletes the staged key if it was promoted. Of two runs started at
+        once, the one that loses the check-and-set writes nothing, neither a version nor a
+        record; a run cut off between the write and the record is resumed from the version.
         A staged key is put only when it is the staged write C(plan) validated (O(staged_ref)).
         When Vault's answer to the write is lost (a dropped connection, a retried request),
         C(put) reads the key path back and recognises this run's own write.

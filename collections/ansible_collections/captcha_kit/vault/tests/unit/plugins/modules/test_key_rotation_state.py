@@ -150,9 +150,9 @@ def test_plan_of_a_new_rotation(rotate):
     assert result["target_version"] == 2
     assert result["candidate"]["fingerprint"] == "***" + key[-4:]
     assert result["plan"] == [
+        f"write the variable key ***{key[-4:]} as version 2 (check-and-set on version 1)",
         f"record rotation {result['rotation_id']} as propagating in the custom_metadata of "
         "secret/captchaai/dev",
-        f"write the variable key ***{key[-4:]} as version 2 (check-and-set on version 1)",
     ]
     assert "staged_key" not in result
     assert vault.writes == []
@@ -222,7 +222,7 @@ def test_plan_in_check_mode_is_the_same_plan(rotate):
 
 
 # ---- put ---------------------------------------------------------------------------------------
-def test_put_records_the_rotation_then_writes_with_check_and_set(rotate):
+def test_put_writes_with_check_and_set_then_records_the_rotation(rotate):
     vault = env_with_key()
     old, key = vault.key(), new_key()
     result = rotate(
@@ -230,8 +230,9 @@ def test_put_records_the_rotation_then_writes_with_check_and_set(rotate):
     )
     assert result["changed"] is True
     assert result["target_version"] == 2
-    assert [w[0] for w in vault.writes] == ["metadata", "write"]
+    assert [w[0] for w in vault.writes] == ["write", "metadata"]
     assert vault.key() == key
+    assert vault.store[("secret", KEY_PATH)].versions[2]["data"]["rotation_id"] == "dev-r9"
     record = vault.record()
     assert record["rotation_id"] == "dev-r9"
     assert record["rotation_state"] == "propagating"
@@ -261,8 +262,8 @@ def test_put_in_check_mode_writes_nothing_and_shows_the_diff(rotate):
     )
     assert result["changed"] is True
     assert result["plan"] == [
-        "record rotation dev-r9 as propagating",
         f"write {result['candidate']['fingerprint']} as version 2 with check-and-set on version 1",
+        "record rotation dev-r9 as propagating",
     ]
     assert json.loads(result["diff"]["after"])["version"] == 2
     assert vault.writes == []
@@ -340,8 +341,8 @@ def test_put_resumes_a_rotation_whose_key_was_never_written(rotate):
 
 
 def test_a_lost_check_and_set_is_a_concurrent_rotation(rotate):
-    """Another run records its rotation and writes its key between this run's record and its
-    check-and-set write: this run writes no version and leaves the other run's record alone."""
+    """Another run writes its key (and records its rotation) between this run's read and its
+    check-and-set write: this run writes no version and no record."""
     vault = env_with_key(owner="ops")
     other = new_key()
     theirs = {"owner": "ops", "rotation_id": "dev-other", "rotation_state": "propagating"}
@@ -356,9 +357,9 @@ def test_a_lost_check_and_set_is_a_concurrent_rotation(rotate):
     assert result["failed"]
     assert result["msg"] == (
         "Concurrent rotation refused: secret/captchaai/dev moved from version 1 to 2 while "
-        "this run prepared rotation dev-r9 (check-and-set failed; the new version does not hold "
-        f"this run's key); Vault holds version 2 (***{other[-4:]}) of secret/captchaai/dev, "
-        "recorded rotation dev-other (propagating); this run wrote no version"
+        "this run prepared rotation dev-r9 (check-and-set failed; the new version is another "
+        f"run's); Vault holds version 2 (***{other[-4:]}) of secret/captchaai/dev, "
+        "recorded rotation dev-other (propagating); this run wrote no version and no record"
     )
     assert vault.key() == other
     assert vault.record() == theirs
@@ -369,7 +370,7 @@ def test_a_lost_check_and_set_is_a_concurrent_rotation(rotate):
     [RuntimeError("disk full"), requests.exceptions.ConnectionError("Connection aborted")],
     ids=["disk_full", "connection_dropped"],
 )
-def test_a_failed_write_gives_the_record_back_and_says_what_vault_holds(rotate, error):
+def test_a_failed_write_writes_no_record_and_says_what_vault_holds(rotate, error):
     vault = env_with_key(owner="ops")
     old = vault.key()
 
@@ -381,9 +382,10 @@ def test_a_failed_write_gives_the_record_back_and_says_what_vault_holds(rotate, 
     assert result["msg"] == (
         f"Cannot write the new key to secret/captchaai/dev: {error}; Vault holds version 1 "
         f"(***{old[-4:]}) of secret/captchaai/dev, recorded rotation none (none); this "
-        "run wrote no version"
+        "run wrote no version and no record"
     )
-    assert vault.record() == {"owner": "ops"}, "the record this run wrote is taken back"
+    assert vault.record() == {"owner": "ops"}
+    assert vault.writes == [], "the record is written only after the key"
     assert vault.current_version() == 1
 
 
@@ -454,6 +456,81 @@ def test_a_write_that_landed_but_lost_its_answer_is_recognised(rotate):
         "the write landed although its answer was lost (InvalidRequest): read back version 2, "
         f"which holds this run's key ***{key[-4:]}"
     ) in result["plan"]
+
+
+def test_the_run_that_read_first_but_put_second_writes_nothing(rotate):
+    """Two runs read version 1; one puts version 2; the other, with what it read, then puts: it
+    loses the check-and-set having written nothing, and the winner's record stays (the loser
+    used to record its rotation first and so replaced the winner's record)."""
+    vault = env_with_key()
+    winner = new_key()
+
+    def the_other_run_puts_first(mount_point, path):
+        vault.before_write = lambda *_: None
+        assert rotate(vault, action="put", new_key=winner, rotation_id="dev-first")["changed"]
+
+    vault.before_write = the_other_run_puts_first
+    result = rotate(vault, action="put", new_key=new_key(), rotation_id="dev-second")
+    assert result["msg"].startswith("Concurrent rotation refused")
+    assert vault.key() == winner
+    assert vault.record()["rotation_id"] == "dev-first"
+    assert [w[0] for w in vault.writes] == ["write", "metadata"], "the winner's writes only"
+
+
+def _cut_off_after_the_write(rotation_id="dev-r7"):
+    """A run that wrote version 2 (its data naming ``rotation_id``) and was cut off before its
+    record: the record still says the previous rotation, complete at version 1."""
+    old, new = new_key(), new_key()
+    vault = FakeVault()
+    vault.put(KEY_PATH, {"api_key": old})
+    vault.set_record({"rotation_id": "dev-r0", "rotation_state": "complete", "new_version": "1"})
+    vault.put(KEY_PATH, {"api_key": new, "rotation_id": rotation_id})
+    return vault, old, new
+
+
+def test_a_run_cut_off_before_its_record_is_resumed_from_the_version(rotate):
+    vault, old, new = _cut_off_after_the_write()
+    plan = rotate(vault, action="plan")
+    assert (plan["next"], plan["rotation_id"]) == ("wait", "dev-r7")
+    assert plan["rotation"]["previous_version"] == "1"
+    assert plan["rotation"]["actor"] == "unrecorded (record rebuilt from version 2)"
+    assert vault.writes == [], "plan reads only"
+    # Another key is a second rotation while this one is in progress.
+    other = rotate(vault, action="plan", new_key=new_key())
+    assert other["msg"].startswith("Another rotation is in progress: rotation dev-r7")
+    # The put of that rotation again writes its record, not a second version.
+    put = rotate(vault, action="put", new_key=new, rotation_id="dev-r7")
+    assert put["changed"] is True
+    assert "record rotation dev-r7 as propagating (its record was never written)" in put["plan"]
+    assert vault.current_version() == 2
+    assert [w[0] for w in vault.writes] == ["metadata"]
+    assert vault.record()["rotation_state"] == "propagating"
+    assert rotate(vault, action="mark", rotation_id="dev-r7")["changed"] is True
+    assert vault.record()["rotation_state"] == "awaiting_revocation"
+    rolled = rotate(vault, action="rollback", rotation_id="dev-r7")
+    assert rolled["target_version"] == 3
+    assert vault.key() == old
+
+
+def test_a_record_is_rebuilt_only_for_a_version_it_does_not_reach(rotate):
+    # Rolled back: the data written back names the rollback's rotation, so the record stays.
+    vault, _, _ = mid_rotation("awaiting_revocation")
+    vault.store[("secret", KEY_PATH)].versions[1]["data"]["rotation_id"] = "dev-r0"
+    rotate(vault, action="rollback", rotation_id="dev-r1")
+    assert vault.store[("secret", KEY_PATH)].versions[3]["data"]["rotation_id"] == "dev-r1"
+    plan = rotate(vault, action="plan")
+    assert (plan["rotation_state"], plan["rotation"]["rotation_id"]) == ("rolled_back", "dev-r1")
+    # A record written before its key (by a kit of before this order) is resumed as recorded.
+    vault, _, _ = mid_rotation("propagating", written=False)
+    vault.store[("secret", KEY_PATH)].versions[1]["data"]["rotation_id"] = "dev-r0"
+    plan = rotate(vault, action="plan", new_key=new_key())
+    assert (plan["next"], plan["rotation_id"]) == ("put", "dev-r1")
+    # A version written by hand names no rotation: nothing is rebuilt, a new rotation starts.
+    vault = env_with_key()
+    vault.set_record({"rotation_id": "dev-r0", "rotation_state": "complete", "new_version": "1"})
+    vault.put(KEY_PATH, {"api_key": new_key()})
+    plan = rotate(vault, action="plan", new_key=new_key())
+    assert (plan["next"], plan["rotation_state"]) == ("put", "complete")
 
 
 # ---- mark ----------------------------------------------------------------------------------
