@@ -60,6 +60,7 @@ from testkit.hosts import (
     start_host,
 )
 from testkit.loadgen import LoadGenerator
+from testkit.tokens import playbook_token, token_with
 from testkit.vault import LocalVault
 from testkit.vault_ops import rotator_credentials
 
@@ -221,7 +222,12 @@ def changed(doc: dict[str, Any]) -> int:
     return sum(int(s.get("changed", 0)) for s in doc.get("stats", {}).values())
 
 
-def stage_key(client: hvac.Client, env: str, key: str) -> None:
+def stage_key(server: LocalVault, env: str, key: str) -> None:
+    """Stage ``key`` as a stager does: with a token of ``captcha-stager-<env>`` only."""
+    token = token_with(server, [f"captcha-stager-{env}"])
+    client = hvac.Client(
+        url=server.wait_active_node().addr, token=token, verify=str(server.ca_file)
+    )
     path = f"captchaai-staged/{env}"
     try:
         meta = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point="secret")
@@ -384,7 +390,12 @@ def up(n: int, results: Path | None) -> int:
     start_emulator()
     client = hvac.Client(url=server.addr, token=server.root_token(), verify=str(server.ca_file))
     inventory = write_inventory(names, server)
-    admin_env = {k: v for k, v in server.env().items()}
+
+    # Each playbook runs with the smallest token its docs name (docs/tokens.md), as in the tests:
+    # provisioning with the provisioner's, the deploys with the deployers' of both envs (their
+    # policies are written by provisioning); the rotations log in with the rotator's AppRole.
+    def env_for(name: str) -> dict[str, str]:
+        return server.env() | {"VAULT_TOKEN": str(playbook_token(server, name, inventory, None))}
 
     say("Provision fleet-a and fleet-b")
     keys = {env: secrets.token_hex(16) for env in ENVS}
@@ -392,7 +403,7 @@ def up(n: int, results: Path | None) -> int:
         emulator_admin().add_key(key, balance=1000.0)
     with secret_vars_file(STATE, "first-keys.json", {"vault_provision_first_keys": keys}) as fk:
         rc, fig["provision_s"], _ = playbook(
-            "provision-vault.yml", inventory, "-e", f"@{fk}", env=admin_env
+            "provision-vault.yml", inventory, "-e", f"@{fk}", env=env_for("provision-vault.yml")
         )
     if rc:
         raise SystemExit("fleet: provisioning failed; see .state/fleet/failed-*.log")
@@ -408,16 +419,17 @@ def up(n: int, results: Path | None) -> int:
             future.result()
     fig["hosts_start_s"] = round(time.monotonic() - started, 1)
 
+    deploy_env = env_for("deploy-workers.yml")
     say(f"Deploy to 1 host, then to all {n}, then again (idempotence)")
     rc, t1, _ = playbook(
-        "deploy-workers.yml", inventory, "--limit", f"{names[0]},localhost", env=admin_env
+        "deploy-workers.yml", inventory, "--limit", f"{names[0]},localhost", env=deploy_env
     )
     if rc:
         raise SystemExit("fleet: deploy to one host failed; see .state/fleet/failed-*.log")
-    rc, tn, docn = playbook("deploy-workers.yml", inventory, env=admin_env)
+    rc, tn, docn = playbook("deploy-workers.yml", inventory, env=deploy_env)
     if rc:
         raise SystemExit("fleet: deploy to the fleet failed; see .state/fleet/failed-*.log")
-    rc, tr, docr = playbook("deploy-workers.yml", inventory, env=admin_env)
+    rc, tr, docr = playbook("deploy-workers.yml", inventory, env=deploy_env)
     deploys = CPU["deploy-workers.yml"]
     fig["deploy_cpu_s"] = {
         label: {"controller": c, "machine": m}
@@ -452,7 +464,7 @@ def up(n: int, results: Path | None) -> int:
         },
     }
     with secret_vars_file(STATE, "redeploy.json", change) as cv:
-        rc, tre, docre = playbook("deploy-workers.yml", inventory, "-e", f"@{cv}", env=admin_env)
+        rc, tre, docre = playbook("deploy-workers.yml", inventory, "-e", f"@{cv}", env=deploy_env)
     after = load.snapshot()
     batches = [
         round(_ts(p["play"]["duration"]["end"]) - _ts(p["play"]["duration"]["start"]), 1)
@@ -473,7 +485,7 @@ def up(n: int, results: Path | None) -> int:
     current = {}
     for env in ENVS:
         emulator_admin().add_key(new_keys[env], balance=1000.0)
-        stage_key(client, env, new_keys[env])
+        stage_key(server, env, new_keys[env])
         creds[env] = rotator_files(client, env)
         meta = client.secrets.kv.v2.read_secret_metadata(
             path=f"captchaai/{env}", mount_point="secret"

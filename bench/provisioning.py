@@ -22,6 +22,7 @@ from typing import Any
 from bench.report import report
 from testkit.paths import PROVISION, REPO
 from testkit.playbook import ansible_env, provision_inventory, run_playbook
+from testkit.tokens import playbook_token
 from testkit.vault import LocalVault
 
 BENCH_VAULT_DIR = REPO / ".state" / "bench" / "vault"
@@ -46,7 +47,8 @@ def provision_envs(vault: LocalVault, n: int, tmp: Path) -> dict[str, Any]:
             "vault_provision_approle_mount": f"approle-{tag}",
         },
     )
-    env = ansible_env(vault, token=vault.root_token())
+    # The provisioner's token for this layout (docs/tokens.md), never the root token.
+    env = ansible_env(vault, token=playbook_token(vault, PROVISION, inventory, None))
     first = run_playbook(PROVISION, inventory=inventory, env=env)
     if first.rc != 0:
         raise RuntimeError(f"provisioning {n} envs failed:\n{first.output[-3000:]}")
