@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
@@ -122,6 +123,13 @@ def test_unreachable_worker_is_refused_before_the_put(rot_env: RotEnv, start_wor
     assert f"dead-{rot_env.name}" in run.status["message"]
     assert worker.name + " (" not in run.status["message"]
     assert "not reachable or not answering" in run.status["message"]
+    # The check is a play on the worker hosts (all at once, up to forks), not a loop of the
+    # controller's delegated to one worker after the other.
+    assert "PLAY [Check that every worker of the environment answers on its loopback]" in run.stdout
+    task = run.stdout.split("TASK [key_rotation : Ask the worker's /healthz on its loopback]")[1]
+    task = re.split(r"\n(?:TASK|PLAY) \[", task)[0]
+    reported = re.findall(r"^(?:ok|changed|failed|fatal): \[([^\]]+)\]", task, re.M)
+    assert sorted(reported) == sorted([worker.name, f"dead-{rot_env.name}"]), task
 
 
 def test_provider_rejecting_the_new_key_is_refused(rot_env: RotEnv):
