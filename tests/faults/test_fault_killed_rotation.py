@@ -29,7 +29,7 @@ from testkit.tokens import token_with
 
 # (step that has just finished, the task header that shows it, the run it is in)
 KILL_POINTS = [
-    ("plan", "Check that every worker answers on its loopback", "first"),
+    ("plan", "Note whether the workers are to be checked before anything changes", "first"),
     ("put", "Stop when the put was refused", "first"),
     ("put recorded", "Compute the propagation window", "first"),
     ("mark awaiting revocation", "Stop when the rotation could not be marked", "first"),
