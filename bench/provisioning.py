@@ -3,19 +3,22 @@ idempotent rerun): wall time and changed-task count.
 
     .venv/bin/python -m bench.provisioning [--sizes 3 30] [--json out.json]
 
-Against the bench OpenBao (``.state/bench/vault``, 127.0.0.1:18240; started if needed and left
-running). Every measured run gets a KV mount, an AppRole mount and env names of its own
-(``kv-<tag>``, ``approle-<tag>``, ``<tag>-e<i>``), so the first run really creates everything.
+Against the bench OpenBao (``.state/bench/vault``, 127.0.0.1:18240; started if needed, and
+stopped again at the end when this run started it). Every measured run gets a KV mount, an
+AppRole mount and env names of its own (``kv-<tag>``, ``approle-<tag>``, ``<tag>-e<i>``), so
+the first run really creates everything.
 Goal (issue 6): rerun 0 changes, <= 10 s for 3 envs. Nothing is asserted: it measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,17 @@ BENCH_VAULT_DIR = REPO / ".state" / "bench" / "vault"
 BENCH_VAULT_PORT = 18240
 
 
-def bench_vault() -> LocalVault:
+@contextlib.contextmanager
+def bench_vault() -> Iterator[LocalVault]:
+    """The bench OpenBao, started if needed; stopped at the end when this call started it (a
+    server that was already running, e.g. for a series of benchmarks, is left running)."""
     vault = LocalVault(BENCH_VAULT_DIR, BENCH_VAULT_PORT)
-    vault.start()
-    return vault
+    started = vault.start() != "running"
+    try:
+        yield vault
+    finally:
+        if started:
+            vault.stop()
 
 
 def provision_envs(vault: LocalVault, n: int, tmp: Path) -> dict[str, Any]:
@@ -78,9 +88,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def run(sizes: list[int]) -> list[dict[str, Any]]:
-    vault = bench_vault()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-prov-") as tmp:
+    with bench_vault() as vault, tempfile.TemporaryDirectory(prefix="bench-prov-") as tmp:
         for n in sizes:
             rows.append(provision_envs(vault, n, Path(tmp)))
             print(json.dumps(rows[-1]), file=sys.stderr)

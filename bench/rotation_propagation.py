@@ -249,11 +249,13 @@ class BenchEnv:
 
 @contextlib.contextmanager
 def bench_env(prefix: str, suffix: str) -> Iterator[BenchEnv]:
-    vault = bench_vault()
-    admin = admin_client(vault)
     tag = f"{prefix}{secrets.token_hex(2)}"
     mount, approle, env = f"kv-{tag}", f"approle-{tag}", f"{tag}-{suffix}"
-    with tempfile.TemporaryDirectory(prefix=f"bench-{suffix}-") as tmp_name:
+    with (
+        bench_vault() as vault,
+        tempfile.TemporaryDirectory(prefix=f"bench-{suffix}-") as tmp_name,
+    ):
+        admin = admin_client(vault)
         tmp = Path(tmp_name)
         provision(vault, env, mount, approle, tmp)
         with EmulatorProcess(*EMULATOR_PORTS, solve_delay="fixed:0.2", ban_threshold=0) as emu:

@@ -174,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = machine()
     t0 = time.monotonic()
-    prop = rotation_propagation.run(args.sizes, args.scale)
-    prov = provisioning.run(args.envs)
-    req = vault_requests.run(10, 30.0, args.req_window)
+    with provisioning.bench_vault():  # one server for the whole suite, stopped at its end
+        prop = rotation_propagation.run(args.sizes, args.scale)
+        prov = provisioning.run(args.envs)
+        req = vault_requests.run(10, 30.0, args.req_window)
     took = time.monotonic() - t0
     raw = {"propagation": prop, "provisioning": prov, "requests": req}
     meta = {"machine": header, "date": started, "took_s": round(took), "scale": args.scale}
