@@ -199,6 +199,8 @@ class BaoNode:
     audit_log: Path
     retry_join: tuple[str, ...] = ()  # other nodes' API addresses (HA cluster)
     ha: bool = False  # one of several nodes: reads are forwarded to the active node
+    # An HA node that answers reads from its own copy (OpenBao's default; bench/standby_reads.py).
+    standby_reads: bool = False
     # Allow audit devices through the API as HashiCorp Vault does (OpenBao's default refuses).
     api_audit: bool = False
 
@@ -230,7 +232,7 @@ class BaoNode:
             "ui = false\n"
             "disable_mlock = true\n"
             # Standbys would answer reads from their own (possibly lagging) copy otherwise.
-            f"{'disable_standby_reads = true' if self.ha else ''}\n"
+            f"{'disable_standby_reads = true' if self.ha and not self.standby_reads else ''}\n"
             f"{'unsafe_allow_api_audit_creation = true' if self.api_audit else ''}\n"
             f'api_addr = "{self.addr}"\n'
             f'cluster_addr = "https://{HOST}:{self.cluster_port}"\n'
@@ -520,7 +522,9 @@ class LocalVault:
     or with ``nodes`` > 1 a raft HA cluster on ``port``, ``port + port_step``, ... (cluster port
     = API port + 1), node files in ``state_dir/node<i>/``, CA, keys, token and audit log shared
     in ``state_dir``. ``api_audit`` lets the API enable audit devices, as HashiCorp Vault does
-    (OpenBao refuses by default: audit devices are declared in its config)."""
+    (OpenBao refuses by default: audit devices are declared in its config). ``standby_reads``
+    lets a cluster's standbys answer reads from their own copy (OpenBao's default; the kit's
+    servers turn it off)."""
 
     def __init__(
         self,
@@ -529,6 +533,7 @@ class LocalVault:
         nodes: int = 1,
         port_step: int = 10,
         api_audit: bool = False,
+        standby_reads: bool = False,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.port = port
@@ -558,6 +563,7 @@ class LocalVault:
                 audit_log=audit_log,
                 retry_join=tuple(a for a in addrs if a != addrs[i]),
                 ha=True,
+                standby_reads=standby_reads,
                 api_audit=api_audit,
             )
             for i, p in enumerate(ports)
