@@ -6,7 +6,9 @@ a single node in ``.state/test/faults/vault`` on 18294 and a 3-node raft cluster
 ``.state/test/faults/vault-ha`` on 18262, 18272, 18282 (cluster ports +1). They stay running
 after the session (the next one starts in a second); stop them with
 ``python -m testkit.vault stop --state-dir .state/test/faults/vault --port 18294`` and
-``... --state-dir .state/test/faults/vault-ha --port 18262 --nodes 3``.
+``... --state-dir .state/test/faults/vault-ha --port 18262 --nodes 3``. A third, a 3-node
+cluster with OpenBao's standby reads on (18310, 18320, 18330; ``.state/test/faults/vault-sr``),
+lives for its one test only.
 Environment names carry a per-session tag, so sessions and tests do not disturb each other.
 """
 
@@ -27,6 +29,8 @@ SOLO_DIR = REPO / ".state" / "test" / "faults" / "vault"
 SOLO_PORT = 18294
 HA_DIR = REPO / ".state" / "test" / "faults" / "vault-ha"
 HA_PORT = 18262
+STANDBY_READS_DIR = REPO / ".state" / "test" / "faults" / "vault-sr"
+STANDBY_READS_PORT = 18310
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,6 +54,16 @@ def solo_vault() -> Iterator[LocalVault]:
 def ha_vault() -> Iterator[LocalVault]:
     """The faults' 3-node cluster; stopped at the end of the session (pass or fail)."""
     cluster = LocalVault(HA_DIR, HA_PORT, nodes=3)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def standby_reads_vault() -> Iterator[LocalVault]:
+    """A 3-node cluster whose standbys answer reads from their own copy (OpenBao's default,
+    ``disable_standby_reads = false``); stopped after its test."""
+    cluster = LocalVault(STANDBY_READS_DIR, STANDBY_READS_PORT, nodes=3, standby_reads=True)
     cluster.start()
     yield cluster
     cluster.stop()

@@ -1,4 +1,5 @@
-"""HA: provisioning against the 3-node raft cluster survives the leader being killed mid-run."""
+"""HA: provisioning against the 3-node raft cluster survives the leader being killed mid-run,
+and refuses a cluster whose standbys answer reads from their own copy."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import pytest
 from testkit.creds import assert_no_secrets
 from testkit.faults import SESSION, kill_leader_mid_run, provision
 from testkit.paths import PROVISION
-from testkit.playbook import ansible_env, playbook_argv, provision_inventory, start_argv
+from testkit.playbook import (
+    ansible_env,
+    playbook_argv,
+    provision_inventory,
+    run_playbook,
+    start_argv,
+)
 from testkit.tokens import playbook_token
 from testkit.vault_ops import admin_client
 
@@ -52,3 +59,38 @@ def test_provisioning_survives_a_leader_kill_and_the_rerun_changes_nothing(ha, t
     rerun = provision(ha, envs, tmp_path, ha.addrs)
     assert rerun.rc == 0, rerun.output[-3000:]
     assert rerun.changed == 0, rerun.output[-3000:]
+
+
+def test_a_cluster_whose_standbys_answer_reads_is_refused_before_any_change(
+    standby_reads_vault, tmp_path
+):
+    """OpenBao's default lets standbys answer reads from their own copy: an old key version
+    after a put and through a whole election (bench/results-standby-reads.md). Provisioning
+    with every node address stops at its preflight, names each such standby and the setting
+    to change, and changes nothing."""
+    cluster = standby_reads_vault
+    envs = [f"f{SESSION}-sr"]
+    inventory = provision_inventory(cluster, envs, tmp_path)
+    token = playbook_token(cluster, PROVISION, inventory, None)  # the provisioner's
+    admin = admin_client(cluster)
+
+    def state() -> tuple:
+        return (
+            sorted(admin.sys.list_acl_policies()["data"]["keys"]),
+            sorted(admin.sys.list_mounted_secrets_engines()["data"]),
+            sorted(admin.sys.list_auth_methods()["data"]),
+        )
+
+    before = state()
+    run = run_playbook(
+        PROVISION, inventory=inventory, env=ansible_env(cluster, token=token, addrs=cluster.addrs)
+    )
+    assert run.rc == 2, run.output[-3000:]
+    assert_no_secrets(run.output, [cluster.root_token(), str(token)])
+    standbys = [n.addr for n in cluster.nodes if n.health_code() != 200]
+    assert len(standbys) == 2
+    named = f"Vault standbys {', '.join(standbys)} answer reads from their own copies"
+    assert named in run.output, run.output[-3000:]
+    assert "disable_standby_reads = true" in run.output
+    assert "Nothing was changed." in run.output
+    assert state() == before

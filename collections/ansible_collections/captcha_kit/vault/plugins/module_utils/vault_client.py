@@ -22,6 +22,10 @@ Connection
         the client goes through ``RetryingAdapter`` (see "HA" below). ``token_required=False``
         gives a client without a token (never ``$VAULT_TOKEN``), for a login.
 
+    ``node_addresses(params) -> list[str]``
+        Every Vault address the options name: ``url`` (may be comma separated), ``urls``, then
+        ``$CAPTCHA_KIT_VAULT_ADDRS``, without repeats (the order ``get_client`` tries them in).
+
     ``vault_call(module, what, func, *args, **kwargs)``
         Calls ``func(*args, **kwargs)`` and turns hvac/requests errors into ``module.fail_json``
         with a message that names ``what`` (e.g. ``"read policy captcha-worker-dev"``):
@@ -198,7 +202,7 @@ def _connection_hint(module, exc):
     if requests is not None and isinstance(
         exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
     ):
-        addrs = _addresses(module.params)
+        addrs = node_addresses(module.params)
         where = url if len(addrs) < 2 else f"{url} (also tried {', '.join(addrs[1:])})"
         return (
             f"Cannot reach Vault at {where}: is the server running and VAULT_ADDR / url right? "
@@ -238,7 +242,7 @@ def _split_addrs(value):
     return [str(item).strip().rstrip("/") for item in items if str(item).strip()]
 
 
-def _addresses(params):
+def node_addresses(params):
     """``url`` (may itself be comma separated), ``urls``, then $CAPTCHA_KIT_VAULT_ADDRS (an
     operator's extra nodes, always added), without duplicates."""
     seen = []
@@ -389,7 +393,7 @@ def get_client(module, check_token=True, token_required=True):
         module.fail_json(
             msg=f"No Vault token: export VAULT_TOKEN ({ADMIN_POLICY_HINT}) or pass the token option"
         )
-    addrs = _addresses(params)
+    addrs = node_addresses(params)
     retry_timeout = params.get("retry_timeout")
     client = hvac.Client(
         url=addrs[0],

@@ -71,7 +71,7 @@ def test_the_connection_options_are_merged_with_the_module_options():
 def test_addresses_come_from_url_urls_and_the_environment_without_repeats(monkeypatch):
     monkeypatch.setenv("CAPTCHA_KIT_VAULT_ADDRS", "https://c:8200, https://a:8200/")
     params = {"url": "https://a:8200/,https://b:8200", "urls": ["https://b:8200", "https://d:8200"]}
-    assert vault_client._addresses(params) == [
+    assert vault_client.node_addresses(params) == [
         "https://a:8200",
         "https://b:8200",
         "https://d:8200",

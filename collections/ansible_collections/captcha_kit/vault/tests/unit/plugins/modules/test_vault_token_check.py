@@ -5,8 +5,11 @@
 from __future__ import annotations
 
 import secrets
+from types import SimpleNamespace
 
 import hvac.exceptions
+import pytest
+import requests
 from ansible_collections.captcha_kit.vault.plugins.modules import vault_token_check
 
 MAIN = vault_token_check.main
@@ -36,6 +39,7 @@ def test_a_token_with_every_capability_passes_and_changes_nothing(vault, run):
         "display_name": "token-ops",
         "policies": ["captcha-provisioner", "default"],
         "missing": {},
+        "standby_reads": [],
         "warnings": [],
     }
     assert vault.writes == []
@@ -94,3 +98,79 @@ def test_a_sealed_server_is_named(vault, run):
     assert result["msg"].startswith(
         "Vault at https://vault.test:8200 is sealed or down: unseal it first"
     )
+
+
+# ---------------------------------------------------------------- standbys answering reads
+# The real answers (OpenBao 2.7, bench/results-standby-reads.md, tests/faults): sys/leader tells
+# a standby (is_self false); with X-Vault-No-Request-Forwarding a standby that forwards answers
+# 307 to the active node, one with standby reads answers 200 itself.
+NODES = ["https://vault.test:8200", "https://vault2.test:8200", "https://vault3.test:8200"]
+
+
+class Nodes:
+    """The HTTP answers of each node to the check's two requests (None: the node is away)."""
+
+    def __init__(self, answers):
+        self.answers = answers  # addr -> (is_self, lookup-self status) or None
+        self.asked = []
+
+    def get(self, url, headers=None, **_):
+        addr, path = url.split("/v1/", 1)
+        self.asked.append((addr, path, dict(headers or {})))
+        if self.answers[addr] is None:
+            raise requests.exceptions.ConnectionError("refused")
+        is_self, lookup = self.answers[addr]
+        if path == "sys/leader":
+            body = {"ha_enabled": True, "is_self": is_self}
+            return SimpleNamespace(status_code=200, json=lambda: body)
+        return SimpleNamespace(status_code=lookup, json=dict)
+
+
+@pytest.fixture
+def nodes(vault, monkeypatch):
+    """Set ``nodes.answers``; every client the module builds sends its raw requests there."""
+    answering = Nodes({})
+    make = vault.client
+
+    def client(*args, **kwargs):
+        made = make(*args, **kwargs)
+        made.adapter = SimpleNamespace(session=answering)
+        return made
+
+    monkeypatch.setattr(hvac, "Client", client)
+    return answering
+
+
+def test_a_standby_answering_reads_itself_fails_the_check_naming_it(vault, run, nodes):
+    nodes.answers = {NODES[0]: (True, 200), NODES[1]: (False, 200), NODES[2]: (False, 307)}
+    result = run(MAIN, urls=NODES[1:])
+    assert result["failed"] is True
+    assert result["standby_reads"] == [NODES[1]]
+    assert result["msg"].startswith(
+        f"Vault standby {NODES[1]} answers reads from its own copy (OpenBao's standby reads, on"
+        " unless disable_standby_reads = true): right after a put, and for a whole leader"
+        " election, such a node answers the old key version"
+    )
+    assert "vault_provision_allow_standby_reads=true" in result["msg"]
+    assert result["msg"].endswith("Nothing was changed.")
+    assert vault.writes == []
+    # The lookup asks the node itself: no forwarding, no redirect followed.
+    lookups = [h for _, path, h in nodes.asked if path == "auth/token/lookup-self"]
+    assert len(lookups) == 2
+    assert all(h["X-Vault-No-Request-Forwarding"] == "true" for h in lookups)
+
+
+def test_forwarding_standbys_pass_and_a_node_away_is_left_to_the_other_checks(run, nodes):
+    nodes.answers = {NODES[0]: (False, 307), NODES[1]: (True, 200), NODES[2]: None}
+    result = run(MAIN, urls=NODES[1:])
+    assert result["failed"] is False
+    assert result["standby_reads"] == []
+    asked = [(addr, path) for addr, path, _ in nodes.asked]
+    assert (NODES[1], "auth/token/lookup-self") not in asked, "the active node is not asked"
+
+
+def test_standby_reads_allowed_or_a_single_address_are_not_looked_at(run, nodes):
+    nodes.answers = {NODES[0]: (False, 200), NODES[1]: (False, 200)}
+    assert run(MAIN, urls=NODES[1:2], allow_standby_reads=True)["failed"] is False
+    assert run(MAIN)["failed"] is False
+    assert nodes.asked == []
