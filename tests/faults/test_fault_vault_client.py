@@ -89,7 +89,7 @@ def test_a_wrong_ca_is_not_retried(solo_vault, ha_vault):
 
 def test_addresses_from_url_and_urls_are_merged_without_duplicates():
     params = {"url": "https://a:1/, https://b:2", "urls": ["https://b:2", "https://c:3"]}
-    assert vault_client._addresses(params) == ["https://a:1", "https://b:2", "https://c:3"]
+    assert vault_client.node_addresses(params) == ["https://a:1", "https://b:2", "https://c:3"]
 
 
 def test_cluster_env_names_the_other_nodes_for_fail_over(ha_vault):
