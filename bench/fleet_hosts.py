@@ -16,8 +16,9 @@ split over two envs (fleet-a, fleet-b), and then measures, on this one machine:
    scraper does): a rolling redeploy with a config change (batches of 25 %), solves attempted
    and failed during it, and the wall time of each batch;
 5. under the same load: an unattended rotation of fleet-a with the raft leader killed right
-   after the put (a watcher sees the new version and SIGKILLs the active node): put -> last
-   worker on the new version, put -> revocation prompt, solves attempted and failed; then the
+   after the put (a watcher sees the new version and SIGKILLs the active node): put -> a new
+   active node (the election), put -> last worker on the new version, put -> revocation
+   prompt, solves attempted and failed; then the
    old key is revoked at the emulator and a confirming run completes the rotation;
 6. worker RSS per host and Vault requests per worker-hour (from the audit log).
 
@@ -261,13 +262,15 @@ def rotate(inventory: Path, env: str, creds: list[str], *extra: str) -> tuple[in
 
 
 class LeaderKiller(threading.Thread):
-    """Watches the key's current version; once it passes ``version``, SIGKILLs the active node."""
+    """Watches the key's current version; once it passes ``version``, SIGKILLs the active node,
+    then polls the other nodes (every 0.1 s) until one of them is active: the election."""
 
     def __init__(self, server: LocalVault, client: hvac.Client, env: str, version: int):
         super().__init__(daemon=True)
         self.server, self.client, self.env, self.version = server, client, env, version
         self.killed: str | None = None
         self.killed_after_put_s: float | None = None
+        self.new_active_after_put_s: float | None = None
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -287,9 +290,20 @@ class LeaderKiller(threading.Thread):
                     os.kill(pid, signal.SIGKILL)
                     self.killed = node.node_id
                     created = meta["versions"][str(meta["current_version"])]["created_time"]
-                    self.killed_after_put_s = round(seen - _ts(created), 2)
+                    put_at = _ts(created)
+                    self.killed_after_put_s = round(seen - put_at, 2)
+                    self._wait_election(node.node_id, put_at)
                 return
             time.sleep(0.05)
+
+    def _wait_election(self, killed: str, put_at: float) -> None:
+        others = [n for n in self.server.nodes if n.node_id != killed]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(n.health_code() == 200 for n in others):
+                self.new_active_after_put_s = round(time.time() - put_at, 2)
+                return
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self._stop.set()
@@ -520,6 +534,7 @@ def up(n: int, results: Path | None) -> int:
         "outcome": sorted({str(v["outcome"]) for v in per_env.values()}),
         "leader_killed": killer.killed,
         "killed_after_put_s": killer.killed_after_put_s,
+        "new_active_after_put_s": killer.new_active_after_put_s,
         "put_to_last_worker_s": max((v["put_to_last_worker_s"] or 0) for v in per_env.values()),
         "workers_converged": sum(v["workers_converged"] for v in per_env.values()),
         "put_to_prompt_s": max((v["put_to_prompt_s"] or 0) for v in per_env.values()),
@@ -607,6 +622,11 @@ def write_results(path: Path, fig: dict[str, Any]) -> None:
         (
             "rotation of both envs at once: raft leader killed after the first put",
             f"{r['leader_killed']}, {r['killed_after_put_s']} s after the put",
+            "",
+        ),
+        (
+            "rotation: put → a new active node (the election, polled every 0.1 s)",
+            f"{r.get('new_active_after_put_s')} s",
             "",
         ),
         (
