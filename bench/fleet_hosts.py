@@ -247,14 +247,19 @@ def rotator_files(client: hvac.Client, env: str) -> list[str]:
     return rotator_credentials(directory, client, env)
 
 
-def rotate(inventory: Path, env: str, creds: list[str], *extra: str) -> tuple[int, dict[str, Any]]:
+def rotate(
+    inventory: Path, env: str, creds: list[str], *extra: str, log_name: str = ""
+) -> tuple[int, dict[str, Any]]:
+    """An unattended rotation; its output, with each task's start time (profile_tasks), in
+    ``.state/fleet/<log_name>`` (``rotation-<env>.log`` by default)."""
     status_file = STATE / f"rotation-{env}.json"
     status_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "tools.rotate_unattended", "--env", env, "-i", str(inventory)]
     cmd += ["--status-file", str(status_file), *creds, *extra]
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     run_env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
-    log = STATE / f"rotation-{env}.log"
+    run_env["ANSIBLE_CALLBACKS_ENABLED"] = "ansible.posix.profile_tasks"
+    log = STATE / (log_name or f"rotation-{env}.log")
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, cwd=REPO, env=run_env, stdout=fh, stderr=fh, check=False)
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
@@ -333,6 +338,76 @@ def worker_rss_kib(name: str) -> int:
         check=False,
     )
     return int(out.stdout.strip() or 0)
+
+
+def nudge_timeline(name: str, since: float, version: int) -> dict[str, float | None]:
+    """From the host's journal (epoch seconds): when systemd began the reload (the rotation's
+    nudge), the worker's first failed key read after it, and when it loaded ``version``."""
+    out = subprocess.run(
+        [
+            "podman",
+            "exec",
+            name,
+            "journalctl",
+            "-u",
+            "captcha-solver",
+            "-o",
+            "json",
+            "--no-pager",
+            "--since",
+            f"@{int(since) - 1}",
+        ],
+        env=podman_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seen: dict[str, float | None] = {"reload": None, "failed_read": None, "loaded": None}
+    for line in out.stdout.splitlines():
+        try:
+            entry = json.loads(line)
+            when = int(entry["__REALTIME_TIMESTAMP"]) / 1e6
+            text = str(entry.get("MESSAGE", ""))
+        except (ValueError, KeyError, TypeError):
+            continue
+        if when < since:
+            continue
+        if text.startswith("Reloading") and seen["reload"] is None:
+            seen["reload"] = when
+            continue
+        if not text.startswith("{") or seen["reload"] is None:
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError:
+            continue
+        if record.get("msg") == "key refresh failed" and seen["failed_read"] is None:
+            seen["failed_read"] = when
+        if record.get("msg") == "key loaded" and record.get("key_version") == version:
+            seen["loaded"] = seen["loaded"] or when
+    return seen
+
+
+def nudge_figures(server: LocalVault, env: str, version: int, names: list[str]) -> dict[str, Any]:
+    """Put -> the nudge reaching the env's hosts (first / last), put -> the last of them loading
+    ``version``, the longest nudge -> loaded on one host, and how many hosts saw a failed read
+    after the nudge (the election), from the hosts' journals."""
+    meta = active_client(server).secrets.kv.v2.read_secret_metadata(
+        path=f"captchaai/{env}", mount_point="secret"
+    )["data"]
+    put_at = _ts(meta["versions"][str(version)]["created_time"])
+    rows = [nudge_timeline(n, put_at, version) for i, n in enumerate(names) if env_of(i) == env]
+    reloads = [r["reload"] - put_at for r in rows if r["reload"] is not None]
+    loaded = [r["loaded"] - put_at for r in rows if r["loaded"] is not None]
+    spans = [r["loaded"] - r["reload"] for r in rows if r["loaded"] and r["reload"]]
+    return {
+        "put_to_nudge_first_s": round(min(reloads), 2) if reloads else None,
+        "put_to_nudge_last_s": round(max(reloads), 2) if reloads else None,
+        "put_to_loaded_last_s": round(max(loaded), 2) if loaded else None,
+        "nudge_to_loaded_max_s": round(max(spans), 2) if spans else None,
+        "hosts_with_failed_read": sum(1 for r in rows if r["failed_read"] is not None),
+        "hosts_timed": len(rows),
+    }
 
 
 def worker_requests(server: LocalVault, since: float) -> int:
@@ -527,6 +602,7 @@ def up(n: int, results: Path | None) -> int:
             "workers_converged": len(conv),
             "put_to_converged_s": status.get("put_to_converged_seconds"),
             "put_to_prompt_s": status.get("put_to_prompt_seconds"),
+            **nudge_figures(server, env, current[env] + 1, names),
         }
     fig["rotation"] = {
         "per_env": per_env,
@@ -550,7 +626,12 @@ def up(n: int, results: Path | None) -> int:
         emulator_admin().revoke_key(keys[env])
         rotation_id = str(runs[env][1].get("rotation_id"))  # a confirmation names its rotation
         rc2, status2 = rotate(
-            inventory, env, rotator_files(client, env), "--confirm-revoked", rotation_id
+            inventory,
+            env,
+            rotator_files(client, env),
+            "--confirm-revoked",
+            rotation_id,
+            log_name=f"rotation-{env}-confirm.log",
         )
         finals.append((rc2, status2.get("outcome")))
     fig["rotation"]["confirm_rc"] = sorted({rc for rc, _ in finals})
@@ -627,6 +708,24 @@ def write_results(path: Path, fig: dict[str, Any]) -> None:
         (
             "rotation: put → a new active node (the election, polled every 0.1 s)",
             f"{r.get('new_active_after_put_s')} s",
+            "",
+        ),
+        (
+            "rotation: put → the nudge (systemd `Reloading`) on the first / last host, per env",
+            ", ".join(
+                f"{e} {v.get('put_to_nudge_first_s')} / {v.get('put_to_nudge_last_s')} s"
+                for e, v in r["per_env"].items()
+            ),
+            "",
+        ),
+        (
+            "rotation: longest nudge → new version loaded on one host; hosts that saw a failed"
+            " read after the nudge",
+            ", ".join(
+                f"{e} {v.get('nudge_to_loaded_max_s')} s, {v.get('hosts_with_failed_read')} of"
+                f" {v.get('hosts_timed')}"
+                for e, v in r["per_env"].items()
+            ),
             "",
         ),
         (
