@@ -48,7 +48,7 @@ from typing import Any
 
 import hvac
 
-from bench.report import report
+from bench.report import report, write_results
 from testkit.creds import new_key
 from testkit.emulator import EmulatorProcess
 from testkit.faults import provision
@@ -266,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"at most {len(WORKER_PORTS) // 2} workers per fleet")
     result = run(args.workers, args.trials, args.nudge_after)
     if args.write_results:
-        args.write_results.write_text(
-            "# Leader failover: a put reaching nudged workers across a raft election\n\n"
-            f"Recorded by `python -m bench.leader_failover --workers {args.workers} --trials "
-            f"{args.trials} --nudge-after {args.nudge_after:g} --write-results "
-            f"{args.write_results}` on {dt.date.today().isoformat()}, one machine with "
-            f"{os.cpu_count()} CPUs (workers, the 3 OpenBao nodes, the emulator and the load "
-            "share them). See the module docstring for the method.\n\n" + markdown(result) + "\n"
+        write_results(
+            args.write_results,
+            "Leader failover: a put reaching nudged workers across a raft election",
+            f"python -m bench.leader_failover --workers {args.workers} --trials {args.trials}"
+            f" --nudge-after {args.nudge_after:g} --write-results {args.write_results}",
+            " (workers, the 3 OpenBao nodes, the emulator and the load share them)",
+            markdown(result),
         )
     return report(result, markdown, args.json)
 

@@ -31,7 +31,6 @@ end); all on 127.0.0.1. Nothing is asserted: it measures.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import signal
 import statistics
@@ -42,7 +41,7 @@ from typing import Any
 
 import requests
 
-from bench.report import report
+from bench.report import report, write_results
 from testkit.creds import new_key
 from testkit.paths import REPO
 from testkit.vault import BaoNode, LocalVault
@@ -240,12 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.trials)
     if args.write_results:
-        args.write_results.write_text(
-            "# Standby reads: what a raft standby answers for a key just put\n\n"
-            f"Recorded by `python -m bench.standby_reads --trials {args.trials}"
-            f" --write-results {args.write_results}` on {dt.date.today().isoformat()}, one"
-            f" machine with {os.cpu_count()} CPUs. See the module docstring for the method;"
-            " docs/provisioning.md for what the kit makes of it.\n\n" + markdown(result) + "\n"
+        write_results(
+            args.write_results,
+            "Standby reads: what a raft standby answers for a key just put",
+            f"python -m bench.standby_reads --trials {args.trials}"
+            f" --write-results {args.write_results}",
+            " (docs/provisioning.md says what the kit makes of it)",
+            markdown(result),
         )
     return report(result, markdown, args.json)
 
