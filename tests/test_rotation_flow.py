@@ -32,6 +32,17 @@ def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEn
     assert {"started_at", "converged_at", "rotation_id"} <= record.keys()
     assert rot_env.current_key() == new
     assert not rot_env.staged_exists(), "the promoted staged key must be deleted"
+    # The record (and the staged key's deletion) waited until the workers were nudged: an
+    # election right after the put holds up the bookkeeping, not the nudge.
+    put, nudge, recorded = (
+        run.output.find(f"TASK [key_rotation : {task}")
+        for task in (
+            "Write the new key with check-and-set",
+            "Reload the worker so it reads the new version now",
+            "Record the rotation, which the put left until the workers were nudged",
+        )
+    )
+    assert -1 < put < nudge < recorded, (put, nudge, recorded)
     assert {w.health()["key_version"] for w in workers} == {before + 1}
     # Converged means the provider accepted the new key from every worker, circuit closed.
     assert {w.health()["provider_accepted_version"] for w in workers} == {before + 1}

@@ -31,7 +31,12 @@ from testkit.tokens import token_with
 KILL_POINTS = [
     ("plan", "Note whether the workers are to be checked before anything changes", "first"),
     ("put", "Stop when the put was refused", "first"),
-    ("put recorded", "Compute the propagation window", "first"),
+    (
+        "put, its record left until the workers were nudged",
+        "Compute the propagation window",
+        "first",
+    ),
+    ("recorded after the nudge", "Collect what the workers reported", "first"),
     ("mark awaiting revocation", "Stop when the rotation could not be marked", "first"),
     ("confirmation taken", "Ask the operator to revoke the old key and confirm", "confirm"),
     ("finalize", "Stop when finalize was refused", "confirm"),

@@ -358,6 +358,16 @@ class Rotation:
         role = (info.get("meta") or {}).get("role_name")
         return f"{name} ({role})" if role else name
 
+    def assume_written(self, version, data, record):
+        """Take ``version`` (holding ``data``) and ``record`` as what Vault holds, without
+        reading it back (``put`` with ``defer_record``: the result costs no request)."""
+        self.current_version = version
+        self.held = sorted({*self.held, version})
+        self._data_cache[version] = dict(data)
+        self.record = dict(record)
+        self.record_rebuilt = False
+        self.state = self.record.get("rotation_state", "")
+
     # ---- writing -------------------------------------------------------------------------
     def write_record(self, record):
         """Replace the rotation fields of custom_metadata, keeping any other entries."""

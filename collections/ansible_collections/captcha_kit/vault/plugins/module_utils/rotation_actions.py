@@ -1,6 +1,6 @@
 # Copyright: captcha key vault kit contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The six actions of ``captcha_kit.vault.key_rotation_state``, one step of the rotation each.
+"""The seven actions of ``captcha_kit.vault.key_rotation_state``, one step of the rotation each.
 
 ``ACTIONS[action](rot, check_mode) -> result``: ``rot`` is a loaded
 ``module_utils.rotation.Rotation``; the result is the module's result dict (with ``diff`` where
@@ -14,7 +14,12 @@ written and the result says what would be (``plan``, ``diff``).
               is the one atomic step, so of two runs started at once the one that loses it has
               written nothing, neither a version nor a record.
               A staged key is put only when it is the staged write plan validated
-              (``staged_ref``); a write whose answer was lost is recognised by reading back
+              (``staged_ref``); a write whose answer was lost is recognised by reading back.
+              With ``defer_record`` it returns as soon as the check-and-set is answered,
+              asking Vault nothing more: the rotation's nudge is not held up behind the
+              bookkeeping (a raft election right after the put answers it only seconds later)
+``record``    the bookkeeping a ``put`` with ``defer_record`` left: record the rotation
+              (propagating, with this run's actor), delete the staged key once promoted
 ``mark``      propagating -> awaiting_revocation (every worker converged)
 ``rollback``  write the previous version's data back as a new version; rolled_back
 ``finalize``  destroy every held version older than the new one; complete
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import time
 
 from ansible_collections.captcha_kit.vault.plugins.module_utils.contract import (
     ROTATION_IN_PROGRESS,
@@ -217,24 +223,68 @@ def put(rot, check_mode):
             )
         else:
             put_failed(rot, exc, rid, base)
+    written_at = time.time()
     if written != target:  # pragma: no cover - cas guarantees this
         raise RotationRefused(f"Vault wrote version {written}, expected {target}")
-    # The check-and-set made this run the rotation of version ``target``: only now is the record
-    # written, so a run that lost it never touches the record.
-    rot.write_record(record)
-    rot.refresh()
-    staged_deleted = delete_staged_if_promoted(rot, check_mode)
+    deferred = rot.params["defer_record"]
+    staged_deleted = False
+    if deferred:
+        # Return now: the workers can be nudged while Vault is, perhaps, electing a leader.
+        # Until the record action writes it, the version's rotation_id stands for the record
+        # (Rotation._rebuild_record), so another run still sees this rotation in progress.
+        rot.assume_written(target, data, record)
+        steps[-1] += ": deferred to the record action"
+    else:
+        # The check-and-set made this run the rotation of version ``target``: only now is the
+        # record written, so a run that lost it never touches the record.
+        rot.write_record(record)
+        rot.refresh()
+        staged_deleted = delete_staged_if_promoted(rot, check_mode)
+        if staged_deleted:
+            steps.append("deleted the promoted staged key")
     return rot.result(
         True,
-        steps + (["deleted the promoted staged key"] if staged_deleted else []),
+        steps,
         reason,
         rotation_id=rid,
         candidate=candidate,
         target_version=target,
         staged_deleted=staged_deleted,
+        record_deferred=deferred,
+        written_at=written_at,
         replaced_record=old_record.get("rotation_id", ""),
         diff=diff_of(before, after),
     )
+
+
+def record(rot, check_mode):
+    """Write the record a ``put`` with ``defer_record`` left to this action: the rotation,
+    propagating, with this run's actor; then delete the staged key once promoted. Nothing to
+    do when the record is written already."""
+    rid = rot.params["rotation_id"]
+    require_rotation(rot, ROTATION_IN_PROGRESS, rid)
+    if rot.current_version != rot.record_int("new_version"):
+        raise RotationRefused(f"Rotation {rid}: the new version was never written; nothing changed")
+    steps, diff = [], None
+    if rot.record_rebuilt:
+        written = dict(rot.record, actor=rot.actor())
+        steps.append(f"record rotation {rid} as propagating")
+        diff = diff_of({}, written)
+        if not check_mode:
+            rot.write_record(written)
+            rot.refresh()
+    staged_deleted = delete_staged_if_promoted(rot, check_mode)
+    if staged_deleted:
+        steps.append("delete the promoted staged key")
+    result = rot.result(
+        bool(steps),
+        steps,
+        f"rotation {rid} recorded" if steps else f"rotation {rid} is recorded already",
+        staged_deleted=staged_deleted,
+    )
+    if diff is not None:
+        result["diff"] = diff
+    return result
 
 
 def put_failed(rot, exc, rid, base):
@@ -510,6 +560,7 @@ ACTIONS = {
     "census": census,
     "plan": plan,
     "put": put,
+    "record": record,
     "mark": mark,
     "rollback": rollback,
     "finalize": finalize,

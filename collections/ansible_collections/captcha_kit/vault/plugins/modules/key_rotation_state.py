@@ -40,6 +40,11 @@ options:
         A staged key is put only when it is the staged write C(plan) validated (O(staged_ref)).
         When Vault's answer to the write is lost (a dropped connection, a retried request),
         C(put) reads the key path back and recognises this run's own write.
+        With O(defer_record), C(put) returns as soon as the write is answered and leaves the
+        record and the staged key's deletion to C(record).
+      - C(record) does what a C(put) with O(defer_record) left, in the same run. It records the
+        rotation (state C(propagating), O(actor)) and deletes the staged key if it was promoted.
+        Nothing to do when the record is written already.
       - C(mark) moves C(propagating) to C(awaiting_revocation) and sets C(converged_at).
       - C(rollback) writes the previous version's data back as a new version (check-and-set) and
         sets the state C(rolled_back). Refused after finalize.
@@ -51,7 +56,7 @@ options:
         C(update) on its C(secret-id-accessor/lookup) path.
     type: str
     required: true
-    choices: [census, plan, put, mark, rollback, finalize]
+    choices: [census, plan, put, record, mark, rollback, finalize]
   env:
     description:
       - Environment name (used in messages and in the default paths); must match the kit's
@@ -107,6 +112,16 @@ options:
         C(staged_ref), the version and creation time of the staged secret). A staged key written
         again since then is refused and nothing is put.
     type: str
+  defer_record:
+    description:
+      - With C(put), return as soon as Vault answered the check-and-set write, without asking
+        Vault anything more; C(record) writes the rotation record later in the same run. A
+        rotation nudges its workers in between, so the bookkeeping (three more requests) does
+        not hold up the workers when a raft election follows the put. Until then the version
+        names the rotation, so other runs see it in progress, and a run cut off before
+        C(record) is resumed as after any interruption.
+    type: bool
+    default: false
   check_rights:
     description: With C(plan), check that the token has the rotator capabilities on the paths.
     type: bool
@@ -240,8 +255,19 @@ target_version:
   type: int
 staged_deleted:
   description: Whether the promoted staged key was (or in check mode would be) deleted.
-  returned: action=put
+  returned: action=put or action=record
   type: bool
+record_deferred:
+  description: Whether the put left the record to C(record) (O(defer_record)).
+  returned: action=put when it wrote a version
+  type: bool
+written_at:
+  description:
+    - When Vault's answer to the check-and-set write came, in seconds since the epoch on the
+      host that runs the module (the controller); the rotation counts its workers' convergence
+      from it.
+  returned: action=put when it wrote a version
+  type: float
 destroyed_versions:
   description: Versions destroyed by finalize.
   returned: action=finalize
@@ -316,6 +342,7 @@ OPTIONS = {
     "confirm": {"type": "bool", "default": False},
     "confirm_rotation": {"type": "str"},
     "staged_ref": {"type": "str"},
+    "defer_record": {"type": "bool", "default": False},
     "check_rights": {"type": "bool", "default": True},
     "rotation_id": {"type": "str"},
     "actor": {"type": "str"},

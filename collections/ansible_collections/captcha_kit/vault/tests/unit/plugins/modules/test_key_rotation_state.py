@@ -512,6 +512,93 @@ def test_a_run_cut_off_before_its_record_is_resumed_from_the_version(rotate):
     assert vault.key() == old
 
 
+# ---- put with defer_record, then record ------------------------------------------------------
+def _unreachable_after_the_write(vault):
+    """Once the check-and-set is answered, every further request fails (a raft election)."""
+
+    def down(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("no active node")
+
+    def go_down(mount_point, path):
+        kv = vault.secrets.kv.v2
+        for name in (
+            "read_secret_metadata",
+            "read_secret_version",
+            "delete_metadata_and_all_versions",
+        ):
+            setattr(kv, name, down)
+        vault.adapter.post = down
+        vault.auth.token.lookup_self = down
+
+    vault.after_write = go_down
+
+
+def test_a_deferred_put_asks_vault_nothing_once_the_write_is_answered(rotate):
+    vault = env_with_key()
+    old, key = vault.key(), new_key()
+    vault.put(STAGED_PATH, {"api_key": key})
+    ref = rotate(vault, action="plan")["candidate"]["staged_ref"]
+    _unreachable_after_the_write(vault)
+    result = rotate(vault, action="put", rotation_id="dev-r9", staged_ref=ref, defer_record=True)
+    assert result["changed"] is True
+    assert (result["record_deferred"], result["staged_deleted"]) == (True, False)
+    assert isinstance(result["written_at"], float)
+    assert result["target_version"] == result["current_version"] == 2
+    assert result["current_fingerprint"] == "***" + key[-4:]
+    assert result["previous_fingerprint"] == "***" + old[-4:]
+    assert result["rotation"]["previous_version"] == "1"
+    assert (
+        result["plan"][-1] == "record rotation dev-r9 as propagating: deferred to the record action"
+    )
+    assert [w[0] for w in vault.writes] == ["write"]
+    assert vault.record() == {}
+    assert vault.exists(STAGED_PATH)
+
+
+def test_record_writes_what_the_deferred_put_left(rotate):
+    vault = env_with_key()
+    key = new_key()
+    vault.put(STAGED_PATH, {"api_key": key})
+    ref = rotate(vault, action="plan")["candidate"]["staged_ref"]
+    rotate(vault, action="put", rotation_id="dev-r9", staged_ref=ref, defer_record=True)
+    # Until it is recorded, the version stands for the record: another run waits its turn.
+    other = rotate(vault, action="plan", new_key=new_key())
+    assert other["msg"].startswith("Another rotation is in progress: rotation dev-r9")
+    assert rotate(vault, action="record", rotation_id="dev-r8")["msg"] == (
+        "Rotation dev-r8 is not the recorded rotation of dev (recorded: dev-r9); nothing changed"
+    )
+    assert rotate(vault, check_mode=True, action="record", rotation_id="dev-r9")["changed"]
+    assert [w[0] for w in vault.writes] == ["write"]
+    result = rotate(vault, diff=True, action="record", rotation_id="dev-r9", actor="alice")
+    assert result["changed"] is True
+    assert result["plan"] == [
+        "record rotation dev-r9 as propagating",
+        "delete the promoted staged key",
+    ]
+    assert json.loads(result["diff"]["after"])["actor"] == "alice"
+    record = vault.record()
+    assert (record["rotation_id"], record["rotation_state"], record["actor"]) == (
+        "dev-r9",
+        "propagating",
+        "alice",
+    )
+    assert (record["previous_version"], record["new_version"]) == ("1", "2")
+    assert not vault.exists(STAGED_PATH)
+    writes = list(vault.writes)
+    again = rotate(vault, action="record", rotation_id="dev-r9", actor="alice")
+    assert (again["changed"], again["reason"]) == (False, "rotation dev-r9 is recorded already")
+    assert vault.writes == writes
+    assert rotate(vault, action="mark", rotation_id="dev-r9")["changed"] is True
+
+
+def test_record_without_the_new_version_is_refused(rotate):
+    vault, _, _ = mid_rotation("propagating", written=False)
+    assert rotate(vault, action="record", rotation_id="dev-r1")["msg"] == (
+        "Rotation dev-r1: the new version was never written; nothing changed"
+    )
+    assert vault.writes == []
+
+
 def test_a_record_is_rebuilt_only_for_a_version_it_does_not_reach(rotate):
     # Rolled back: the data written back names the rollback's rotation, so the record stays.
     vault, _, _ = mid_rotation("awaiting_revocation")
