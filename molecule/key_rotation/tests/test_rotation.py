@@ -218,3 +218,44 @@ def test_unattended_rotation_under_load_with_confirmation(inventory, admin, rota
         nudged_before,
         {name: _sighup_reads(port) for name, port in ports.items()},
     )
+
+
+def test_a_nudge_that_fails_is_named_and_the_workers_move_on_their_own_refresh(
+    inventory, admin, rotator_files, tmp_path
+):
+    """A reload that cannot go through (here: a unit name no host has) is named per host, in the
+    run's output and the summary's nudge_failed; the workers still move on their own refresh
+    (30 s here) within the window, so the rotation still proves every one of them."""
+    files, secret_id = rotator_files
+    ports = _ports(inventory)
+    inventory_dir = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
+    old_version, old_key_raw = testbed.current_key(ENV)
+    old_key = Secret(old_key_raw)
+    new_key = Secret(os.urandom(16).hex())
+    testbed.emulator_admin().add_key(new_key.reveal(), balance=100.0)
+    _stage(admin, new_key)
+    secrets_ = [old_key.reveal(), new_key.reveal(), secret_id.reveal()]
+    renamed = tmp_path / "renamed-unit.yml"
+    renamed.write_text("key_rotation_worker_service: captcha-solver-renamed\n")
+    nudged_before = {name: _sighup_reads(port) for name, port in ports.items()}
+
+    rc, out, first = _rotate(inventory_dir, files, "--extra-vars-file", str(renamed))
+
+    for s in secrets_:
+        assert s not in out
+    assert rc == 75, out[-4000:]
+    assert first["outcome"] == "awaiting_revocation"
+    assert set(first["nudge_failed"]) == set(ports), first["nudge_failed"]
+    assert all(
+        "captcha-solver-renamed.service not found" in e for e in first["nudge_failed"].values()
+    )
+    assert "The nudge (systemctl reload captcha-solver-renamed) failed on" in out
+    assert set(first["worker_convergence_seconds"]) == set(ports)
+    assert {_healthz(port)["key_version"] for port in ports.values()} == {old_version + 1}
+    # No worker was nudged: each moved on its own refresh.
+    assert {name: _sighup_reads(port) for name, port in ports.items()} == nudged_before
+
+    testbed.emulator_admin().revoke_key(old_key.reveal())
+    rc, out, done = _rotate(inventory_dir, files, "--confirm-revoked", first["rotation_id"])
+    assert rc == 0, out[-4000:]
+    assert done["outcome"] == "complete"
