@@ -152,17 +152,23 @@ def _stage(admin: hvac.Client, key: Secret) -> None:
     )
 
 
+def _stage_new_key(admin: hvac.Client) -> tuple[int, Secret, Secret]:
+    """Stage a key made now (known to the emulator) for the next rotation of ENV; the current
+    version, the current key and the staged one."""
+    old_version, old_key_raw = testbed.current_key(ENV)
+    new_key = Secret(os.urandom(16).hex())
+    testbed.emulator_admin().add_key(new_key.reveal(), balance=100.0)
+    _stage(admin, new_key)
+    return old_version, Secret(old_key_raw), new_key
+
+
 def test_unattended_rotation_under_load_with_confirmation(inventory, admin, rotator_files):
     """0 failed solves; all workers on the new version; old key revoked and destroyed; complete."""
     files, secret_id = rotator_files
     ports = _ports(inventory)
     assert len(ports) >= 3
     inventory_dir = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
-    old_version, old_key_raw = testbed.current_key(ENV)
-    old_key = Secret(old_key_raw)
-    new_key = Secret(os.urandom(16).hex())
-    testbed.emulator_admin().add_key(new_key.reveal(), balance=100.0)
-    _stage(admin, new_key)
+    old_version, old_key, new_key = _stage_new_key(admin)
     secrets_ = [old_key.reveal(), new_key.reveal(), secret_id.reveal()]
     nudged_before = {name: _sighup_reads(port) for name, port in ports.items()}
 
@@ -229,11 +235,7 @@ def test_a_nudge_that_fails_is_named_and_the_workers_move_on_their_own_refresh(
     files, secret_id = rotator_files
     ports = _ports(inventory)
     inventory_dir = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
-    old_version, old_key_raw = testbed.current_key(ENV)
-    old_key = Secret(old_key_raw)
-    new_key = Secret(os.urandom(16).hex())
-    testbed.emulator_admin().add_key(new_key.reveal(), balance=100.0)
-    _stage(admin, new_key)
+    old_version, old_key, new_key = _stage_new_key(admin)
     secrets_ = [old_key.reveal(), new_key.reveal(), secret_id.reveal()]
     renamed = tmp_path / "renamed-unit.yml"
     renamed.write_text("key_rotation_worker_service: captcha-solver-renamed\n")
