@@ -478,7 +478,7 @@ def test_deploy_bad_variable_fails_before_any_change(
 # --------------------------------------------------------------------------- the catalogue
 
 
-ROW_TEST = re.compile(r"`((?:solver/)?tests/[\w/]+\.py::[^`\s]+)`")
+ROW_TEST = re.compile(r"`((?:solver/|molecule/\w+/)?tests/[\w/]+\.py::[^`\s]+)`")
 
 
 def catalogue_rows() -> list[list[str]]:
@@ -495,10 +495,15 @@ def catalogue_rows() -> list[list[str]]:
     return rows
 
 
-def _collected(root: Path, files: set[str]) -> set[str]:
+def _collected(root: Path, files: set[str], *options: str, env: dict | None = None) -> set[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+        [
+            *(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"),
+            *options,
+            *files,
+        ],
         cwd=root,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -525,7 +530,12 @@ def test_catalogue_names_only_existing_tests():
         ids += found
     repo_ids = {i for i in ids if i.startswith("tests/")}
     solver_ids = {i.removeprefix("solver/") for i in ids if i.startswith("solver/")}
+    molecule_ids = {i for i in ids if i.startswith("molecule/")}
     collected = _collected(REPO, {i.split("::")[0] for i in repo_ids})
+    if molecule_ids:  # as molecule's verifier loads them (.config/molecule/config.yml)
+        shared = {**os.environ, "PYTHONPATH": str(REPO / "molecule" / "shared")}
+        files = {i.split("::")[0] for i in molecule_ids}
+        collected |= _collected(REPO, files, "-p", "conftest", env=shared)
     if solver_ids:
         collected |= {
             f"solver/{i}"
