@@ -59,10 +59,10 @@ def ha_vault() -> Iterator[LocalVault]:
     cluster.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def standby_reads_vault() -> Iterator[LocalVault]:
     """A 3-node cluster whose standbys answer reads from their own copy (OpenBao's default,
-    ``disable_standby_reads = false``); stopped after its test."""
+    ``disable_standby_reads = false``); stopped after the tests of its module."""
     cluster = LocalVault(STANDBY_READS_DIR, STANDBY_READS_PORT, nodes=3, standby_reads=True)
     cluster.start()
     yield cluster

@@ -94,3 +94,33 @@ def test_a_cluster_whose_standbys_answer_reads_is_refused_before_any_change(
     assert "disable_standby_reads = true" in run.output
     assert "Nothing was changed." in run.output
     assert state() == before
+
+
+def test_a_cluster_whose_standby_reads_are_accepted_is_provisioned_and_the_rerun_changes_nothing(
+    standby_reads_vault, tmp_path
+):
+    """With vault_provision_allow_standby_reads=true (the operator accepts the risk), the same
+    cluster is provisioned with a standby as the first address: writes are forwarded to the
+    active node while reads come from the standby's own copy, and still every write is read
+    back as written and a rerun reports no change."""
+    cluster = standby_reads_vault
+    standby = next(n.addr for n in cluster.nodes if n.health_code() != 200)
+    envs = [f"f{SESSION}-sa"]
+    inventory = provision_inventory(
+        cluster,
+        envs,
+        tmp_path,
+        {"vault_provision_allow_standby_reads": True, "captcha_kit_vault_addr": standby},
+    )
+    token = playbook_token(cluster, PROVISION, inventory, None)  # the provisioner's
+    env = ansible_env(cluster, token=token, addrs=cluster.addrs) | {"VAULT_ADDR": standby}
+
+    first = run_playbook(PROVISION, inventory=inventory, env=env)
+    assert first.rc == 0, first.output[-3000:]
+    assert first.changed > 0
+    rerun = run_playbook(PROVISION, inventory=inventory, env=env)
+    assert rerun.rc == 0, rerun.output[-3000:]
+    assert rerun.changed == 0, rerun.output[-3000:]
+    assert_no_secrets(first.output + rerun.output, [cluster.root_token(), str(token)])
+    role = admin_client(cluster).auth.approle.read_role(f"captcha-worker-{envs[0]}")
+    assert role["data"]["token_policies"] == [f"captcha-worker-{envs[0]}"]
