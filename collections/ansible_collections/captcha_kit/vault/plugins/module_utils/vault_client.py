@@ -78,6 +78,10 @@ HA (a raft cluster: leader changes, nodes down)
     are never retried; read timeouts only for reads. ``adapter.retries`` counts the retries.
     Writes are retried like the Vault Go client does (5xx, dropped connections): the kit's
     writes are idempotent or check-and-set, and the rotation module resumes from its record.
+    Read-your-writes: after a write answered with ``X-Vault-Index`` (OpenBao 2.7), every
+    request carries that index and ``X-Vault-Inconsistent: forward-active-node``, so a standby
+    that answers reads from its own copy (``disable_standby_reads = false``) and has not applied
+    the write yet forwards the request to the active node; a 429 to such a request is retried.
 
 Normalising and comparing
     The pure functions (``ttl_to_seconds``, ``normalize_cidr``, ``normalize_cidr_list``,
@@ -233,6 +237,12 @@ _TRANSIENT_MARKS = (
     "no active node",
 )
 _SEALED_MARK = "sealed"
+# Client-controlled consistency (OpenBao 2.7, Vault Enterprise): a request carrying the index of
+# a write is answered only by a node that has applied it; with forward-active-node a standby
+# that has not yet forwards the request to the active node instead. Servers without the
+# feature ignore both headers.
+INDEX_HEADER = "X-Vault-Index"
+INCONSISTENT_HEADER = "X-Vault-Inconsistent"
 
 
 def _split_addrs(value):
@@ -281,6 +291,9 @@ if hvac is not None:
             )
             self.retries = 0
             self._sleep = sleep
+            # Read-your-writes: the storage index of this client's last write (OpenBao 2.7
+            # answers a write with X-Vault-Index), sent with every later request.
+            self.index = None
 
         def _round(self):
             start = self.addrs.index(self.base_uri) if self.base_uri in self.addrs else 0
@@ -290,6 +303,10 @@ if hvac is not None:
             started = time.monotonic()
             delay = 0.25
             slept = 0.0
+            headers = dict(headers or {})
+            if self.index:
+                headers[INDEX_HEADER] = self.index
+                headers[INCONSISTENT_HEADER] = "forward-active-node"
             for _round in range(MAX_ROUNDS):
                 answered = False
                 last_exc = None
@@ -301,7 +318,7 @@ if hvac is not None:
                             self,
                             method,
                             url,
-                            headers=dict(headers or {}),
+                            headers=dict(headers),
                             raise_exception=False,
                             **kwargs,
                         )
@@ -314,7 +331,9 @@ if hvac is not None:
                             raise  # a write may have been applied: do not send it twice
                         answered, last_exc = True, exc
                     else:
-                        kind = self._transient(response) if raise_exception else None
+                        self.index = response.headers.get(INDEX_HEADER) or self.index
+                        kind = self._transient(response, INDEX_HEADER in headers)
+                        kind = kind if raise_exception else None
                         if kind is None:
                             return self._finish(method, url, response, raise_exception)
                         answered = answered or kind == "busy"
@@ -332,11 +351,14 @@ if hvac is not None:
             return self._finish(method, url, last_response, raise_exception)
 
         @staticmethod
-        def _transient(response):
+        def _transient(response, sent_index=False):
             """None (final answer), ``"busy"`` (cluster answers but cannot serve yet) or
-            ``"sealed"`` (counts as unreachable)."""
+            ``"sealed"`` (counts as unreachable). With ``sent_index``, a 429 is a node that has
+            not applied that write yet and cannot forward the request (OpenBao)."""
             if response.ok:
                 return None
+            if sent_index and response.status_code == 429:
+                return "busy"
             try:
                 text = response.text.lower()
             except Exception:  # pragma: no cover - undecodable body

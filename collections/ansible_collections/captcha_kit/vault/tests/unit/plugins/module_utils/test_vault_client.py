@@ -327,10 +327,12 @@ class FakeSession(requests.Session):
         super().__init__()
         self.answers = {addr: list(items) for addr, items in answers.items()}
         self.sent = []
+        self.headers = []
 
     def request(self, method, url, headers=None, allow_redirects=True, **kwargs):
         addr = url.split("/v1/")[0]
         self.sent.append((method, addr))
+        self.headers.append(dict(headers or {}))
         answer = self.answers[addr].pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -409,3 +411,59 @@ def test_a_single_sealed_address_gives_up_within_the_unreachable_budget():
     assert sleeps, "it waits between rounds"
     assert max(sleeps) <= 2.0
     assert sum(sleeps) <= vault_client.UNREACHABLE_TIMEOUT
+
+
+INDEX = "eyJjbHVzdGVyIjoiYyIsInZhbHVlIjoiMzgifQ"  # what OpenBao sends: opaque, not a secret
+
+
+def _written(index=INDEX):
+    response = _response(204)
+    response.headers["X-Vault-Index"] = index
+    return response
+
+
+def test_after_a_write_each_request_asks_for_that_write_to_be_seen():
+    """Read-your-writes on a cluster whose standbys answer reads: the index of the last write
+    goes with every later request, and a standby that has not applied it forwards the request
+    to the active node (OpenBao 2.7: X-Vault-Index, X-Vault-Inconsistent)."""
+    session = FakeSession({A: [_response(200, OK), _written(), _response(200, OK)]})
+    adapter, _ = _adapter(session, [A])
+    adapter.get("/v1/sys/policy/x")
+    adapter.post("/v1/sys/policy/x", json={})
+    adapter.get("/v1/sys/policy/x")
+    first, write, read = session.headers
+    assert "X-Vault-Index" not in first
+    assert "X-Vault-Inconsistent" not in first
+    assert "X-Vault-Index" not in write
+    assert read["X-Vault-Index"] == INDEX
+    assert read["X-Vault-Inconsistent"] == "forward-active-node"
+
+
+def test_the_latest_write_index_is_the_one_sent():
+    later = "eyJjbHVzdGVyIjoiYyIsInZhbHVlIjoiMzkifQ"
+    session = FakeSession({A: [_written(), _written(later), _response(200, OK)]})
+    adapter, _ = _adapter(session, [A])
+    adapter.post("/v1/a", json={})
+    adapter.post("/v1/b", json={})
+    adapter.get("/v1/b")
+    assert session.headers[1]["X-Vault-Index"] == INDEX
+    assert session.headers[2]["X-Vault-Index"] == later
+
+
+def test_a_node_not_yet_at_the_index_is_asked_again():
+    """A node that cannot forward answers 429 (OpenBao) or 412 (Vault) while the write is not
+    applied there: the request is retried until it is, never answered from the stale copy."""
+    not_yet = _response(429, {"errors": []})
+    session = FakeSession({A: [_written(), not_yet, _response(200, OK)]})
+    adapter, sleeps = _adapter(session, [A])
+    adapter.post("/v1/sys/policy/x", json={})
+    assert adapter.get("/v1/sys/policy/x") == OK
+    assert (adapter.retries, len(sleeps)) == (1, 1)
+
+
+def test_a_429_without_an_index_is_not_retried():
+    session = FakeSession({A: [_response(429, {"errors": ["rate limit quota exceeded"]})]})
+    adapter, sleeps = _adapter(session, [A])
+    with pytest.raises(hvac.exceptions.RateLimitExceeded):
+        adapter.get("/v1/sys/policy/x")
+    assert (adapter.retries, sleeps) == (0, [])
