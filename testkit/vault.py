@@ -744,6 +744,10 @@ class LocalVault:
                 return node
         return None
 
+    def standby_addrs(self) -> list[str]:
+        """The addresses of the nodes that are standbys now (``sys/health`` 429)."""
+        return [node.addr for node in self.nodes if node.health_code() == 429]
+
     def wait_active_node(self, timeout: float = START_TIMEOUT) -> BaoNode:
         """The active node, waiting through an election (a standby answers requests with
         'active cluster node not found' meanwhile)."""

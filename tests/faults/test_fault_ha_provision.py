@@ -88,7 +88,7 @@ def test_a_cluster_whose_standbys_answer_reads_is_refused_before_any_change(
     )
     assert run.rc == 2, run.output[-3000:]
     assert_no_secrets(run.output, [cluster.root_token(), str(token)])
-    standbys = [n.addr for n in cluster.nodes if n.health_code() != 200]
+    standbys = cluster.standby_addrs()
     assert len(standbys) == 2
     named = f"Vault standbys {', '.join(standbys)} answer reads from their own copies"
     assert named in run.output, run.output[-3000:]
@@ -105,7 +105,7 @@ def test_a_cluster_whose_standby_reads_are_accepted_is_provisioned_and_the_rerun
     active node while reads come from the standby's own copy, and still every write is read
     back as written and a rerun reports no change."""
     cluster = standby_reads_vault
-    standby = next(n.addr for n in cluster.nodes if n.health_code() != 200)
+    standby = cluster.standby_addrs()[0]
     envs = [f"f{SESSION}-sa"]
     inventory = provision_inventory(
         cluster,
@@ -133,7 +133,7 @@ def test_the_modules_client_reads_its_own_writes_through_a_standby(standby_reads
     20 (without X-Vault-Index a standby answers such a read with 404 before it applied the
     write; bench/results-standby-reads.md)."""
     cluster = standby_reads_vault
-    standby = next(n.addr for n in cluster.nodes if n.health_code() != 200)
+    standby = cluster.standby_addrs()[0]
     client = hvac.Client(
         url=standby,
         token=cluster.root_token(),
