@@ -8,7 +8,7 @@ after the session (the next one starts in a second); stop them with
 ``python -m testkit.vault stop --state-dir .state/test/faults/vault --port 18294`` and
 ``... --state-dir .state/test/faults/vault-ha --port 18262 --nodes 3``. A third, a 3-node
 cluster with OpenBao's standby reads on (18310, 18320, 18330; ``.state/test/faults/vault-sr``),
-lives for its one test only.
+lives for the tests of its module only.
 Environment names carry a per-session tag, so sessions and tests do not disturb each other.
 """
 

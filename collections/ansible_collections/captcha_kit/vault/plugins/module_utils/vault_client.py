@@ -36,7 +36,8 @@ Connection
     ``vault_call_when_ready(module, what, func, *args, timeout=30.0, **kwargs)``
         Like ``vault_call``, but first waits out a KV mount that is still upgrading to version 2
         (right after it was enabled the server answers "Upgrading from non-versioned to
-        versioned data ..." for a moment, longer on a busy machine).
+        versioned data ..." for a moment, longer on a busy machine; a standby that answers reads
+        says "Waiting for the primary to upgrade from non-versioned to versioned data ...").
 
     ``VaultNotFound``, ``VaultForbidden``
         Aliases of ``hvac.exceptions.InvalidPath`` (404) and ``hvac.exceptions.Forbidden`` (403)
@@ -463,7 +464,10 @@ def vault_call(module, what, func, *args, **kwargs):
     return None  # not reached: fail_json exits
 
 
-KV_UPGRADING_MARK = "Upgrading from non-versioned to versioned data"
+# A fresh KV v2 mount answers "Upgrading from non-versioned to versioned data ..." on the active
+# node and "Waiting for the primary to upgrade from non-versioned to versioned data ..." on a
+# standby that serves reads, until the mount's upgrade is done (a second or so).
+KV_UPGRADING_MARK = "from non-versioned to versioned data"
 
 
 def _still_upgrading(value):

@@ -226,6 +226,33 @@ def test_a_kv_mount_still_upgrading_is_waited_out(monkeypatch):
     assert answers == []
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        # The active node, and a standby that answers reads (OpenBao 2.7's words).
+        "Upgrading from non-versioned to versioned data. This backend will be unavailable for a "
+        "brief period and will resume service shortly.",
+        "Waiting for the primary to upgrade from non-versioned to versioned data. This backend "
+        "will be unavailable for a brief period and will resume service when the primary is "
+        "finished.",
+    ],
+    ids=["active node", "standby"],
+)
+def test_both_words_of_an_upgrading_kv_mount_are_waited_out(monkeypatch, message):
+    monkeypatch.setattr(vault_client.time, "sleep", lambda seconds: None)
+    # Twice: after any other error vault_call_when_ready makes one last plain call.
+    answers = [hvac.exceptions.InvalidRequest(message)] * 2 + [{"data": {"ok": True}}]
+
+    def read():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert vault_client.vault_call_when_ready(FakeModule(), "read", read) == {"data": {"ok": True}}
+    assert answers == []
+
+
 def test_waiting_for_the_upgrade_does_not_hide_other_errors(monkeypatch):
     monkeypatch.setattr(vault_client.time, "sleep", lambda seconds: pytest.fail("slept"))
     with pytest.raises(Failed, match=r"^Cannot read: Vault said: bad"):
