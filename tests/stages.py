@@ -12,7 +12,9 @@ package, the other worker-host suites and the operator's-path rotation suites in
 the secret-id lifecycle under compressed TTLs (minutes of waiting for expiries, little CPU),
 the other rotation suites and the Python lint in the fourth (the rotation suites run
 worker processes on free ports and emulators of their own, under env names of their own per
-session, so their two stages can run side by side). On 2 cores the run is CPU-bound (the
+session, so their two stages can run side by side). A fifth lane only builds ansible-test's
+sanity environments (pip installs) for the ops stage of the second, which starts after it.
+On 2 cores the run is CPU-bound (the
 closing table gives each stage's CPU time and the machine's): the lanes keep both cores busy
 to the end, and are about equally long. All use
 the shared test OpenBao on 18250, which is started here first, so that no two stages race to
@@ -59,11 +61,14 @@ class Stage:
     name: str
     argv: list[str]
     cwd: Path = REPO
+    # Stages of other lanes this one starts after (it waits for them to end, pass or fail).
+    after: list[Stage] = field(default_factory=list)
     rc: int | None = None
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     summary: str = ""
     log: Path = field(init=False)
+    done: threading.Event = field(init=False, default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.log = LOG_DIR / f"{self.name}.log"
@@ -111,7 +116,8 @@ ROTATION_OPERATOR_SUITES = [
 
 
 def lanes() -> list[list[Stage]]:
-    """Four lanes of about the same length, measured on 2 cores (docs/design.md)."""
+    """Four lanes of about the same length, measured on 2 cores (docs/design.md), and the
+    sanity environments' lane."""
     pytest = _bin("pytest")
     hosts = HOST_SUITES_A + HOST_SUITES_B
     ignore = [
@@ -124,7 +130,10 @@ def lanes() -> list[list[Stage]]:
     ]
     lint_python = Stage("lint-python", ["make", "--no-print-directory", "lint-python"])
     units = Stage("collection-units", [pytest, *COLLECTION_TESTS])
-    ops = Stage("ops-monitoring-collection", [pytest, *OPS_SUITES])
+    # ansible-test's sanity environments (pip installs, ~30 CPU-s, little else) are built beside
+    # the lanes; the stage that runs the sanity tests starts after them (testkit/sanity.py).
+    sanity_venvs = Stage("sanity-venvs", [sys.executable, "-m", "testkit.sanity", "prime"])
+    ops = Stage("ops-monitoring-collection", [pytest, *OPS_SUITES], after=[sanity_venvs])
     solver = Stage("solver", [pytest], cwd=REPO / "solver")
     faults = Stage("faults", [pytest, "tests/faults", "-m", "not slow_faults"])
     scenarios = ("vault_provision", "captcha_worker", "key_rotation")
@@ -148,6 +157,7 @@ def lanes() -> list[list[Stage]]:
         [*lint, units, ops, faults, *worker_scenarios],
         [solver, hosts_a, rotation_operator],
         [lifecycle, rotation, lint_python],
+        [sanity_venvs],
     ]
 
 
@@ -171,6 +181,8 @@ def _failure_digest(log: Path, limit: int = 40) -> list[str]:
 
 
 def run_stage(stage: Stage, lock: threading.Lock) -> None:
+    for before in stage.after:
+        before.done.wait()
     started = time.monotonic()
     env = {**os.environ, "NO_COLOR": "1", "PY_COLORS": "0", "ANSIBLE_NOCOLOR": "1"}
     with stage.log.open("wb") as out:
@@ -207,7 +219,10 @@ def _machine_cpu_seconds() -> float:
 
 def run_lane(lane: list[Stage], lock: threading.Lock) -> None:
     for stage in lane:
-        run_stage(stage, lock)
+        try:
+            run_stage(stage, lock)
+        finally:
+            stage.done.set()
 
 
 def start_testbed() -> None:

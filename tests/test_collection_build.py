@@ -4,10 +4,9 @@
   path, and ``playbooks/provision-vault.yml`` runs against the test OpenBao with that copy only
   (ANSIBLE_COLLECTIONS_PATH; ``-vvv`` names every module file it used: all from the install).
 * ``ansible-test sanity`` on the installed copy (``--local``, Python 3.11; its per-test virtual
-  environments are cached in ``.state/test/ansible-test-home``); a test skipped for one file
-  still runs on the others (``SANITY_EXCLUDED``). ansible-test bootstraps pip in
-  them with a script it downloads from a host this machine does not reach: a stand-in (the
-  interpreter's ``ensurepip``, then pip installs the pins asked) is put in its cache.
+  environments are cached in ``.state/test/ansible-test-home``, where ``make test`` builds them
+  beforehand, and its pip bootstrap is a stand-in: testkit/sanity.py); a test skipped for one
+  file still runs on the others (``SANITY_EXCLUDED``).
 * ``ansible-builder create`` accepts ``execution-environment.yml`` (the context only: building
   the image needs registries this project does not reach).
 """
@@ -25,27 +24,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testkit import sanity
 from testkit.creds import assert_no_secrets, new_tag
 from testkit.paths import BIN, REPO
 from testkit.playbook import provision_vars, run_playbook
 from testkit.vault import LocalVault
 
 COLLECTION = REPO / "collections" / "ansible_collections" / "captcha_kit" / "vault"
-SANITY_HOME = REPO / ".state" / "test" / "ansible-test-home"
 # Sanity tests not run on the collection, and why (none today; the closing note lists them). A
 # skipped test that should still run on the rest of the collection lists the files it leaves out
 # in SANITY_EXCLUDED.
 SANITY_SKIPPED: dict[str, str] = {}
 SANITY_EXCLUDED: dict[str, list[str]] = {}
-GET_PIP = '''"""Stand-in for get-pip.py (ansible-test's pip bootstrap of a new venv): the
-interpreter's ensurepip, then pip installs the pins asked."""
-import subprocess
-import sys
-
-subprocess.check_call([sys.executable, "-m", "ensurepip", "--default-pip"])
-args = [a for a in sys.argv[1:] if a not in ("--no-setuptools", "--no-wheel")]
-sys.exit(subprocess.call([sys.executable, "-m", "pip", "install", "--quiet", *args]))
-'''
 
 
 def run(argv: list[str], cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 300):
@@ -143,33 +133,16 @@ def test_provision_runs_with_the_installed_collection(
     assert f"captcha-worker-{tag}-prod" in policies
 
 
-def _sanity_home() -> Path:
-    """ansible-test's home: its venv cache, and the pip bootstrap stand-in for this version."""
-    import ansible_test
-
-    source = Path(ansible_test.__file__).parent / "_internal" / "python_requirements.py"
-    match = re.search(r"pip='([0-9.]+)'", source.read_text())
-    assert match, "ansible-test's pip version moved: update the stand-in's file name"
-    cache = SANITY_HOME / ".ansible" / "test" / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    stand_in = cache / f"get_pip_{match.group(1).replace('.', '_')}.py"
-    if not stand_in.exists() or stand_in.read_text() != GET_PIP:
-        stand_in.write_text(GET_PIP)
-    return SANITY_HOME
-
-
 @pytest.mark.timeout(900)
 def test_ansible_test_sanity(installed: Path):
-    home = _sanity_home()
     root = installed / "ansible_collections" / "captcha_kit" / "vault"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env |= {"HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+    env = sanity.env()
     listed = run([str(BIN / "ansible-test"), "sanity", "--list-tests"], cwd=root, env=env)
     every = set(listed.stdout.split())
     assert set(SANITY_SKIPPED) <= every, listed.stdout + listed.stderr
     assert len(every) >= 20, listed.stdout + listed.stderr
     skip = [arg for name in SANITY_SKIPPED for arg in ("--skip-test", name)]
-    base = [str(BIN / "ansible-test"), "sanity", "--local", "--python", "3.11"]
+    base = sanity.command()
     proc = run([*base, *skip], cwd=root, env=env, timeout=660)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
