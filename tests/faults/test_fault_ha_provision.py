@@ -130,20 +130,24 @@ def test_a_cluster_whose_standby_reads_are_accepted_is_provisioned_and_the_rerun
     assert role["data"]["token_policies"] == [f"captcha-worker-{envs[0]}"]
 
 
-def test_the_modules_client_reads_its_own_writes_through_a_standby(standby_reads_vault):
-    """The Vault modules' client, pointed at a standby that answers reads from its own copy:
-    each policy it writes (forwarded to the active node) it reads back at once, 20 times out of
-    20 (without X-Vault-Index a standby answers such a read with 404 before it applied the
-    write; bench/results-standby-reads.md)."""
-    cluster = standby_reads_vault
+def _client_on_a_standby(cluster) -> hvac.Client:
+    """The Vault modules' client (root token) with a standby as its first address."""
     standby = cluster.standby_addrs()[0]
-    client = hvac.Client(
+    return hvac.Client(
         url=standby,
         token=cluster.root_token(),
         verify=str(cluster.ca_file),
         adapter=RetryingAdapter,
         addrs=[a for a in cluster.addrs if a != standby],
     )
+
+
+def test_the_modules_client_reads_its_own_writes_through_a_standby(standby_reads_vault):
+    """The Vault modules' client, pointed at a standby that answers reads from its own copy:
+    each policy it writes (forwarded to the active node) it reads back at once, 20 times out of
+    20 (without X-Vault-Index a standby answers such a read with 404 before it applied the
+    write; bench/results-standby-reads.md)."""
+    client = _client_on_a_standby(standby_reads_vault)
     seen = []
     for i in range(20):
         name = f"f{SESSION}-ryw-{i}"
@@ -169,15 +173,7 @@ def test_the_modules_client_waits_for_a_fresh_kv_mount_on_a_standby(standby_read
     non-versioned to versioned data" (a 400) for a moment, which the modules' client waits out
     as it waits out the active node's "Upgrading ..." (the accepted-standby-reads provisioning
     failed on it in CI)."""
-    cluster = standby_reads_vault
-    standby = cluster.standby_addrs()[0]
-    client = hvac.Client(
-        url=standby,
-        token=cluster.root_token(),
-        verify=str(cluster.ca_file),
-        adapter=RetryingAdapter,
-        addrs=[a for a in cluster.addrs if a != standby],
-    )
+    client = _client_on_a_standby(standby_reads_vault)
     for i in range(10):
         mount = f"f{SESSION}-kv-{i}"
         client.sys.enable_secrets_engine("kv", path=mount, options={"version": "2"})

@@ -208,6 +208,18 @@ def test_a_successful_call_returns_its_answer():
     assert vault_client.vault_call(FakeModule(), "add", lambda a, b=0: a + b, 1, b=2) == 3
 
 
+def _replaying(answers):
+    """A Vault call that gives the next of ``answers`` each time (an exception is raised)."""
+
+    def call():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return call
+
+
 def test_a_kv_mount_still_upgrading_is_waited_out(monkeypatch):
     monkeypatch.setattr(vault_client.time, "sleep", lambda seconds: None)
     answers = [
@@ -215,13 +227,7 @@ def test_a_kv_mount_still_upgrading_is_waited_out(monkeypatch):
         hvac.exceptions.InvalidRequest(vault_client.KV_UPGRADING_MARK),
         {"data": {"ok": True}},
     ]
-
-    def read():
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
+    read = _replaying(answers)
     assert vault_client.vault_call_when_ready(FakeModule(), "read", read) == {"data": {"ok": True}}
     assert answers == []
 
@@ -242,13 +248,7 @@ def test_both_words_of_an_upgrading_kv_mount_are_waited_out(monkeypatch, message
     monkeypatch.setattr(vault_client.time, "sleep", lambda seconds: None)
     # Twice: after any other error vault_call_when_ready makes one last plain call.
     answers = [hvac.exceptions.InvalidRequest(message)] * 2 + [{"data": {"ok": True}}]
-
-    def read():
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
+    read = _replaying(answers)
     assert vault_client.vault_call_when_ready(FakeModule(), "read", read) == {"data": {"ok": True}}
     assert answers == []
 
