@@ -49,6 +49,7 @@ from urllib.parse import parse_qs
 import hvac
 import pytest
 import requests
+import yaml
 
 from testkit.creds import assert_no_secrets, new_key, write_private
 from testkit.emulator import EmulatorProcess
@@ -73,6 +74,15 @@ from testkit.worker import WorkerProc, worker_config
 # machine and the test OpenBao: each session has its own env names and free loopback ports.
 SESSION = secrets.token_hex(2)
 WRAPPER = REPO / "tools" / "rotate-unattended"
+# The settings provisioning keeps on each env's staged key path (roles/vault_provision defaults):
+# the reset of an env puts them back, as a provisioned env has them.
+_PROVISION_DEFAULTS = yaml.safe_load(
+    (REPO / "roles" / "vault_provision" / "defaults" / "main.yml").read_text()
+)
+STAGED_PATH_SETTINGS = {
+    "cas_required": _PROVISION_DEFAULTS["vault_provision_kv_cas_required"],
+    "max_versions": _PROVISION_DEFAULTS["vault_provision_kv_max_versions"],
+}
 ENVS = [f"r{SESSION}-{i}" for i in range(1, 5)]
 _ENV_POOL = itertools.cycle(ENVS)
 REFRESH_INTERVAL = 2.0
@@ -174,11 +184,24 @@ class RotEnv:
         }
 
     def staged_exists(self) -> bool:
+        """Whether a staged key can be read (a provisioned path without one has settings only)."""
         try:
-            self.admin.secrets.kv.v2.read_secret_metadata(self.staged_path, mount_point="secret")
+            self.admin.secrets.kv.v2.read_secret_version(
+                self.staged_path, mount_point="secret", raise_on_deleted_version=True
+            )
         except hvac.exceptions.InvalidPath:
             return False
         return True
+
+    def staged_settings(self) -> dict[str, Any]:
+        """The staged path's check-and-set and version limit (those provisioning sets)."""
+        try:
+            meta = self.admin.secrets.kv.v2.read_secret_metadata(
+                self.staged_path, mount_point="secret"
+            )["data"]
+        except hvac.exceptions.InvalidPath:
+            return {}
+        return {name: meta[name] for name in STAGED_PATH_SETTINGS}
 
     def token(self, *policies: str) -> str:
         tok = self.admin.auth.token.create(policies=list(policies), ttl="30m", no_parent=True)
@@ -236,6 +259,9 @@ def rot_env(
     for path in (f"captchaai/{name}", f"captchaai-staged/{name}"):
         with contextlib.suppress(hvac.exceptions.InvalidPath):
             admin.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point="secret")
+    admin.secrets.kv.v2.update_metadata(
+        f"captchaai-staged/{name}", mount_point="secret", **STAGED_PATH_SETTINGS
+    )
     # The secret-ids of earlier tests' workers (their hosts are not in this test's inventory).
     role = f"captcha-worker-{name}"
     with contextlib.suppress(hvac.exceptions.InvalidPath):

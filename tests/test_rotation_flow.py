@@ -5,7 +5,13 @@ from __future__ import annotations
 import hvac
 import pytest
 
-from testkit.rotation import RotEnv, run_rotation, run_unattended, write_inventory
+from testkit.rotation import (
+    STAGED_PATH_SETTINGS,
+    RotEnv,
+    run_rotation,
+    run_unattended,
+    write_inventory,
+)
 
 
 def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEnv, start_workers):
@@ -32,6 +38,8 @@ def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEn
     assert {"started_at", "converged_at", "rotation_id"} <= record.keys()
     assert rot_env.current_key() == new
     assert not rot_env.staged_exists(), "the promoted staged key must be deleted"
+    # ... and its path keeps what provisioning set: check-and-set stays required on it.
+    assert rot_env.staged_settings() == STAGED_PATH_SETTINGS
     # The record (and the staged key's deletion) waited until the workers were nudged: an
     # election right after the put holds up the bookkeeping, not the nudge.
     put, nudge, recorded = (
@@ -82,6 +90,14 @@ def test_unattended_rotation_converges_then_confirmation_finishes(rot_env: RotEn
         rot_env.read(before)
     assert "old key rejected by the provider: True" in done.status["message"]
     assert {w.health()["key_version"] for w in workers} == {before + 1}
+    # The stager stages the next key as docs/scheduled-rotation.md says (check-and-set 0); a
+    # write without check-and-set is refused, as on a freshly provisioned path.
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="check-and-set"):
+        rot_env.admin.secrets.kv.v2.create_or_update_secret(
+            rot_env.staged_path, {"api_key": rot_env.next_key()}, mount_point="secret"
+        )
+    rot_env.stage(rot_env.next_key())
+    assert rot_env.staged_exists()
 
 
 def test_check_mode_shows_the_plan_and_changes_nothing(rot_env: RotEnv, start_workers):

@@ -331,7 +331,7 @@ class Rotation:
         }
         if self.params["key_source"] in ("auto", "staged"):
             wanted[f"{m}/data/{self.staged_path}"] = ["read"]
-            wanted[f"{m}/metadata/{self.staged_path}"] = ["delete"]
+            wanted[f"{m}/metadata/{self.staged_path}"] = ["create", "read", "delete"]
         resp = self.call(
             "check the token's capabilities (sys/capabilities-self)",
             self.client.sys.get_capabilities,

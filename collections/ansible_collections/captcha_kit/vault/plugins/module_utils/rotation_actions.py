@@ -308,8 +308,16 @@ def put_failed(rot, exc, rid, base):
     ) from None
 
 
+# What a KV v2 path has when nothing was set on it (its metadata is created by a first write).
+_NEW_PATH_SETTINGS = {"cas_required": False, "max_versions": 0, "delete_version_after": "0s"}
+
+
 def delete_staged_if_promoted(rot, check_mode):
-    """Delete the staged key once the current version holds it; whether it is (would be) gone."""
+    """Delete the staged key once the current version holds it; whether it is (would be) gone.
+
+    The metadata goes with every version (no key material stays behind, and the stager's next
+    ``-cas=0`` write finds an empty path), so the path's own settings that provisioning keeps
+    (check-and-set required, the version limit) are written back right after the delete."""
     if rot.params["key_source"] not in ("auto", "staged"):
         return False
     staged = rot.staged_key()
@@ -317,12 +325,28 @@ def delete_staged_if_promoted(rot, check_mode):
         return False
     if check_mode:
         return True
+    where = f"{rot.mount}/{rot.staged_path}"
+    meta = rot.call(
+        f"read the settings of the staged key path {where}",
+        rot.kv.read_secret_metadata,
+        path=rot.staged_path,
+        mount_point=rot.mount,
+    )["data"]
+    settings = {name: meta.get(name, new) for name, new in _NEW_PATH_SETTINGS.items()}
     rot.call(
-        f"delete the promoted staged key {rot.mount}/{rot.staged_path}",
+        f"delete the promoted staged key {where}",
         rot.kv.delete_metadata_and_all_versions,
         path=rot.staged_path,
         mount_point=rot.mount,
     )
+    if settings != _NEW_PATH_SETTINGS:
+        rot.call(
+            f"keep check-and-set and the version limit on the staged key path {where}",
+            rot.kv.update_metadata,
+            path=rot.staged_path,
+            mount_point=rot.mount,
+            **settings,
+        )
     return True
 
 

@@ -96,6 +96,8 @@ def test_missing_rights_are_named_before_anything_is_read():
         "update on secret/data/captchaai/dev",
         "update on secret/destroy/captchaai/dev",
         "read on secret/data/captchaai-staged/dev",
+        "create on secret/metadata/captchaai-staged/dev",
+        "read on secret/metadata/captchaai-staged/dev",
         "delete on secret/metadata/captchaai-staged/dev",
     ]
     assert "captcha-rotator-dev AppRole" in refused.value.msg

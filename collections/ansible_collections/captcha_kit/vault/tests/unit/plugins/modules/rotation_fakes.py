@@ -45,6 +45,8 @@ class _Secret:
     def __init__(self):
         self.versions = {}  # number -> {"data": dict, "destroyed": bool, "deletion_time": str}
         self.custom = {}
+        # The path's own settings, as Vault has them on a path nothing was set on.
+        self.settings = {"cas_required": False, "max_versions": 0, "delete_version_after": "0s"}
 
     @property
     def current(self):
@@ -76,6 +78,7 @@ class FakeKv2:
         secret = self._secret(mount_point, path)
         return {
             "data": {
+                **secret.settings,
                 "current_version": secret.current,
                 "custom_metadata": dict(secret.custom) or None,
                 "versions": {
@@ -99,6 +102,8 @@ class FakeKv2:
     def create_or_update_secret(self, path, secret, cas=None, mount_point="secret"):
         self._vault.before_write(mount_point, path)
         stored = self._vault.store.setdefault((mount_point, path), _Secret())
+        if cas is None and stored.settings["cas_required"]:
+            raise InvalidRequest("check-and-set parameter required for this call")
         if cas is not None and cas != stored.current:
             raise InvalidRequest("check-and-set parameter did not match the current version")
         number = stored.current + 1
@@ -111,6 +116,23 @@ class FakeKv2:
         self._secret(mount_point, path)
         del self._vault.store[(mount_point, path)]
         self._vault.writes.append(("delete", f"{mount_point}/{path}", None))
+
+    def update_metadata(
+        self,
+        path,
+        max_versions=None,
+        cas_required=None,
+        delete_version_after="0s",
+        mount_point="secret",
+        custom_metadata=None,
+    ):
+        secret = self._vault.store.setdefault((mount_point, path), _Secret())
+        changes = {"max_versions": max_versions, "cas_required": cas_required}
+        secret.settings.update({k: v for k, v in changes.items() if v is not None})
+        secret.settings["delete_version_after"] = delete_version_after
+        if custom_metadata is not None:
+            secret.custom = dict(custom_metadata)
+        self._vault.writes.append(("settings", f"{mount_point}/{path}", dict(secret.settings)))
 
     def destroy_secret_versions(self, path, versions, mount_point="secret"):
         secret = self._secret(mount_point, path)

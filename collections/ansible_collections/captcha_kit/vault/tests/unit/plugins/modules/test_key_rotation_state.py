@@ -28,6 +28,7 @@ from ansible_collections.captcha_kit.vault.tests.unit.plugins.modules.rotation_f
     mid_rotation,
     new_key,
 )
+from hvac.exceptions import InvalidRequest
 
 COLLECTION = Path(key_rotation_state.__file__).resolve().parents[2]
 
@@ -126,7 +127,7 @@ def test_missing_rights_fail_the_plan_with_the_list(rotate):
     vault.capabilities = {}
     result = rotate(vault, action="plan", new_key=new_key())
     assert result["failed"]
-    assert len(result["missing_rights"]) == 7
+    assert len(result["missing_rights"]) == 9
     assert "current_version" not in result, "nothing was read"
     assert rotate(vault, action="plan", check_rights=False)["next"] == "need_key"
 
@@ -282,6 +283,33 @@ def test_put_promotes_the_staged_key_and_deletes_it(rotate):
     assert result["plan"][-1] == "deleted the promoted staged key"
 
 
+def test_the_staged_path_keeps_its_settings_after_the_promoted_key_is_deleted(rotate):
+    """The delete takes the path's metadata with the key; what provisioning set on the path
+    (check-and-set required, the version limit) is written back, so the stager's next write
+    still needs check-and-set. A path with Vault's defaults gets no extra write."""
+    provisioned = {"cas_required": True, "max_versions": 10, "delete_version_after": "0s"}
+    vault = env_with_key()
+    vault.secrets.kv.v2.update_metadata(STAGED_PATH, cas_required=True, max_versions=10)
+    vault.put(STAGED_PATH, {"api_key": new_key()})
+    ref = rotate(vault, action="plan")["candidate"]["staged_ref"]
+    vault.writes.clear()
+    rotate(vault, action="put", rotation_id="dev-r9", staged_ref=ref)
+    assert [w[0] for w in vault.writes] == ["write", "metadata", "delete", "settings"]
+    meta = vault.secrets.kv.v2.read_secret_metadata(STAGED_PATH)["data"]
+    assert {name: meta[name] for name in provisioned} == provisioned
+    assert meta["current_version"] == 0, "no staged key is left"
+    with pytest.raises(InvalidRequest, match="check-and-set parameter required"):
+        vault.secrets.kv.v2.create_or_update_secret(STAGED_PATH, {"api_key": new_key()})
+    vault.secrets.kv.v2.create_or_update_secret(STAGED_PATH, {"api_key": new_key()}, cas=0)
+
+    bare = env_with_key()
+    bare.put(STAGED_PATH, {"api_key": new_key()})
+    ref = rotate(bare, action="plan")["candidate"]["staged_ref"]
+    rotate(bare, action="put", rotation_id="dev-r9", staged_ref=ref)
+    assert [w[0] for w in bare.writes][-1] == "delete"
+    assert not bare.exists(STAGED_PATH)
+
+
 def test_put_again_for_the_same_rotation_writes_nothing_new(rotate):
     vault = env_with_key()
     key = new_key()
@@ -434,8 +462,6 @@ def test_a_write_that_landed_but_lost_its_answer_is_recognised(rotate):
     """The connection drops after Vault applied the write; the client's retry then loses the
     check-and-set to that first attempt. The put reads back, finds its own key in the version
     it meant to write and carries on: not a concurrent rotation, no second version."""
-    from hvac.exceptions import InvalidRequest
-
     vault = env_with_key()
     key = new_key()
 
