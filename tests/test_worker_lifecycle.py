@@ -2,11 +2,12 @@
 module, each test but the last leaves it healthy): a deploy to it and four broken hosts (the
 production transport's bad inputs: no SSH, wrong key, sudo asks a password, no Python) fails
 each broken host alone and leaves it untouched; Vault unreachable from the host fails the
-play before any change and the worker keeps running; a config change restarts the worker (the
-handler) and keeps its secret-id; a bad setting is refused before it replaces the config; last,
-a deploy names Vault's user lockout when it is why the worker cannot log in. When a secret-id
-is re-issued: tests/test_secret_id_plan.py (the decision) and molecule captcha_worker (delivery
-on first deploy and forced rotation).
+play before any change and the worker keeps running; a package removed by hand is put back
+and nothing else changes; a config change restarts the worker (the handler) and keeps its
+secret-id, and starts no package manager where every package is in place; a bad setting is
+refused before it replaces the config; last, a deploy names Vault's user lockout when it is why
+the worker cannot log in. When a secret-id is re-issued: tests/test_secret_id_plan.py (the
+decision) and molecule captcha_worker (delivery on first deploy and forced rotation).
 
 Real parts: a container of the kit's host image (testkit/worker_hosts.py), the test OpenBao,
 ansible-playbook with playbooks/deploy-workers.yml.
@@ -38,6 +39,10 @@ from testkit.worker_hosts import (
 pytestmark = pytest.mark.containers
 
 ACCESSOR_FILE = "/var/lib/captcha-solver/secret-id.accessor"
+APT_TASKS = (
+    "captcha_worker : Refresh the package index when it is older than a day",
+    "captcha_worker : Install the system packages the virtualenv needs",
+)
 CONFIG = "/etc/captcha-solver/config.toml"
 
 
@@ -161,6 +166,25 @@ def test_vault_unreachable_from_host_fails_and_the_running_worker_keeps_running(
     assert health["key_version"] == 1
 
 
+def test_a_package_removed_by_hand_is_put_back_and_the_worker_keeps_running(
+    vault, deployed: tuple[Host, Deployment]
+):
+    """The probe names the missing package; apt puts it back and nothing else changes."""
+    host, deployment = deployed
+    pid = host.main_pid()
+    host.sh("dpkg --remove python3-packaging >/dev/null")
+
+    repaired = deploy(vault, deployment)
+
+    assert repaired.rc == 0, repaired.failure_messages(host.name)[-3000:]
+    status = "dpkg-query --show --showformat='${Status}' python3-packaging"
+    assert host.sh(status).stdout == "install ok installed"
+    assert [n for n, _ in repaired.changed_results(host.name)] == [
+        "captcha_worker : Install the system packages the virtualenv needs"
+    ]
+    assert host.main_pid() == pid
+
+
 def test_config_change_restarts_the_worker_and_keeps_its_secret_id(
     vault, deployed: tuple[Host, Deployment]
 ):
@@ -182,6 +206,10 @@ def test_config_change_restarts_the_worker_and_keeps_its_secret_id(
     assert health["env"] == deployment.dev
     assert health["key_version"] == 1
     assert health["status"] == "ok"
+    # Every package the role needs is installed: no package manager ran.
+    assert {n: r.get("skipped") for n, r in changed.task_results(host.name) if n in APT_TASKS} == {
+        n: True for n in APT_TASKS
+    }
 
 
 @pytest.mark.parametrize("check", [False, True], ids=["run", "check_mode"])

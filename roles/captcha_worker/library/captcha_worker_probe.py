@@ -16,7 +16,9 @@ description:
     token is waiting or was refused (and the accessor of the refused one), what listens on the
     worker port (ss), the worker unit's main PID and control group, the service user's uid,
     whether systemd is the service manager (and its version), which Vault addresses accept
-    a TCP connection from the host, and which of some more paths exist.
+    a TCP connection from the host, which of some more paths exist, and which of the Debian
+    packages the role needs are not installed (so that a rerun on a host that has them all
+    starts no package manager).
   - Never reads the secret-id or a wrapping token, only whether their files exist.
   - Changes nothing; supports check mode.
 options:
@@ -66,6 +68,14 @@ options:
     type: list
     elements: path
     default: []
+  packages:
+    description:
+      - Debian package names the role installs. Each one dpkg does not list as installed, and
+        each entry that is not a plain package name (a version or release pin), is returned
+        in RV(packages_missing).
+    type: list
+    elements: str
+    default: []
 """
 
 RETURN = r"""
@@ -111,10 +121,17 @@ paths_present:
   description: The O(paths) that exist on the host (a dangling link counts).
   type: list
   elements: str
+packages_missing:
+  description: >-
+    The O(packages) that are not installed, in their order; all of them when the host has no
+    dpkg-query.
+  type: list
+  elements: str
 """
 
 import os
 import pwd
+import re
 import socket
 import time
 from urllib.parse import urlsplit
@@ -133,7 +150,10 @@ OPTIONS = {
     "vault_addrs": {"type": "list", "elements": "str", "default": []},
     "connect_timeout": {"type": "float", "default": 5},
     "paths": {"type": "list", "elements": "path", "default": []},
+    "packages": {"type": "list", "elements": "str", "default": []},
 }
+# A package name as dpkg spells it (Debian policy 5.6.1); anything else is left to apt.
+PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 
 
 def read_text(path):
@@ -198,6 +218,23 @@ def systemd_version(module):
     return int(words[1]) if rc == 0 and len(words) > 1 and words[1].isdigit() else 0
 
 
+def missing_packages(module, names):
+    """The ``names`` dpkg does not list as installed (``install ok installed``), in order."""
+    plain = [name for name in names if PACKAGE_NAME.fullmatch(name)]
+    dpkg_query = module.get_bin_path("dpkg-query") if plain else None
+    installed = set()
+    if dpkg_query is not None:
+        # rc 1 when some name is unknown to dpkg: the others are still listed.
+        _rc, out, _err = module.run_command(
+            [dpkg_query, "--show", "--showformat=${Package}\t${Status}\n", *plain]
+        )
+        for line in out.splitlines():
+            name, _tab, status = line.partition("\t")
+            if status == "install ok installed":
+                installed.add(name)
+    return [name for name in names if name not in installed]
+
+
 def uid_of(user):
     try:
         return str(pwd.getpwnam(user).pw_uid)
@@ -229,6 +266,7 @@ def probe(module):
             url for url in p["vault_addrs"] if reachable(url, p["connect_timeout"])
         ],
         "paths_present": [path for path in p["paths"] if os.path.lexists(path)],
+        "packages_missing": missing_packages(module, p["packages"]),
     }
 
 

@@ -162,3 +162,18 @@ def test_a_host_without_ss_fails_with_what_to_install(run, monkeypatch):
     result = run()
     assert result["failed"] is True
     assert result["msg"].startswith("ss (Debian: iproute2) is missing on the host")
+
+
+def test_the_packages_dpkg_does_not_list_as_installed(run, monkeypatch):
+    """dpkg is installed wherever dpkg-query runs; an unknown name and a pinned entry (left to
+    apt) are missing; without dpkg-query every package is."""
+    asked = ["no-such-package-here", "dpkg", "python3=3.11*"]
+    assert run(packages=asked)["packages_missing"] == ["no-such-package-here", "python3=3.11*"]
+    assert run()["packages_missing"] == []
+    found = basic.AnsibleModule.get_bin_path
+
+    def no_dpkg_query(self, name, *args, **kwargs):
+        return None if name == "dpkg-query" else found(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(basic.AnsibleModule, "get_bin_path", no_dpkg_query)
+    assert run(packages=["dpkg"])["packages_missing"] == ["dpkg"]
