@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from testkit.creds import new_key
-from testkit.rotation import RotEnv, run_rotation, run_unattended, write_inventory
+from testkit.paths import PROVISION
+from testkit.playbook import provision_inventory, run_playbook
+from testkit.rotation import ENVS, RotEnv, run_rotation, run_unattended, write_inventory
 
 FIXED = {"key_rotation_wait_mode": "fixed", "key_rotation_window_margin": 0}
 
@@ -93,6 +96,33 @@ def test_unknown_env_is_refused(rot_env: RotEnv, env: str, listed: bool, expecte
     )
     assert run.rc == 2
     assert expected in run.output
+
+
+def test_a_rotator_policy_an_older_kit_wrote_is_named_and_provisioning_mends_it(
+    rot_env: RotEnv, tmp_path: Path
+):
+    """The env's rotator policy as a kit before the staged path's write-back wrote it (no
+    create on the staged metadata): the rotator's run is refused before any change and says to
+    provision again, not to use the rotator AppRole it uses; playbooks/provision-vault.yml (its
+    provisioner token) writes the kit's policy again."""
+    policy = f"captcha-rotator-{rot_env.name}"
+    current = rot_env.admin.sys.read_policy(policy)["data"]["rules"]
+    older = current.replace('["create", "read", "delete"]', '["read", "delete"]')
+    assert older != current
+    rot_env.admin.sys.create_or_update_policy(policy, older)
+
+    run = refused(rot_env, {"key_rotation_new_key": rot_env.next_key()})
+
+    message = run.status["message"]
+    assert f"missing create on secret/metadata/captchaai-staged/{rot_env.name}." in message
+    assert f"The {policy} policy in Vault lacks them: it is older than this kit" in message
+    assert "Run playbooks/provision-vault.yml (with the provisioner token)" in message
+    inventory = provision_inventory(
+        rot_env.vault, ENVS, tmp_path, {"vault_provision_audit_managed_externally": True}
+    )
+    provisioned = run_playbook(PROVISION, vault=rot_env.vault, inventory=inventory)
+    assert provisioned.rc == 0, provisioned.failure_messages()[-3000:]
+    assert rot_env.admin.sys.read_policy(policy)["data"]["rules"] == current
 
 
 @pytest.mark.parametrize("policy", ["captcha-worker", "captcha-stager"])

@@ -116,29 +116,40 @@ class Rotation:
         if check_rights:
             missing = self.missing_rights()
             if missing:
+                identity, policies = self.identity()
+                rotator = f"captcha-rotator-{self.env}"
+                if rotator in policies:
+                    # The rotator's own policy without these rights: it was written by an
+                    # older kit (a new version may need more) or changed by hand.
+                    advice = (
+                        f"The {rotator} policy in Vault lacks them: it is older than this kit "
+                        "or was changed by hand. Run playbooks/provision-vault.yml (with the "
+                        "provisioner token), which writes the policies again, then rotate"
+                    )
+                else:
+                    advice = f"Use the {rotator} AppRole or an admin token"
                 raise RotationRefused(
                     f"The token lacks rotator rights for {self.env}: missing "
                     + ", ".join(missing)
-                    + f". The token in use is {self.identity()}. Use the "
-                    f"captcha-rotator-{self.env} AppRole or an admin token; nothing changed",
+                    + f". The token in use is {identity}. {advice}; nothing changed",
                     missing_rights=missing,
                 )
         self.refresh()
 
     def identity(self):
-        """Who the token is, for a refusal: its name, the AppRole role it logged in with
-        (``role_name``) and its policies; ``unknown`` when the lookup fails."""
+        """Who the token is, for a refusal, and its policies: its name, the AppRole role it
+        logged in with (``role_name``) and its policies; ``unknown`` when the lookup fails."""
         try:
             info = self.client.auth.token.lookup_self()["data"]
         except Exception:
-            return "unknown (token lookup failed)"
+            return "unknown (token lookup failed)", []
         name = info.get("display_name") or "token"
         role = (info.get("meta") or {}).get("role_name")
-        policies = [p for p in (info.get("policies") or []) if p != "default"]
+        policies = sorted(p for p in (info.get("policies") or []) if p != "default")
         parts = [f"logged in with AppRole role {role}"] if role else []
         if policies:
-            parts.append("policies " + ", ".join(sorted(policies)))
-        return f"{name} ({'; '.join(parts)})" if parts else name
+            parts.append("policies " + ", ".join(policies))
+        return (f"{name} ({'; '.join(parts)})" if parts else name), policies
 
     # ---- reading -------------------------------------------------------------------------
     def refresh(self):

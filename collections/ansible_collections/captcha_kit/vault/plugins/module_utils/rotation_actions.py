@@ -522,7 +522,7 @@ def census(rot, check_mode):
         raise RotationRefused(
             f"The token cannot take the census of the worker secret-ids of {rot.env}: missing "
             + ", ".join(missing)
-            + f". The token in use is {rot.identity()}. policies/captcha-rotator.hcl.j2 grants "
+            + f". The token in use is {rot.identity()[0]}. policies/captcha-rotator.hcl.j2 grants "
             "both: rerun playbooks/provision-vault.yml to update the rotator policy; nothing "
             "changed",
             missing_rights=missing,

@@ -910,6 +910,35 @@ def test_a_token_of_another_env_is_refused_naming_its_role(rotate):
         "The token in use is approle (logged in with AppRole role captcha-rotator-prod; "
         "policies captcha-rotator-prod)" in result["msg"]
     )
+    assert "Use the captcha-rotator-dev AppRole or an admin token; nothing changed" in result["msg"]
+
+
+def test_the_rotators_own_policy_without_a_right_is_named_as_out_of_date(rotate):
+    """The env's rotator logs in but its policy in Vault lacks a right this kit needs (written
+    by an older kit): the refusal says to provision again, not to use the rotator AppRole."""
+    caps = {
+        "secret/data/captchaai/dev": ["read", "update"],
+        "secret/metadata/captchaai/dev": ["read", "update"],
+        "secret/destroy/captchaai/dev": ["update"],
+        "secret/data/captchaai-staged/dev": ["read", "delete"],
+        "secret/metadata/captchaai-staged/dev": ["read", "delete"],
+    }
+    vault = FakeVault(
+        capabilities=caps,
+        display_name="approle",
+        role_name="captcha-rotator-dev",
+        policies=["default", "captcha-rotator-dev"],
+    )
+    vault.put(KEY_PATH, {"api_key": new_key()})
+    result = rotate(vault, action="plan", new_key=new_key())
+    assert result["failed"]
+    assert result["missing_rights"] == ["create on secret/metadata/captchaai-staged/dev"]
+    assert result["msg"].endswith(
+        "The captcha-rotator-dev policy in Vault lacks them: it is older than this kit or was "
+        "changed by hand. Run playbooks/provision-vault.yml (with the provisioner token), which "
+        "writes the policies again, then rotate; nothing changed"
+    )
+    assert vault.writes == []
 
 
 def test_a_refused_staged_key_says_how_to_withdraw_or_replace_it(rotate):
