@@ -895,15 +895,21 @@ def test_census_without_the_rights_names_them_and_the_token(rotate):
     assert "logged in with AppRole role captcha-rotator-dev" in result["msg"]
 
 
-def test_a_token_of_another_env_is_refused_naming_its_role(rotate):
+def _plan_as_rotator(rotate, role, capabilities):
+    """The plan of a new rotation of dev with the token of AppRole ``role`` (its policy of the
+    same name) holding ``capabilities``."""
     vault = FakeVault(
-        capabilities={},
+        capabilities=capabilities,
         display_name="approle",
-        role_name="captcha-rotator-prod",
-        policies=["default", "captcha-rotator-prod"],
+        role_name=role,
+        policies=["default", role],
     )
     vault.put(KEY_PATH, {"api_key": new_key()})
-    result = rotate(vault, action="plan", new_key=new_key())
+    return vault, rotate(vault, action="plan", new_key=new_key())
+
+
+def test_a_token_of_another_env_is_refused_naming_its_role(rotate):
+    _, result = _plan_as_rotator(rotate, "captcha-rotator-prod", {})
     assert result["failed"]
     assert result["msg"].startswith("The token lacks rotator rights for dev: missing ")
     assert (
@@ -923,14 +929,7 @@ def test_the_rotators_own_policy_without_a_right_is_named_as_out_of_date(rotate)
         "secret/data/captchaai-staged/dev": ["read", "delete"],
         "secret/metadata/captchaai-staged/dev": ["read", "delete"],
     }
-    vault = FakeVault(
-        capabilities=caps,
-        display_name="approle",
-        role_name="captcha-rotator-dev",
-        policies=["default", "captcha-rotator-dev"],
-    )
-    vault.put(KEY_PATH, {"api_key": new_key()})
-    result = rotate(vault, action="plan", new_key=new_key())
+    vault, result = _plan_as_rotator(rotate, "captcha-rotator-dev", caps)
     assert result["failed"]
     assert result["missing_rights"] == ["create on secret/metadata/captchaai-staged/dev"]
     assert result["msg"].endswith(
