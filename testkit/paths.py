@@ -12,6 +12,8 @@ PLAYBOOKS = REPO / "playbooks"
 PROVISION = PLAYBOOKS / "provision-vault.yml"
 DEPLOY = PLAYBOOKS / "deploy-workers.yml"
 ROTATE = PLAYBOOKS / "rotate-key.yml"
+# The kit's Ansible collection (its modules, module_utils and filters).
+COLLECTION = REPO / "collections" / "ansible_collections" / "captcha_kit" / "vault"
 
 # The test OpenBao the playbook suites, the solver's integration suite and the molecule
 # scenarios share (docs/interfaces.md); `make test` starts it before its lanes.

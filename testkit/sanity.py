@@ -22,10 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from testkit.paths import BIN, REPO
+from testkit.paths import BIN, COLLECTION, STATE
 
-COLLECTION = REPO / "collections" / "ansible_collections" / "captcha_kit" / "vault"
-SANITY_HOME = REPO / ".state" / "test" / "ansible-test-home"
+SANITY_HOME = STATE / "test" / "ansible-test-home"
 PYTHON = "3.11"
 # ansible-test primes every sanity test's environment; this one is for a test that finds
 # nothing to check in the collection (it has no changelogs/ fragments) and builds none.

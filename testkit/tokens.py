@@ -35,10 +35,9 @@ import yaml
 from captcha_solver import contract
 
 from testkit.creds import write_private
-from testkit.paths import BIN, REPO, TEST_VAULT_DIR, TEST_VAULT_PORT
+from testkit.paths import BIN, COLLECTION, REPO, TEST_VAULT_DIR, TEST_VAULT_PORT
 from testkit.vault import LocalVault
 
-COLLECTION = REPO / "collections" / "ansible_collections" / "captcha_kit" / "vault"
 FILTERS = COLLECTION / "plugins" / "filter"
 ROLE_VARS = REPO / "roles" / "vault_provision" / "vars" / "main.yml"
 TOKEN_TTL = "2h"  # noqa: S105 (a duration)

@@ -13,10 +13,9 @@ the secret-id lifecycle under compressed TTLs (minutes of waiting for expiries, 
 the other rotation suites and the Python lint in the fourth (the rotation suites run
 worker processes on free ports and emulators of their own, under env names of their own per
 session, so their two stages can run side by side). A fifth lane only builds ansible-test's
-sanity environments (pip installs) for the ops stage of the second, which starts after it.
-On 2 cores the run is CPU-bound (the
-closing table gives each stage's CPU time and the machine's): the lanes keep both cores busy
-to the end, and are about equally long. All use
+sanity environments (pip installs) for the ops stage of the second, which starts after it. On
+2 cores the run is CPU-bound (the closing table gives each stage's CPU time and the
+machine's): the lanes keep both cores busy to the end, and are about equally long. All use
 the shared test OpenBao on 18250, which is started here first, so that no two stages race to
 initialise it, and stopped here at the end, pass or fail, with the emulator the scenarios
 share. The whole run holds the machine's test-port lock (testkit.portlock): a second

@@ -26,11 +26,10 @@ import yaml
 
 from testkit import sanity
 from testkit.creds import assert_no_secrets, new_tag
-from testkit.paths import BIN, REPO
+from testkit.paths import BIN, COLLECTION, REPO
 from testkit.playbook import provision_vars, run_playbook
 from testkit.vault import LocalVault
 
-COLLECTION = REPO / "collections" / "ansible_collections" / "captcha_kit" / "vault"
 # Sanity tests not run on the collection, and why (none today; the closing note lists them). A
 # skipped test that should still run on the rest of the collection lists the files it leaves out
 # in SANITY_EXCLUDED.
