@@ -80,7 +80,8 @@ def prime() -> int:
 
 def main(argv: list[str]) -> int:
     if argv != ["prime"]:
-        print(__doc__.splitlines()[2].strip(), file=sys.stderr)
+        usage = next(line for line in __doc__.splitlines() if "python -m testkit.sanity" in line)
+        print(f"usage: {usage.strip()}", file=sys.stderr)
         return 2
     return prime()
 
